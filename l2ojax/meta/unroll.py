@@ -1,0 +1,84 @@
+"""Truncated unrolls of any optax transformation over an optimizee, with lax.scan."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from l2ojax.optimizees.base import Optimizee
+
+
+class UnrollState(NamedTuple):
+  """One optimizee mid-episode: what a segment carries to the next."""
+  params: chex.ArrayTree
+  instance: chex.ArrayTree
+  opt_state: chex.ArrayTree
+  step: chex.Array          # optimizee steps taken in this episode
+  initial_loss: chex.Array  # f(x_0) of the episode, for ratio-style meta-losses
+
+
+def init_state(tx: optax.GradientTransformation, optimizee: Optimizee,
+               key: chex.PRNGKey) -> UnrollState:
+  """A fresh optimizee and a fresh optimizer state for it (one episode's start)."""
+  k_init, k_loss = jax.random.split(key)
+  params, instance = optimizee.init(k_init)
+  initial_loss = optimizee.loss(params, instance, k_loss)
+  return UnrollState(params, instance, tx.init(params), jnp.zeros((), jnp.int32),
+                     jnp.asarray(initial_loss, jnp.float32))
+
+
+def _call_update(tx, grads, opt_state, params, loss):
+  if isinstance(tx, optax.GradientTransformationExtraArgs):
+    return tx.update(grads, opt_state, params, value=loss)
+  return tx.update(grads, opt_state, params)
+
+
+def unroll(tx: optax.GradientTransformation, optimizee: Optimizee, state: UnrollState,
+           key: chex.PRNGKey, num_steps: int, second_order: bool = False
+           ) -> Tuple[UnrollState, chex.Array]:
+  """Runs ``num_steps`` steps of ``tx`` on one optimizee.
+
+  Returns the new state and the losses f(x_0), ..., f(x_T) ([num_steps + 1]),
+  each on the minibatch of its own step. Unless ``second_order``, the
+  optimizee gradient enters ``tx`` as a constant: meta-gradients flow through
+  the parameters the updates produce, not through d(grad)/d(params).
+  """
+  loss_and_grad = jax.value_and_grad(optimizee.loss)
+
+  def body(carry, step_key):
+    params, opt_state = carry
+    loss, grads = loss_and_grad(params, state.instance, step_key)
+    if not second_order:
+      grads = jax.lax.stop_gradient(grads)
+    updates, opt_state = _call_update(tx, grads, opt_state, params, loss)
+    params = optax.apply_updates(params, updates)
+    return (params, opt_state), loss
+
+  keys = jax.random.split(key, num_steps + 1)
+  (params, opt_state), losses = jax.lax.scan(body, (state.params, state.opt_state), keys[:-1])
+  final_loss = optimizee.loss(params, state.instance, keys[-1])
+  losses = jnp.concatenate([losses, final_loss[None]])
+  new_state = state._replace(params=params, opt_state=opt_state, step=state.step + num_steps)
+  return new_state, losses
+
+
+def rollout(tx: optax.GradientTransformation, optimizee: Optimizee, key: chex.PRNGKey,
+            num_steps: int) -> chex.Array:
+  """Loss curve [num_steps + 1] of ``tx`` on the fresh optimizee that ``key`` draws.
+
+  The same key gives the same init and the same minibatches to every ``tx``,
+  so curves of different optimizers are directly comparable.
+  """
+  k_init, k_steps = jax.random.split(key)
+  state = init_state(tx, optimizee, k_init)
+  _, losses = unroll(tx, optimizee, state, k_steps, num_steps)
+  return losses
+
+
+def batch_rollout(tx: optax.GradientTransformation, optimizee: Any, keys: chex.Array,
+                  num_steps: int) -> chex.Array:
+  """``rollout`` vmapped over ``keys``: [len(keys), num_steps + 1]."""
+  return jax.vmap(lambda k: rollout(tx, optimizee, k, num_steps))(keys)

@@ -1,0 +1,27 @@
+"""Learned optimizers: ``lopt = models.get(name, **options)``; ``lopt.init(key)``;
+``lopt.transform(theta)`` is an optax.GradientTransformationExtraArgs."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+from l2ojax.models.base import LearnedOptimizer, check_theta
+from l2ojax.models.dm import DM, DMState, dm
+
+_REGISTRY: Dict[str, Callable[..., Any]] = {"dm": dm}
+
+
+def register(name: str, factory: Callable[..., Any]) -> None:
+  _REGISTRY[name] = factory
+
+
+def names() -> list:
+  return sorted(_REGISTRY)
+
+
+def get(name: str, **options: Any) -> LearnedOptimizer:
+  if name not in _REGISTRY:
+    raise ValueError(f"model.name={name!r} is unknown; allowed: {names()}")
+  return _REGISTRY[name](**options)
+
+
+__all__ = ["get", "names", "register", "LearnedOptimizer", "check_theta", "DM", "DMState", "dm"]

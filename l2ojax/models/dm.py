@@ -1,0 +1,106 @@
+"""L2O-DM (Andrychowicz et al. 2016): a coordinatewise deep LSTM optimizer."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, NamedTuple, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from l2ojax.models import base, cells, preprocess
+
+
+class DMState(NamedTuple):
+  """Recurrent state: one (h, c) per LSTM layer, rows = flattened coordinates."""
+  lstm: Tuple[cells.LSTMState, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DM:
+  """Coordinatewise LSTM(s) -> Linear(hidden -> 1); update = scale x output.
+
+  All parameter leaves are flattened into one coordinate vector, so the whole
+  optimizee is one batched matmul per gate block rather than one per leaf.
+  """
+
+  hidden_sizes: Tuple[int, ...] = (20, 20)
+  preprocessing: str = "log_and_sign"
+  k: float = 5.0
+  scale: float = 0.01
+  forget_bias: float = 1.0
+  name: str = "dm"
+
+  def __post_init__(self):
+    if self.preprocessing not in preprocess.PREPROCESSORS:
+      raise ValueError(f"dm: preprocessing={self.preprocessing!r}; allowed: "
+                       f"{sorted(preprocess.PREPROCESSORS)}")
+    if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
+      raise ValueError(f"dm: hidden_sizes must be non-empty positive ints, got {self.hidden_sizes}")
+
+  def options(self) -> Dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d.pop("name")
+    d["hidden_sizes"] = list(self.hidden_sizes)
+    return d
+
+  @property
+  def _num_inputs(self) -> int:
+    return 2 if self.preprocessing == "log_and_sign" else 1
+
+  def init(self, key: chex.PRNGKey) -> dict:
+    keys = jax.random.split(key, len(self.hidden_sizes) + 1)
+    theta, n_in = {}, self._num_inputs
+    for i, h in enumerate(self.hidden_sizes):
+      theta[f"lstm_{i}"] = cells.lstm_init(keys[i], n_in, h)
+      n_in = h
+    theta["linear"] = cells.linear_init(keys[-1], n_in, 1)
+    return theta
+
+  def _features(self, g: chex.Array) -> chex.Array:
+    if self.preprocessing == "log_and_sign":
+      return preprocess.log_and_sign(g, self.k)
+    return preprocess.identity(g)
+
+  def step(self, theta: dict, g: chex.Array, state: DMState) -> Tuple[chex.Array, DMState]:
+    """One coordinatewise step on a flat gradient vector ``g`` [n] -> update [n]."""
+    x = self._features(g)
+    new_states = []
+    for i, s in enumerate(state.lstm):
+      s = cells.lstm_apply(theta[f"lstm_{i}"], x, s, self.forget_bias)
+      new_states.append(s)
+      x = s.h
+    out = cells.linear_apply(theta["linear"], x)[:, 0]
+    return self.scale * out, DMState(tuple(new_states))
+
+  def init_state(self, params: chex.ArrayTree) -> DMState:
+    flat, _ = ravel_pytree(params)
+    return DMState(tuple(cells.lstm_zero_state(flat.shape[0], h, flat.dtype)
+                         for h in self.hidden_sizes))
+
+  def transform(self, theta: dict) -> optax.GradientTransformationExtraArgs:
+    base.check_theta(self, theta)
+
+    def init_fn(params):
+      return self.init_state(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+      del params, extra_args
+      flat_g, unravel = ravel_pytree(updates)
+      if state.lstm[0].h.shape[0] != flat_g.shape[0]:
+        raise ValueError(f"dm.update: gradients have {flat_g.shape[0]} coordinates, "
+                         f"the optimizer state was made for {state.lstm[0].h.shape[0]}")
+      delta, state = self.step(theta, flat_g, state)
+      return unravel(delta), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def dm(**options: Any) -> DM:
+  """L2O-DM; ``dm()`` is the paper's MNIST configuration, ``dm(preprocessing="identity",
+  scale=1.0)`` its quadratic one."""
+  if "hidden_sizes" in options:
+    options["hidden_sizes"] = tuple(options["hidden_sizes"])
+  return DM(**options)

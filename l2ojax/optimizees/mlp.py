@@ -1,0 +1,72 @@
+"""Multi-layer perceptrons on an image data set held on the device."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from l2ojax.optimizees import data as data_lib
+
+ACTIVATIONS = {"sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu, "tanh": jnp.tanh}
+
+
+@struct.dataclass
+class MLP:
+  """A softmax classifier MLP; minibatches are drawn with replacement in the loss.
+
+  The images (uint8, [N, D]) and labels are pytree leaves, so a jitted step
+  takes them as device arguments rather than baking them in as constants.
+  """
+
+  images: chex.Array
+  labels: chex.Array
+  hidden_sizes: Tuple[int, ...] = struct.field(pytree_node=False, default=(20,))
+  activation: str = struct.field(pytree_node=False, default="sigmoid")
+  batch_size: int = struct.field(pytree_node=False, default=128)
+  num_classes: int = struct.field(pytree_node=False, default=10)
+  init_scale: float = struct.field(pytree_node=False, default=0.01)
+  name: str = struct.field(pytree_node=False, default="mnist_mlp")
+
+  def init(self, key: chex.PRNGKey) -> Tuple[dict, tuple]:
+    sizes = (self.images.shape[-1],) + tuple(self.hidden_sizes) + (self.num_classes,)
+    params = {}
+    keys = jax.random.split(key, 2 * (len(sizes) - 1))
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+      # learning-to-learn's MNIST problem: weights and biases both N(0, 0.01^2).
+      params[f"layer_{i}"] = {
+          "w": self.init_scale * jax.random.normal(keys[2 * i], (fan_in, fan_out)),
+          "b": self.init_scale * jax.random.normal(keys[2 * i + 1], (fan_out,)),
+      }
+    return params, ()
+
+  def loss(self, params: dict, instance: tuple, key: chex.PRNGKey) -> chex.Array:
+    del instance  # members of the family differ only in their init
+    idx = jax.random.randint(key, (self.batch_size,), 0, self.images.shape[0])
+    x = self.images[idx].astype(jnp.float32) / 255.0
+    act = ACTIVATIONS[self.activation]
+    n = len(params)
+    for i in range(n):
+      layer = params[f"layer_{i}"]
+      x = x @ layer["w"] + layer["b"]
+      if i < n - 1:
+        x = act(x)
+    return optax.softmax_cross_entropy_with_integer_labels(x, self.labels[idx]).mean()
+
+
+def mlp(dataset: str = "mnist", hidden_sizes: Sequence[int] = (20,), activation: str = "sigmoid",
+        batch_size: int = 128, init_scale: float = 0.01, source: str = "auto", path: str = "",
+        split: str = "test", data_dir: str = "", name: str = "mnist_mlp") -> MLP:
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation={activation!r}; allowed: {sorted(ACTIVATIONS)}")
+  hidden_sizes = tuple(int(h) for h in hidden_sizes)
+  if any(h < 1 for h in hidden_sizes) or batch_size < 1:
+    raise ValueError(f"hidden_sizes {hidden_sizes} and batch_size {batch_size} must be >= 1")
+  ds = data_lib.load(dataset, source=source, path=path, split=split, data_dir=data_dir)
+  images = jnp.asarray(ds.images.reshape(ds.images.shape[0], -1))
+  return MLP(images=images, labels=jnp.asarray(ds.labels), hidden_sizes=hidden_sizes,
+             activation=activation, batch_size=batch_size, init_scale=init_scale,
+             num_classes=int(ds.labels.max()) + 1 if ds.labels.size else 10, name=name)

@@ -1,0 +1,20 @@
+import os
+
+import numpy as np
+import pytest
+
+# Tests run on the CPU; keep XLA from grabbing all threads of a 2-core machine.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+
+
+@pytest.fixture(scope="session")
+def tiny_image_npz(tmp_path_factory):
+  """A small learnable image set: the label is the brightest of 10 vertical bands."""
+  rng = np.random.default_rng(0)
+  n, h, w = 512, 8, 10
+  labels = rng.integers(0, 10, n).astype(np.int32)
+  images = rng.integers(0, 60, (n, h, w)).astype(np.uint8)
+  images[np.arange(n), :, labels] = 250
+  path = tmp_path_factory.mktemp("data") / "tiny.npz"
+  np.savez(path, images=images, labels=labels)
+  return str(path)

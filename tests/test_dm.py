@@ -1,0 +1,101 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from l2ojax import models
+from l2ojax.models import cells, preprocess
+
+
+def _params():
+  return {"a": {"w": jnp.ones((3, 4)), "b": jnp.zeros((4,))}, "c": jnp.arange(5.0)}
+
+
+def test_log_and_sign_matches_formula():
+  g = jnp.array([1e-8, -1e-3, 0.5, -20.0])
+  out = np.asarray(preprocess.log_and_sign(g, k=5.0))
+  eps = np.finfo(np.float32).eps
+  expected_log = np.maximum(np.log(np.abs(np.asarray(g)) + eps) / 5.0, -1.0)
+  expected_sign = np.clip(np.asarray(g) * np.exp(5.0), -1, 1)
+  np.testing.assert_allclose(out[:, 0], expected_log, rtol=1e-6)
+  np.testing.assert_allclose(out[:, 1], expected_sign, rtol=1e-6)
+
+
+def test_lstm_cell_is_sonnet_v1():
+  key = jax.random.PRNGKey(0)
+  p = cells.lstm_init(key, 2, 3)
+  p["b"] = jax.random.normal(key, (12,))
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 2))
+  s = cells.LSTMState(jax.random.normal(jax.random.PRNGKey(2), (5, 3)),
+                      jax.random.normal(jax.random.PRNGKey(3), (5, 3)))
+  out = cells.lstm_apply(p, x, s, forget_bias=1.0)
+  sig = lambda z: 1 / (1 + np.exp(-z))
+  gates = np.concatenate([x, s.h], 1) @ np.asarray(p["w"]) + np.asarray(p["b"])
+  i, j, f, o = np.split(gates, 4, axis=1)
+  c = sig(f + 1.0) * np.asarray(s.c) + sig(i) * np.tanh(j)
+  np.testing.assert_allclose(out.c, c, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.h, sig(o) * np.tanh(c), rtol=1e-5, atol=1e-6)
+
+
+def test_transform_on_nested_pytree_and_state_threads_through_scan():
+  lopt = models.dm()
+  tx = lopt.transform(lopt.init(jax.random.PRNGKey(0)))
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  params = _params()
+  state = tx.init(params)
+  chex.assert_shape(state.lstm[0].h, (21, 20))
+
+  def body(carry, g_scale):
+    p, s = carry
+    grads = jax.tree_util.tree_map(lambda x: g_scale * jnp.ones_like(x), p)
+    u, s2 = tx.update(grads, s, p)
+    chex.assert_trees_all_equal_shapes_and_dtypes(s, s2)
+    return (optax.apply_updates(p, u), s2), u
+
+  (p, s), us = jax.lax.scan(body, (params, state), jnp.array([1.0, -1.0, 0.5]))
+  chex.assert_trees_all_equal_shapes_and_dtypes(p, params)
+  assert np.abs(np.asarray(us["c"])).max() < 0.1  # output scale 0.01 x Linear(h) with |h|<1
+  assert not np.allclose(np.asarray(s.lstm[1].c), 0.0)
+
+
+def test_update_depends_on_recurrent_state():
+  lopt = models.dm()
+  tx = lopt.transform(lopt.init(jax.random.PRNGKey(0)))
+  params = _params()
+  g = jax.tree_util.tree_map(jnp.ones_like, params)
+  s0 = tx.init(params)
+  u1, s1 = tx.update(g, s0, params)
+  u2, _ = tx.update(g, s1, params)
+  assert not np.allclose(np.asarray(u1["c"]), np.asarray(u2["c"]))
+
+
+def test_usable_in_optax_chain_and_vmap():
+  lopt = models.dm(preprocessing="identity", scale=1.0)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), lopt.transform(lopt.init(jax.random.PRNGKey(0))))
+  params = {"x": jnp.zeros((4, 7))}  # a batch of 4 optimizees, 7 coordinates each
+  state = jax.vmap(tx.init)(params)
+  grads = {"x": jnp.ones((4, 7))}
+  updates, _ = jax.jit(jax.vmap(tx.update))(grads, state, params)
+  chex.assert_shape(updates["x"], (4, 7))
+  chex.assert_tree_all_finite(updates)
+
+
+def test_wrong_theta_is_a_clear_error():
+  lopt = models.dm()
+  other = models.dm(hidden_sizes=(8,)).init(jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="structure"):
+    lopt.transform(other)
+  theta = lopt.init(jax.random.PRNGKey(0))
+  theta["linear"]["w"] = jnp.zeros((3, 1))
+  with pytest.raises(ValueError, match=r"linear.*shape"):
+    lopt.transform(theta)
+
+
+def test_state_size_mismatch_is_a_clear_error():
+  lopt = models.dm()
+  tx = lopt.transform(lopt.init(jax.random.PRNGKey(0)))
+  state = tx.init({"x": jnp.zeros(3)})
+  with pytest.raises(ValueError, match="coordinates"):
+    tx.update({"x": jnp.zeros(4)}, state)
