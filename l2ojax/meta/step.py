@@ -33,48 +33,78 @@ def guarded_update(outer_tx: optax.GradientTransformation, grads: chex.ArrayTree
           jax.tree_util.tree_map(pick, new_outer, outer_state))
 
 
-def make_init_states(lopt: Any, batch_size: int) -> Callable:
-  """jit(theta, key, optimizee) -> UnrollState batched over ``batch_size`` fresh optimizees."""
+def make_init_states_fn(lopt: Any, batch_size: int) -> Callable:
+  """(theta, key, optimizee) -> UnrollState batched over ``batch_size`` fresh optimizees."""
 
   def init_states(theta, key, optimizee):
     tx = lopt.transform(theta)
     keys = jax.random.split(key, batch_size)
     return jax.vmap(lambda k: init_state(tx, optimizee, k))(keys)
 
-  return jax.jit(init_states)
+  return init_states
+
+
+def make_init_states(lopt: Any, batch_size: int) -> Callable:
+  """jit(theta, key, optimizee) -> UnrollState batched over ``batch_size`` fresh optimizees."""
+  return jax.jit(make_init_states_fn(lopt, batch_size))
+
+
+def _select(mask: chex.Array, new: chex.ArrayTree, old: chex.ArrayTree) -> chex.ArrayTree:
+  """Per-optimizee choice: row b of the result is new[b] where mask[b], else old[b]."""
+  def pick(n, o):
+    return jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
+  return jax.tree_util.tree_map(pick, new, old)
 
 
 def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_length: int,
-                   meta_loss: str = "sum", second_order: bool = False) -> Callable:
+                   meta_loss: str = "sum", second_order: bool = False,
+                   divergence_bound: float = 1e3) -> Callable:
   """Returns jit(meta_step)(theta, outer_state, states, key, optimizee).
 
   ``states`` is an UnrollState batched over optimizees; the step unrolls each
-  for ``segment_length`` steps, differentiates the mean meta-loss w.r.t.
-  theta, and applies the outer optimizer unless the meta-gradient is
-  non-finite. The returned states carry no gradient into the next segment.
+  for ``segment_length`` steps, differentiates each optimizee's meta-loss
+  w.r.t. theta, and applies the outer optimizer to the mean meta-gradient.
+
+  An optimizee diverges when a loss of the segment is non-finite or exceeds
+  ``divergence_bound`` x its episode's initial loss, or its meta-gradient is
+  non-finite. Its meta-gradient is left out of the mean (it is dropped after
+  differentiation, so its NaNs cannot leak into the others'), and it is reset
+  to a fresh optimizee: its episode ends. If no optimizee is left, or the
+  mean is non-finite, theta and the outer state are not updated
+  (``skipped``). The returned states carry no gradient into the next segment.
   """
   loss_fn = losses_lib.get(meta_loss)
 
-  def segment_loss(theta, states, key, optimizee):
+  def one(theta, state, key, optimizee):
     tx = lopt.transform(theta)
-    keys = jax.random.split(key, states.step.shape[0])
+    state, fs = unroll(tx, optimizee, state, key, segment_length, second_order)
+    return loss_fn(fs, state.initial_loss), (state, fs)
 
-    def one(state, k):
-      state, fs = unroll(tx, optimizee, state, k, segment_length, second_order)
-      return loss_fn(fs, state.initial_loss), (state, fs)
-
-    per_optimizee, (states, fs) = jax.vmap(one)(states, keys)
-    return jnp.mean(per_optimizee), (states, fs)
+  per_optimizee = jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(None, 0, 0, None))
 
   def meta_step(theta, outer_state, states: UnrollState, key, optimizee
                 ) -> Tuple[Any, Any, UnrollState, Dict[str, chex.Array]]:
-    (ml, (states, fs)), grads = jax.value_and_grad(segment_loss, has_aux=True)(
-        theta, states, key, optimizee)
-    ok = tree_all_finite(grads) & jnp.isfinite(ml)
-    theta, outer_state = guarded_update(outer_tx, grads, outer_state, theta, ok)
-    metrics = {"meta_loss": ml, "mean_loss": jnp.mean(fs), "last_loss": jnp.mean(fs[:, -1]),
-               "skipped": (~ok).astype(jnp.int32)}
-    return theta, outer_state, jax.lax.stop_gradient(states), metrics
+    batch = states.step.shape[0]
+    k_seg, k_reset = jax.random.split(key)
+    (ml, (states, fs)), grads = per_optimizee(theta, states, jax.random.split(k_seg, batch),
+                                              optimizee)
+    grads_ok = jax.vmap(tree_all_finite)(grads)
+    alive = (jnp.all(jnp.isfinite(fs), axis=1) & jnp.isfinite(ml) & grads_ok
+             & (jnp.max(fs, axis=1) <= divergence_bound * jnp.abs(states.initial_loss)))
+    n_alive = jnp.sum(alive)
+    denom = jnp.maximum(n_alive, 1).astype(jnp.float32)
+    mean_grads = jax.tree_util.tree_map(
+        lambda g: jnp.sum(_select(alive, g, jnp.zeros_like(g)), axis=0) / denom, grads)
+    ok = (n_alive > 0) & tree_all_finite(mean_grads)
+    theta, outer_state = guarded_update(outer_tx, mean_grads, outer_state, theta, ok)
+    fresh = make_init_states_fn(lopt, batch)(theta, k_reset, optimizee)
+    states = _select(alive, jax.lax.stop_gradient(states), fresh)
+    live_fs = jnp.where(alive[:, None], fs, 0.0)
+    metrics = {"meta_loss": jnp.sum(jnp.where(alive, ml, 0.0)) / denom,
+               "mean_loss": jnp.sum(live_fs) / (denom * fs.shape[1]),
+               "last_loss": jnp.sum(live_fs[:, -1]) / denom,
+               "diverged": batch - n_alive, "skipped": (~ok).astype(jnp.int32)}
+    return theta, outer_state, states, metrics
 
   return jax.jit(meta_step, donate_argnums=(2,))
 

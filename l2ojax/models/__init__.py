@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict
 
-from l2ojax.models.base import LearnedOptimizer, check_theta
+from l2ojax.models.base import (LearnedOptimizer, check_params, check_theta,
+                                 check_update_inputs)
 from l2ojax.models.dm import DM, DMState, dm
 
 _REGISTRY: Dict[str, Callable[..., Any]] = {"dm": dm}
@@ -24,4 +25,4 @@ def get(name: str, **options: Any) -> LearnedOptimizer:
   return _REGISTRY[name](**options)
 
 
-__all__ = ["get", "names", "register", "LearnedOptimizer", "check_theta", "DM", "DMState", "dm"]
+__all__ = ["get", "names", "register", "LearnedOptimizer", "check_theta", "check_params", "check_update_inputs", "DM", "DMState", "dm"]

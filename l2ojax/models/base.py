@@ -35,3 +35,31 @@ def check_theta(lopt: Any, theta: chex.ArrayTree) -> None:
     if getattr(t, "shape", None) != e.shape:
       raise ValueError(f"{lopt.name}.transform: theta{jax.tree_util.keystr(path[0])} has shape "
                        f"{getattr(t, 'shape', None)}, expected {e.shape}")
+
+
+def check_params(name: str, params: chex.ArrayTree, what: str = "params") -> None:
+  """Learned optimizers act on floating-point arrays; anything else is a clear error."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  if not leaves:
+    raise ValueError(f"{name}: {what} is an empty pytree")
+  for path, leaf in leaves:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+      raise TypeError(f"{name}: {what}{jax.tree_util.keystr(path)} has dtype {dtype}; "
+                      f"learned optimizers need floating-point arrays")
+
+
+def check_update_inputs(name: str, updates: chex.ArrayTree,
+                        params: chex.ArrayTree | None) -> None:
+  """Gradients must be float and match the params' structure and shapes."""
+  check_params(name, updates, "gradients")
+  if params is None:
+    return
+  s_u, s_p = jax.tree_util.tree_structure(updates), jax.tree_util.tree_structure(params)
+  if s_u != s_p:
+    raise ValueError(f"{name}.update: gradients have structure {s_u} but params have {s_p}")
+  for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(updates),
+                          jax.tree_util.tree_leaves(params)):
+    if u.shape != p.shape:
+      raise ValueError(f"{name}.update: gradient{jax.tree_util.keystr(path)} has shape "
+                       f"{u.shape} but the param has {p.shape}")

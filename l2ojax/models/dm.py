@@ -84,10 +84,12 @@ class DM:
     base.check_theta(self, theta)
 
     def init_fn(params):
+      base.check_params(self.name, params)
       return self.init_state(params)
 
     def update_fn(updates, state, params=None, **extra_args):
-      del params, extra_args
+      del extra_args
+      base.check_update_inputs(self.name, updates, params)
       flat_g, unravel = ravel_pytree(updates)
       if state.lstm[0].h.shape[0] != flat_g.shape[0]:
         raise ValueError(f"dm.update: gradients have {flat_g.shape[0]} coordinates, "
