@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from experiments.configs import dm_quadratic
 from l2ojax import evaluation, plots
+from l2ojax.meta import config as config_lib
 from l2ojax.meta import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
@@ -51,6 +52,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config = _CONFIG.value if _CONFIG.value is not None else dm_quadratic.get_config()
+  config_lib.validate(config)  # before anything is built or compiled
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
   print(f"config {config.name}, workdir {workdir}, devices {jax.devices()}")
   result = trainer.train(config, workdir)

@@ -1,0 +1,61 @@
+"""Bad configs stop before anything is built, with the field and the allowed values named."""
+import pytest
+
+from l2ojax.meta import config as config_lib
+
+
+def _config(**overrides):
+  c = config_lib.default_config()
+  for path, value in overrides.items():
+    section, _, field = path.rpartition("__")
+    target = c[section] if section else c
+    with target.ignore_type():
+      target[field] = value
+  return c
+
+
+def test_default_config_is_valid():
+  config_lib.validate(config_lib.default_config())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"meta__bach_size": 8}, r"unknown field 'meta.bach_size'.*batch_size"),
+    ({"meta__batch_size": "8"}, r"meta.batch_size='8' has type str; expected int"),
+    ({"meta__second_order": 1}, r"meta.second_order=1 has type int; expected bool"),
+    ({"meta__episode_steps": -100}, r"meta.episode_steps=-100 must be >= 1"),
+    ({"meta__segment_length": 200}, r"segment_length=200 is longer than an episode \(100 steps\)"),
+    ({"meta__segment_length": 30}, r"episode length 100 is not a multiple of meta.segment_length=30"),
+    ({"meta__loss": "hinge"}, r"meta.loss='hinge'; allowed: \['last', 'log_ratio', 'mean', 'sum'\]"),
+    ({"meta__optimizer": "lamb"}, r"meta.optimizer='lamb'; allowed"),
+    ({"curriculum__enabled": True, "curriculum__schedule": ()}, r"curriculum.schedule is empty"),
+    ({"curriculum__enabled": True, "curriculum__schedule": (100, 250)},
+     r"episode length 250 is not a multiple"),
+    ({"imitation__enabled": True, "imitation__ratio": 1.5}, r"must lie in \[0, 1\]"),
+    ({"imitation__enabled": True, "imitation__teacher": "lbfgs"}, r"imitation.teacher='lbfgs'"),
+    ({"model__name": "transformer"}, r"model.name='transformer' is unknown; allowed: \[.*'dm'"),
+    ({"optimizee__name": "imagenet"}, r"optimizee.name='imagenet' is unknown; allowed: .*quadratic"),
+    ({"data__source": "ftp"}, r"data.source='ftp'; allowed"),
+    ({"checkpoint_every": 0}, r"checkpoint_every=0 must be >= 1"),
+    ({"validation__score": "best"}, r"validation.score='best'"),
+])
+def test_bad_field_is_named(overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(_config(**overrides))
+
+
+def test_unknown_model_and_optimizee_options_are_named():
+  c = config_lib.default_config()
+  c.model.options = {"hiden_sizes": (20,)}
+  with pytest.raises(config_lib.ConfigError, match="hiden_sizes"):
+    config_lib.validate(c)
+  c = config_lib.default_config()
+  c.optimizee.options = {"dims": 3}
+  with pytest.raises(config_lib.ConfigError, match=r"optimizee.options.'dims'.*dim"):
+    config_lib.validate(c)
+
+
+def test_all_problems_are_reported_at_once():
+  c = _config(meta__batch_size=0, meta__num_episodes=0)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c)
+  assert "batch_size" in str(e.value) and "num_episodes" in str(e.value)
