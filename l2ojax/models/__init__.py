@@ -6,8 +6,10 @@ from typing import Any, Callable, Dict
 
 from l2ojax.models.base import LearnedOptimizer, check_theta
 from l2ojax.models.dm import DM, DMState, dm
+from l2ojax.models.rnnprop import RNNProp, RNNPropState, rnnprop
+from l2ojax.models.scale import Scale, ScaleState, scale
 
-_REGISTRY: Dict[str, Callable[..., Any]] = {"dm": dm}
+_REGISTRY: Dict[str, Callable[..., Any]] = {}
 
 
 def register(name: str, factory: Callable[..., Any]) -> None:
@@ -24,4 +26,9 @@ def get(name: str, **options: Any) -> LearnedOptimizer:
   return _REGISTRY[name](**options)
 
 
-__all__ = ["get", "names", "register", "LearnedOptimizer", "check_theta", "DM", "DMState", "dm"]
+register("dm", dm)
+register("rnnprop", rnnprop)
+register("scale", scale)
+
+__all__ = ["get", "names", "register", "LearnedOptimizer", "check_theta", "DM", "DMState", "dm",
+           "RNNProp", "RNNPropState", "rnnprop", "Scale", "ScaleState", "scale"]
