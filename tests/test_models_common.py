@@ -35,6 +35,15 @@ def test_registry_lists_every_model_and_rejects_unknown():
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_theta_is_float32_and_not_weakly_typed(name):
+  """A weakly typed leaf turns strong after the first outer update: every jitted
+  meta-step would then compile twice."""
+  theta = models.get(name).init(jax.random.PRNGKey(0))
+  for path, x in jax.tree_util.tree_leaves_with_path(theta):
+    assert x.dtype == jnp.float32 and not x.weak_type, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_jit_with_extra_args_keeps_state_structure_through_scan(name):
   _, tx = _tx(name)
   assert isinstance(tx, optax.GradientTransformationExtraArgs)

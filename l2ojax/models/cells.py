@@ -66,7 +66,7 @@ def gru_init(key: chex.PRNGKey, input_size: int, hidden: int, scale: float = 0.5
   k_g, k_c = jax.random.split(key)
   std = scale / jnp.sqrt(fan_in)
   return {"w_gates": std * jax.random.normal(k_g, (fan_in, 2 * hidden)),
-          "b_gates": jnp.full((2 * hidden,), gate_bias),
+          "b_gates": jnp.full((2 * hidden,), gate_bias, jnp.float32),
           "w_cand": std * jax.random.normal(k_c, (fan_in, hidden)),
           "b_cand": jnp.zeros((hidden,))}
 

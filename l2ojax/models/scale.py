@@ -161,12 +161,12 @@ class Scale:
         "global_to_tensor": _affine_init(k[8], g, 3 * t, _AFFINE_SCALE),
         "direction": readout(k[9]),
         "shortcut": _affine_init(k[10], s, 1, _SHORTCUT_SCALE, mean=1.0 / s)["w"],
-        "scl_decay": {"w": readout(k[11]), "b": jnp.full((1,), _SCALE_DECAY_BIAS)},
+        "scl_decay": {"w": readout(k[11]), "b": jnp.full((1,), _SCALE_DECAY_BIAS, jnp.float32)},
         "inp_decay": {"w": readout(jax.random.fold_in(k[11], 1)),
-                      "b": jnp.full((1,), _INPUT_DECAY_BIAS)},
+                      "b": jnp.full((1,), _INPUT_DECAY_BIAS, jnp.float32)},
         "lr": {"w": jnp.zeros((p, 1)), "b": jnp.zeros((1,))},
-        "lr_momentum_logit": jnp.asarray(_LR_MOMENTUM_LOGIT),
-        "stepsize_offset": jnp.asarray(_STEPSIZE_OFFSET),
+        "lr_momentum_logit": jnp.asarray(_LR_MOMENTUM_LOGIT, jnp.float32),
+        "stepsize_offset": jnp.asarray(_STEPSIZE_OFFSET, jnp.float32),
     }
 
   def init_state(self, theta: dict, params: chex.ArrayTree) -> ScaleState:
@@ -193,12 +193,12 @@ class Scale:
                ) -> Tuple[chex.Array, chex.Array, chex.Array]:
     """Momenta at S time scales, their mean squares, and the RMS-scaled momenta."""
     # decay_i = decay_0 ** (1 / 2^i): each momentum on twice the time scale of the
-    # one before. Repeated square roots with a tiny floor keep the derivative
-    # finite where the decay is still 0 (the first step of an episode).
-    decays = [state.inp_decay]
-    for _ in range(self.num_scales - 1):
-      decays.append(jnp.sqrt(decays[-1] + 1e-30))
-    decay = jnp.stack(decays, axis=-1)
+    # one before. The decay is exactly 0 at an episode's first step, where the
+    # root's derivative is infinite: the double `where` keeps it out of the gradient.
+    d0 = state.inp_decay[:, None]
+    positive = d0 > 0
+    powers = 0.5 ** jnp.arange(self.num_scales, dtype=d0.dtype)
+    decay = jnp.where(positive, jnp.where(positive, d0, 1.0) ** powers, 0.0)
     accum = g[:, None] * (1.0 - decay) + state.grad_accum * decay
     sd = state.scl_decay[:, None]
     ms = (1.0 - sd) * (jnp.square(accum) + 1e-12) + sd * state.ms
