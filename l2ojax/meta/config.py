@@ -40,6 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
       "learning_rate": 1e-3,
       "optimizer": "adam",
       "clip_global_norm": 0.0,   # 0 = no clipping
+      "clip_value": 0.0,         # elementwise meta-gradient clip (L2O-Scale: 1e4); 0 = off
+      "zero_nans": False,        # zero non-finite meta-gradient entries (L2O-Scale's)
       "loss": "sum",             # sum over t = 0..T (the paper's); mean, last, log_ratio
       "second_order": False,     # keep d(grad)/d(params) in the meta-gradient
       "divergence_bound": 1e3,   # an optimizee whose loss passes this x its initial loss is reset
@@ -129,6 +131,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(get("meta", "learning_rate") > 0, f"meta.learning_rate={get('meta', 'learning_rate')} "
        f"must be > 0")
   need(get("meta", "clip_global_norm") >= 0, "meta.clip_global_norm must be >= 0 (0 = off)")
+  need(get("meta", "clip_value") >= 0, "meta.clip_value must be >= 0 (0 = off)")
   need(get("meta", "divergence_bound") > 0, "meta.divergence_bound must be > 0")
   need(get("meta", "optimizer") in ("adam", "rmsprop", "sgd"),
        f"meta.optimizer={get('meta', 'optimizer')!r}; allowed: ['adam', 'rmsprop', 'sgd']")

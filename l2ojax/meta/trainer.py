@@ -45,6 +45,10 @@ def build_outer_optimizer(meta: ml_collections.ConfigDict) -> optax.GradientTran
   if name not in opts:
     raise ValueError(f"meta.optimizer={name!r}; allowed: {sorted(opts)}")
   parts = []
+  if meta.get("zero_nans", False):  # L2O-Scale's: non-finite entries of the meta-gradient -> 0
+    parts.append(optax.zero_nans())
+  if meta.get("clip_value", 0.0):    # L2O-Scale's: elementwise clip (1e4)
+    parts.append(optax.clip(meta.clip_value))
   if meta.get("clip_global_norm", 0.0):
     parts.append(optax.clip_by_global_norm(meta.clip_global_norm))
   parts.append(opts[name](meta.learning_rate))

@@ -7,8 +7,10 @@ from typing import Any, Callable, Dict
 from l2ojax.models.base import (LearnedOptimizer, check_params, check_theta,
                                  check_update_inputs)
 from l2ojax.models.dm import DM, DMState, dm
+from l2ojax.models.rnnprop import RNNProp, RNNPropState, rnnprop
+from l2ojax.models.scale import Scale, ScaleState, scale
 
-_REGISTRY: Dict[str, Callable[..., Any]] = {"dm": dm}
+_REGISTRY: Dict[str, Callable[..., Any]] = {}
 
 
 def register(name: str, factory: Callable[..., Any]) -> None:
@@ -25,4 +27,10 @@ def get(name: str, **options: Any) -> LearnedOptimizer:
   return _REGISTRY[name](**options)
 
 
-__all__ = ["get", "names", "register", "LearnedOptimizer", "check_theta", "check_params", "check_update_inputs", "DM", "DMState", "dm"]
+register("dm", dm)
+register("rnnprop", rnnprop)
+register("scale", scale)
+
+__all__ = ["get", "names", "register", "LearnedOptimizer", "check_theta", "check_params",
+           "check_update_inputs", "DM", "DMState", "dm", "RNNProp", "RNNPropState", "rnnprop",
+           "Scale", "ScaleState", "scale"]

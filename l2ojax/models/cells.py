@@ -56,3 +56,36 @@ def linear_init(key: chex.PRNGKey, input_size: int, output_size: int) -> dict:
 
 def linear_apply(params: dict, x: chex.Array) -> chex.Array:
   return x @ params["w"] + params["b"]
+
+
+def gru_init(key: chex.PRNGKey, input_size: int, hidden: int, scale: float = 0.5,
+             gate_bias: float = 2.2) -> dict:
+  """L2O-Scale's BiasGRUCell: weights N(0, (scale / sqrt(fan_in))^2), reset and
+  update gate biases ``gate_bias`` (sigmoid(2.2) ~ 0.9: the state is kept by default)."""
+  fan_in = input_size + hidden
+  k_g, k_c = jax.random.split(key)
+  std = scale / jnp.sqrt(fan_in)
+  return {"w_gates": std * jax.random.normal(k_g, (fan_in, 2 * hidden)),
+          "b_gates": jnp.full((2 * hidden,), gate_bias, jnp.float32),
+          "w_cand": std * jax.random.normal(k_c, (fan_in, hidden)),
+          "b_cand": jnp.zeros((hidden,))}
+
+
+def gru_apply(params: dict, x: chex.Array, h: chex.Array,
+              bias: chex.Array | None = None) -> chex.Array:
+  """GRU step with an optional injected bias ``[..., 3 * hidden]`` (reset, update, candidate).
+
+  r, u = sigmoid([x, h] W_g + b_g + bias_{r,u}); c = tanh([x, r h] W_c + b_c + bias_c);
+  h' = u h + (1 - u) c. The injected bias is how a higher level of a
+  hierarchical RNN steers the level below it.
+  """
+  n_in = x.shape[-1]
+  w_g, w_c = params["w_gates"], params["w_cand"]
+  gates = x @ w_g[:n_in] + h @ w_g[n_in:] + params["b_gates"]
+  b_r = b_u = b_c = 0.0
+  if bias is not None:
+    b_r, b_u, b_c = jnp.split(bias, 3, axis=-1)
+  r_lin, u_lin = jnp.split(gates, 2, axis=-1)
+  r, u = jax.nn.sigmoid(r_lin + b_r), jax.nn.sigmoid(u_lin + b_u)
+  c = jnp.tanh(x @ w_c[:n_in] + (r * h) @ w_c[n_in:] + params["b_cand"] + b_c)
+  return u * h + (1.0 - u) * c

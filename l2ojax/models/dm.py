@@ -94,8 +94,10 @@ class DM:
       if state.lstm[0].h.shape[0] != flat_g.shape[0]:
         raise ValueError(f"dm.update: gradients have {flat_g.shape[0]} coordinates, "
                          f"the optimizer state was made for {state.lstm[0].h.shape[0]}")
-      delta, state = self.step(theta, flat_g, state)
-      return unravel(delta), state
+      delta, new_state = self.step(theta, flat_g, state)
+      # theta is float32: keep the params' and the state's dtypes whatever they are
+      new_state = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_state, state)
+      return unravel(delta.astype(flat_g.dtype)), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -1,0 +1,135 @@
+"""RNNProp (Lv, Chen & Song 2017): a coordinatewise LSTM fed with Adam's statistics.
+
+Instead of the raw gradient, the network sees two scale-free inputs built from
+bias-corrected Adam moments (beta1 = beta2 = 0.95),
+
+    m_hat / (sqrt(v_hat) + eps)   and   g / (sqrt(v_hat) + eps),
+
+so one network serves coordinates whose gradients differ by orders of
+magnitude. The moments live in the optimizer state and are updated from
+whatever gradient ``update`` receives: under imitation learning that is the
+teacher's gradient, so the statistics follow the teacher with no extra code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, NamedTuple, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from l2ojax.models import base, cells
+
+
+class RNNPropState(NamedTuple):
+  """Adam moments and LSTM states over the flattened coordinates."""
+  count: chex.Array                      # steps taken, for the bias correction
+  mu: chex.Array                         # [n] first moment
+  nu: chex.Array                         # [n] second moment
+  lstm: Tuple[cells.LSTMState, ...]      # one (h, c) per LSTM layer, rows = coordinates
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNProp:
+  """Linear(2 -> input_size) + ELU -> LSTM(s) -> Linear(hidden -> 1) -> scale x tanh.
+
+  The default two LSTM layers of 20 follow the paper's code ("LSTM(20, 20)");
+  ``hidden_sizes=(20,)`` gives a single layer.
+  """
+
+  hidden_sizes: Tuple[int, ...] = (20, 20)
+  input_size: int = 20
+  beta1: float = 0.95
+  beta2: float = 0.95
+  eps: float = 1e-8
+  scale: float = 0.01
+  forget_bias: float = 1.0
+  name: str = "rnnprop"
+
+  def __post_init__(self):
+    if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
+      raise ValueError(f"rnnprop: hidden_sizes must be non-empty positive ints, "
+                       f"got {self.hidden_sizes}")
+    if self.input_size < 1:
+      raise ValueError(f"rnnprop: input_size must be >= 1, got {self.input_size}")
+    for field in ("beta1", "beta2"):
+      if not 0.0 <= getattr(self, field) < 1.0:
+        raise ValueError(f"rnnprop: {field} must be in [0, 1), got {getattr(self, field)}")
+
+  def options(self) -> Dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d.pop("name")
+    d["hidden_sizes"] = list(self.hidden_sizes)
+    return d
+
+  def init(self, key: chex.PRNGKey) -> dict:
+    keys = jax.random.split(key, len(self.hidden_sizes) + 2)
+    theta = {"input": cells.linear_init(keys[0], 2, self.input_size)}
+    n_in = self.input_size
+    for i, h in enumerate(self.hidden_sizes):
+      theta[f"lstm_{i}"] = cells.lstm_init(keys[i + 1], n_in, h)
+      n_in = h
+    theta["linear"] = cells.linear_init(keys[-1], n_in, 1)
+    return theta
+
+  def init_state(self, params: chex.ArrayTree) -> RNNPropState:
+    flat, _ = ravel_pytree(params)
+    n, dtype = flat.shape[0], flat.dtype
+    return RNNPropState(jnp.zeros((), jnp.int32), jnp.zeros((n,), dtype), jnp.zeros((n,), dtype),
+                        tuple(cells.lstm_zero_state(n, h, dtype) for h in self.hidden_sizes))
+
+  def features(self, g: chex.Array, state: RNNPropState
+               ) -> Tuple[chex.Array, Tuple[chex.Array, chex.Array, chex.Array]]:
+    """Updates the moments with ``g`` and returns the inputs [n, 2] and new (count, mu, nu)."""
+    count = state.count + 1
+    mu = self.beta1 * state.mu + (1.0 - self.beta1) * g
+    nu = self.beta2 * state.nu + (1.0 - self.beta2) * jnp.square(g)
+    t = count.astype(g.dtype)
+    mu_hat = mu / (1.0 - self.beta1 ** t)
+    nu_hat = nu / (1.0 - self.beta2 ** t)
+    denom = jnp.sqrt(nu_hat) + self.eps
+    return jnp.stack([mu_hat / denom, g / denom], axis=-1), (count, mu, nu)
+
+  def step(self, theta: dict, g: chex.Array, state: RNNPropState
+           ) -> Tuple[chex.Array, RNNPropState]:
+    """One coordinatewise step on a flat gradient ``g`` [n] -> update [n]."""
+    x, (count, mu, nu) = self.features(g, state)
+    x = jax.nn.elu(cells.linear_apply(theta["input"], x))
+    new_lstm = []
+    for i, s in enumerate(state.lstm):
+      s = cells.lstm_apply(theta[f"lstm_{i}"], x, s, self.forget_bias)
+      new_lstm.append(s)
+      x = s.h
+    out = jnp.tanh(cells.linear_apply(theta["linear"], x)[:, 0])
+    return self.scale * out, RNNPropState(count, mu, nu, tuple(new_lstm))
+
+  def transform(self, theta: dict) -> optax.GradientTransformationExtraArgs:
+    base.check_theta(self, theta)
+
+    def init_fn(params):
+      base.check_params(self.name, params)
+      return self.init_state(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+      del extra_args
+      base.check_update_inputs(self.name, updates, params)
+      flat_g, unravel = ravel_pytree(updates)
+      if state.mu.shape[0] != flat_g.shape[0]:
+        raise ValueError(f"rnnprop.update: gradients have {flat_g.shape[0]} coordinates, "
+                         f"the optimizer state was made for {state.mu.shape[0]}")
+      delta, new_state = self.step(theta, flat_g, state)
+      # theta is float32: keep the state's dtypes whatever the gradients' dtype
+      new_state = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_state, state)
+      return unravel(delta.astype(flat_g.dtype)), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def rnnprop(**options: Any) -> RNNProp:
+  """RNNProp; ``rnnprop()`` is the paper's configuration."""
+  if "hidden_sizes" in options:
+    options["hidden_sizes"] = tuple(options["hidden_sizes"])
+  return RNNProp(**options)

@@ -1,0 +1,157 @@
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments.configs import scale_mnist
+from l2ojax import models, optimizees
+from l2ojax.meta import step as step_lib
+from l2ojax.meta import trainer
+
+
+def _tx(key=0, **options):
+  lopt = models.scale(**options)
+  theta = lopt.init(jax.random.PRNGKey(key))
+  return lopt, theta, lopt.transform(theta)
+
+
+def _steps(tx, params, grads_seq, values):
+  """Jitted updates over a sequence; returns [(updates, state)]."""
+  state = tx.init(params)
+  update = jax.jit(lambda g, s, v: tx.update(g, s, params, value=v))
+  out = []
+  for g, v in zip(grads_seq, values):
+    u, state = update(g, state, jnp.asarray(v))
+    out.append((u, state))
+  return out
+
+
+def _rms(x):
+  return float(jnp.sqrt(jnp.mean(jnp.square(x))))
+
+
+def test_first_step_momenta_direction_and_initial_learning_rates():
+  _, _, tx = _tx()
+  params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3), "s": jnp.zeros(())}
+  g = {"w": jnp.linspace(-1.0, 2.0, 12).reshape(4, 3), "b": jnp.array([1e-6, -3e-3, 5.0]),
+       "s": jnp.array(0.7)}
+  s0 = tx.init(params)
+  lr0 = np.exp(np.asarray(s0.log_lr))
+  assert lr0.min() >= 1e-6 * (1 - 1e-5) and lr0.max() <= 1e-2 * (1 + 1e-5)
+  assert lr0.std() > 0  # drawn, not constant
+  chex.assert_shape(s0.tensor_h, (3, 20))  # one per-tensor state per leaf
+  ((u, s1),) = _steps(tx, params, [g], [1.0])
+  flat_g = np.concatenate([np.ravel(g[k]) for k in sorted(g)])
+  # decays start at 0: every momentum is the gradient, every mean square its square
+  np.testing.assert_allclose(s1.grad_accum, np.repeat(flat_g[:, None], 4, 1), rtol=1e-6)
+  np.testing.assert_allclose(s1.ms, np.repeat(flat_g[:, None] ** 2 + 1e-12, 4, 1), rtol=1e-5)
+  # the untrained lr read-out is zero: step = exp(log_lr0 - 1) x a unit-RMS direction per tensor
+  offset = 0
+  for k in sorted(g):
+    n = int(np.size(g[k]))
+    step_size = np.exp(np.asarray(s0.log_lr[offset:offset + n]) - 1.0)
+    direction = np.ravel(u[k]) / step_size
+    assert abs(_rms(direction) - 1.0) < 1e-4, k
+    offset += n
+
+
+def test_momentum_time_scales_follow_the_learned_decay():
+  _, _, tx = _tx()
+  params = {"x": jnp.zeros(6)}
+  g1, g2 = {"x": jnp.arange(1.0, 7.0)}, {"x": -jnp.arange(1.0, 7.0) ** 2}
+  (_, s1), (_, s2) = _steps(tx, params, [g1, g2], [1.0, 0.9])
+  d0 = np.asarray(s1.inp_decay)
+  assert 0.5 < d0.min() and d0.max() < 1.0  # sigmoid(2.2 + small) ~ 0.9
+  for i in range(4):
+    d = d0 ** (0.5 ** i)  # each momentum on twice the time scale of the one before
+    want = np.asarray(g2["x"]) * (1 - d) + np.asarray(g1["x"]) * d
+    np.testing.assert_allclose(s2.grad_accum[:, i], want, rtol=1e-4)
+
+
+def test_per_tensor_level_sees_the_pytree_structure():
+  _, _, tx = _tx()
+  g = jnp.array([1.0, 2.0, 3.0, -1e-3, -2e-3, -3e-3])
+  one = _steps(tx, {"a": jnp.zeros(6)}, [{"a": g}], [1.0])[0][0]["a"]
+  two = _steps(tx, {"a": jnp.zeros(3), "b": jnp.zeros(3)}, [{"a": g[:3], "b": g[3:]}], [1.0])[0][0]
+  split = jnp.concatenate([two["a"], two["b"]])
+  assert not np.allclose(np.asarray(one), np.asarray(split), rtol=1e-3)
+
+
+def test_loss_value_arrives_through_extra_args():
+  lopt, theta, tx = _tx()
+  params = {"x": jnp.zeros(4)}
+  g = {"x": jnp.array([0.1, -0.2, 0.3, -0.4])}
+  with pytest.raises(ValueError, match="value=loss"):
+    tx.update(g, tx.init(params), params)
+  # loss_input=False: the original model, no loss needed
+  plain = models.scale(loss_input=False)
+  ptx = plain.transform(plain.init(jax.random.PRNGKey(0)))
+  u, _ = ptx.update(g, ptx.init(params), params)
+  chex.assert_tree_all_finite(u)
+
+  def third_update(tx, second_loss):
+    return _steps(tx, params, [g, g, g], [1.0, second_loss, 0.5])[-1][0]["x"]
+
+  # the loss weights start at zero: an untrained model ignores the loss, like the original
+  np.testing.assert_allclose(third_update(tx, 0.9), third_update(tx, 1e-3), rtol=1e-6)
+  t = lopt.level_sizes[1]
+  theta2 = jax.tree_util.tree_map(lambda x: x, theta)
+  theta2["global_gru"]["w_gates"] = theta2["global_gru"]["w_gates"].at[t].set(1.0)
+  theta2["global_gru"]["w_cand"] = theta2["global_gru"]["w_cand"].at[t].set(1.0)
+  tx2 = lopt.transform(theta2)
+  assert not np.allclose(np.asarray(third_update(tx2, 0.9)), np.asarray(third_update(tx2, 1e-3)))
+
+
+def test_short_meta_training_lowers_the_log_ratio_meta_loss():
+  q = optimizees.get("quadratic", dim=5, num_instances=16)
+  lopt = models.scale()
+  theta = lopt.init(jax.random.PRNGKey(0))
+  outer = optax.adam(1e-2)
+  outer_state = outer.init(theta)
+  init_states = step_lib.make_init_states(lopt, 8)
+  meta_step = step_lib.make_meta_step(lopt, outer, segment_length=10, meta_loss="log_ratio")
+  key = jax.random.PRNGKey(1)
+  history = []
+  for _ in range(30):
+    key, k_init, k_ep = jax.random.split(key, 3)
+    states = init_states(theta, k_init, q)
+    total = 0.0
+    for k in jax.random.split(k_ep, 2):
+      theta, outer_state, states, m = meta_step(theta, outer_state, states, k, q)
+      assert int(m["skipped"]) == 0
+      total += float(m["meta_loss"])
+    history.append(total)
+  assert np.mean(history[-5:]) < np.mean(history[:5]) - 0.5, history
+
+
+def test_outer_optimizer_clips_by_value_and_zeroes_nans():
+  meta = scale_mnist.get_config().meta
+  outer = trainer.build_outer_optimizer(meta)
+  theta = {"w": jnp.zeros(4)}
+  grads = {"w": jnp.array([jnp.nan, 1e9, -1e9, 1.0])}
+  updates, _ = outer.update(grads, outer.init(theta), theta)
+  u = np.asarray(updates["w"])
+  assert np.all(np.isfinite(u)) and u[0] == 0.0
+  assert u[1] < 0 < u[2]  # clipped, not dropped
+  assert np.abs(u).max() < 1e-4  # RMSProp at 1e-6
+
+
+@pytest.mark.slow
+def test_scale_mnist_config_trains(tmp_path, tiny_image_npz):
+  c = scale_mnist.get_config()
+  assert (c.model.name, c.meta.loss, c.meta.optimizer) == ("scale", "log_ratio", "rmsprop")
+  c.data.path = tiny_image_npz
+  c.meta.batch_size = 2
+  c.meta.num_episodes = 2
+  c.meta.episode_steps = 40
+  c.validation.period = 2
+  c.validation.num_optimizees = 2
+  c.validation.steps = 20
+  result = trainer.train(c, str(tmp_path), progress=False)
+  assert result.lopt.name == "scale"
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert len(rows) == 2 and np.isfinite(rows[-1]["val_loss"])
