@@ -50,7 +50,8 @@ def test_evaluate_cli_runs_learned_and_tuned_adam_on_other_problems(tmp_path, ti
     assert len(curves) == 2 and "dm (trained on mnist_mlp)" in curves
     (adam,) = [k for k in curves if k.startswith("Adam lr=")]
     assert all(c.shape == (seeds, steps + 1) for c in curves.values())
-    assert f"| {name} | {adam} |" in summary and f"| {name} | dm (trained on mnist_mlp) |" in summary
+    assert f"| {name} | {adam} |" in summary
+    assert f"| {name} | dm (trained on mnist_mlp) |" in summary
     # Same inits and minibatches for both: the curves are the library's on the eval keys.
     opt = (optimizees.get(name, path=tiny_image_npz) if optimizees.uses_data(name)
            else optimizees.get(name))

@@ -58,5 +58,5 @@ def get(name: str, **options: Any) -> Optimizee:
   return _REGISTRY[name](**options)
 
 
-__all__ = ["get", "names", "register", "uses_data", "Optimizee", "MLP", "Quadratic", "mlp", "quadratic",
-           "ConvNet", "conv_net", "Rosenbrock", "rosenbrock", "data", "DataUnavailableError"]
+__all__ = ["get", "names", "register", "uses_data", "Optimizee", "MLP", "Quadratic", "mlp",
+           "quadratic", "ConvNet", "conv_net", "Rosenbrock", "rosenbrock", "data", "DataUnavailableError"]
