@@ -1,7 +1,7 @@
 """The jitted meta-step: a vmapped batch of truncated unrolls, one outer update."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
 import jax
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from l2ojax.meta import losses as losses_lib
+from l2ojax.meta import remat as remat_lib
 from l2ojax.meta.unroll import UnrollState, batch_rollout, init_state, unroll
 
 
@@ -58,7 +59,7 @@ def _select(mask: chex.Array, new: chex.ArrayTree, old: chex.ArrayTree) -> chex.
 
 def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_length: int,
                    meta_loss: str = "sum", second_order: bool = False,
-                   divergence_bound: float = 1e3) -> Callable:
+                   divergence_bound: float = 1e3, remat: Optional[str] = None) -> Callable:
   """Returns jit(meta_step)(theta, outer_state, states, key, optimizee).
 
   ``states`` is an UnrollState batched over optimizees; the step unrolls each
@@ -71,12 +72,19 @@ def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_le
   differentiation, so its NaNs cannot leak into the others'), and it is reset
   to a fresh optimizee: its episode ends. If no optimizee is left, or the
   mean is non-finite, theta and the outer state are not updated
-  (``skipped``). The returned states carry no gradient into the next segment.
+  (``skipped``). The returned states carry no gradient into the next segment
+  (their buffers are donated: pass each step the states the last returned).
+
+  ``remat`` (None, "update" or "update_dots", see ``l2ojax.meta.remat``)
+  recomputes the learned optimizer's update in the backward pass instead of
+  saving its activations: same result, a fraction of the memory. Inputs placed
+  on a mesh (``l2ojax.meta.sharding``) run sharded with no other change.
   """
   loss_fn = losses_lib.get(meta_loss)
+  remat_lib.check_policy(remat)
 
   def one(theta, state, key, optimizee):
-    tx = lopt.transform(theta)
+    tx = remat_lib.checkpointed(lopt.transform(theta), remat)
     state, fs = unroll(tx, optimizee, state, key, segment_length, second_order)
     return loss_fn(fs, state.initial_loss), (state, fs)
 

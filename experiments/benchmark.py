@@ -1,0 +1,371 @@
+r"""Speed of meta-training and of evaluation, against PyTorch and Adam.
+
+  python -m experiments.benchmark                       # everything, defaults
+  python -m experiments.benchmark --batch_sizes=1,8 --w2_steps=500 --out=/tmp/bench
+
+W1, one meta-iteration: the MNIST MLP optimizee (784-20-10 sigmoid, minibatch
+128, data on the device), a segment of T steps for B optimizees, backprop
+through the segment, Adam on theta. Reported: median seconds per iteration
+after warm-up, optimizee-steps per second (B x T / seconds), compile time of
+the meta-step, its compiled memory footprint and the device's peak memory
+(where the backend reports it).
+
+W2, evaluation: a learned optimizer (at its initial theta: the cost does not
+depend on the values) for N steps on 10 vmapped optimizees, against
+``optax.adam`` in the same jitted loop (``l2ojax.meta.batch_rollout``).
+
+The data are random arrays of MNIST's shape (10,000 uint8 images 28 x 28,
+random labels) unless --data_path names an .npz: speed does not depend on the
+pixels, and nothing needs a download. When torch is importable, the PyTorch
+peer (shared/bench/torch_dm.py, or experiments/torch_dm_peer.py, its copy)
+runs the same W1 in a subprocess, in rounds interleaved with the JAX runs so
+that a shared machine slows both alike, and the ratio is printed.
+
+Writes a markdown table to stdout and <out>/benchmark.json.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import numpy as np
+import optax
+from absl import app, flags
+
+from l2ojax import models, optimizees
+from l2ojax.meta import sharding as sharding_lib
+from l2ojax.meta import step as step_lib
+from l2ojax.meta.unroll import batch_rollout
+
+_MODELS = flags.DEFINE_list("models", ["dm", "rnnprop", "scale"],
+                            "Learned optimizers to run; names not registered are skipped.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "64", "256"], "W1 meta-batch sizes B.")
+_SEGMENT = flags.DEFINE_integer("segment", 20, "W1 segment length T.")
+_ITERS = flags.DEFINE_integer("iters", 10, "W1 timed meta-iterations per round.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "W1 untimed meta-iterations after compiling.")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Rounds of (JAX, torch) runs, interleaved.")
+_REMAT = flags.DEFINE_string("remat", "auto", "Meta-step remat: none | update | update_dots | "
+                             "auto (update on the CPU, and for B >= 64 on accelerators).")
+_SHARD = flags.DEFINE_bool("shard", False, "Shard the meta-batch over all devices.")
+_WORKLOADS = flags.DEFINE_list("workloads", ["w1", "w2"], "Which workloads to run.")
+_W2_STEPS = flags.DEFINE_integer("w2_steps", 10_000, "W2 optimizee steps.")
+_W2_OPTIMIZEES = flags.DEFINE_integer("w2_optimizees", 10, "W2 vmapped optimizees.")
+_W2_REPEATS = flags.DEFINE_integer("w2_repeats", 3, "W2 timed runs (after one warm-up).")
+_TORCH = flags.DEFINE_enum("torch", "auto", ["auto", "off"], "Run the PyTorch peer when importable.")
+_TORCH_ITERS = flags.DEFINE_integer("torch_iters", 5, "Meta-iterations per torch peer run.")
+_TORCH_SCRIPT = flags.DEFINE_string("torch_script", "", "Path of the torch peer script "
+                                    "(default: shared/bench/torch_dm.py if found, else the copy).")
+_DATA_PATH = flags.DEFINE_string("data_path", "", "An MNIST .npz; default: random data.")
+_OUT = flags.DEFINE_string("out", ".", "Folder for benchmark.json.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- environment
+
+def random_mnist_npz(folder: str, n: int = 10_000, seed: int = 0) -> str:
+  """An .npz of MNIST's shape and dtype with random content (no download)."""
+  rng = np.random.default_rng(seed)
+  path = os.path.join(folder, "random_mnist.npz")
+  np.savez(path, images=rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+           labels=rng.integers(0, 10, n).astype(np.int32))
+  return path
+
+
+def machine() -> Dict[str, Any]:
+  devices = jax.devices()
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip())
+  except (OSError, subprocess.CalledProcessError):
+    commit, dirty = "unknown", False
+  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "commit": commit + ("+dirty" if dirty else ""),
+          "backend": jax.default_backend(), "devices": [d.device_kind for d in devices],
+          "device_count": len(devices), "host": platform.node(), "cpu_count": os.cpu_count(),
+          "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+          "python": platform.python_version(), "jax": jax.__version__, "optax": optax.__version__}
+
+
+def device_peak_bytes() -> Optional[int]:
+  """Peak memory in use on the first device, where the backend tracks it (GPU/TPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def compiled_bytes(compiled) -> Optional[int]:
+  """Arguments + outputs + temporaries of a compiled program, less donated aliases."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def is_out_of_memory(e: Exception) -> bool:
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def remat_for(batch_size: int) -> Optional[str]:
+  choice = _REMAT.value
+  if choice == "auto":  # on the CPU, recomputing is faster than storing (less memory traffic)
+    return "update" if jax.default_backend() == "cpu" or batch_size >= 64 else None
+  return None if choice == "none" else choice
+
+
+# ---------------------------------------------------------------- W1
+
+def time_w1(model: str, batch_size: int, optimizee, *, segment: int, iters: int, warmup: int,
+            remat: Optional[str], shard: bool, seed: int) -> Dict[str, Any]:
+  """Compiles and times one meta-iteration of ``model`` at meta-batch ``batch_size``."""
+  lopt = models.get(model)
+  outer = optax.adam(1e-3)
+  key = jax.random.PRNGKey(seed)
+  k_theta, k_init, k_steps = jax.random.split(key, 3)
+  theta = lopt.init(k_theta)
+  outer_state = outer.init(theta)
+  init_states = step_lib.make_init_states(lopt, batch_size)
+  meta_step = step_lib.make_meta_step(lopt, outer, segment, meta_loss="mean", remat=remat)
+  if shard:
+    mesh = sharding_lib.make_mesh()
+    init_states = sharding_lib.sharded_init_states(init_states, mesh)
+    theta, outer_state, optimizee = sharding_lib.replicate((theta, outer_state, optimizee), mesh)
+  states = init_states(theta, k_init, optimizee)
+  keys = jax.random.split(k_steps, warmup + iters)
+
+  t0 = time.perf_counter()
+  compiled = meta_step.lower(theta, outer_state, states, keys[0], optimizee).compile()
+  compile_s = time.perf_counter() - t0
+
+  for k in keys[:warmup]:
+    theta, outer_state, states, metrics = compiled(theta, outer_state, states, k, optimizee)
+  jax.block_until_ready((theta, states))
+  seconds, cpu_seconds = [], []
+  for k in keys[warmup:]:
+    t, c = time.perf_counter(), time.process_time()
+    theta, outer_state, states, metrics = compiled(theta, outer_state, states, k, optimizee)
+    jax.block_until_ready((theta, states))
+    seconds.append(time.perf_counter() - t)
+    cpu_seconds.append(time.process_time() - c)
+  return {"seconds": seconds, "cpu_seconds": cpu_seconds, "compile_s": compile_s,
+          "compiled_bytes": compiled_bytes(compiled), "peak_bytes": device_peak_bytes(),
+          "meta_loss": float(metrics["meta_loss"])}
+
+
+def torch_importable() -> bool:
+  try:
+    importlib.import_module("torch")
+  except ImportError:
+    return False
+  return True
+
+
+def torch_script() -> str:
+  if _TORCH_SCRIPT.value:
+    return _TORCH_SCRIPT.value
+  for candidate in (os.path.join(REPO, "..", "shared", "bench", "torch_dm.py"),
+                    os.path.join(REPO, "shared", "bench", "torch_dm.py")):
+    if os.path.exists(candidate):
+      return os.path.normpath(candidate)
+  return os.path.join(REPO, "experiments", "torch_dm_peer.py")
+
+
+def time_torch(batch_size: int, segment: int, iters: int, device: str) -> Dict[str, Any]:
+  """One run of the PyTorch peer in a subprocess; its mean seconds per iteration."""
+  cmd = [sys.executable, torch_script(), str(batch_size), str(segment), str(iters), device]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    error = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+    return {"error": f"exit {proc.returncode}: {error[0][:300]}"}
+  m = re.search(r"iter=([\d.]+)ms", proc.stdout)
+  v = re.search(r"torch (\S+)", proc.stdout)
+  if not m:
+    return {"error": f"unparsed output: {proc.stdout.strip()[:300]}"}
+  return {"seconds": float(m.group(1)) / 1e3, "version": v.group(1) if v else "?"}
+
+
+def run_w1(names: List[str], optimizee, with_torch: bool) -> List[Dict[str, Any]]:
+  rows = []
+  device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+  for model in names:
+    for b in [int(x) for x in _BATCH_SIZES.value]:
+      remat = remat_for(b)
+      row: Dict[str, Any] = {"workload": "W1", "model": model, "B": b, "T": _SEGMENT.value,
+                             "remat": remat, "shard": _SHARD.value, "runs": []}
+      torch_seconds: List[float] = []
+      for _ in range(_ROUNDS.value):
+        try:
+          run = time_w1(model, b, optimizee, segment=_SEGMENT.value, iters=_ITERS.value,
+                        warmup=_WARMUP.value, remat=remat, shard=_SHARD.value, seed=_SEED.value)
+        except Exception as e:  # an out-of-memory is a result; anything else is a bug
+          if not is_out_of_memory(e):
+            raise
+          row["error"] = "out of memory: " + str(e).splitlines()[0][:200]
+          break
+        row["runs"].append(run)
+        if with_torch and model == "dm":
+          t = time_torch(b, _SEGMENT.value, _TORCH_ITERS.value, device)
+          if "error" in t:
+            row["torch_error"] = t["error"]
+          else:
+            torch_seconds.append(t["seconds"])
+            row["torch_version"] = t["version"]
+      if row["runs"]:
+        seconds = [s for r in row["runs"] for s in r["seconds"]]
+        cpu = [s for r in row["runs"] for s in r["cpu_seconds"]]
+        row["median_s"] = statistics.median(seconds)
+        row["median_cpu_s"] = statistics.median(cpu)
+        row["steps_per_s"] = b * _SEGMENT.value / row["median_s"]
+        row["compile_s"] = min(r["compile_s"] for r in row["runs"])
+        row["compiled_bytes"] = row["runs"][0]["compiled_bytes"]
+        peaks = [r["peak_bytes"] for r in row["runs"] if r["peak_bytes"] is not None]
+        row["peak_bytes"] = max(peaks) if peaks else None
+      if torch_seconds:
+        row["torch_seconds"] = torch_seconds
+        row["torch_steps_per_s"] = b * _SEGMENT.value / statistics.median(torch_seconds)
+        if "steps_per_s" in row:
+          row["speedup_vs_torch"] = row["steps_per_s"] / row["torch_steps_per_s"]
+      rows.append(row)
+      print(f"  W1 {model} B={b}: " + (row.get("error") or
+            f"{row['steps_per_s']:.0f} steps/s, compile {row['compile_s']:.1f} s"
+            + (f", torch {row['torch_steps_per_s']:.0f} steps/s" if torch_seconds else "")),
+            file=sys.stderr, flush=True)
+  return rows
+
+
+# ---------------------------------------------------------------- W2
+
+def run_w2(names: List[str], optimizee) -> List[Dict[str, Any]]:
+  """Wall time of an N-step evaluation of each learned optimizer and of Adam."""
+  steps, n = _W2_STEPS.value, _W2_OPTIMIZEES.value
+  keys = jax.random.split(jax.random.PRNGKey(_SEED.value + 1), n)
+
+  def timed(fn, *args) -> Dict[str, Any]:
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(*args))
+    seconds = []
+    for _ in range(_W2_REPEATS.value):
+      t = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      seconds.append(time.perf_counter() - t)
+    return {"seconds": seconds, "median_s": statistics.median(seconds), "compile_s": compile_s}
+
+  adam = timed(lambda ks, opt: batch_rollout(optax.adam(1e-3), opt, ks, steps), keys, optimizee)
+  rows = [{"workload": "W2", "model": "adam", "steps": steps, "optimizees": n, **adam}]
+  print(f"  W2 adam: {adam['median_s']:.2f} s", file=sys.stderr, flush=True)
+  for model in names:
+    lopt = models.get(model)
+    theta = lopt.init(jax.random.PRNGKey(_SEED.value))
+    res = timed(lambda th, ks, opt: batch_rollout(lopt.transform(th), opt, ks, steps),
+                theta, keys, optimizee)
+    res["ratio_vs_adam"] = res["median_s"] / adam["median_s"]
+    rows.append({"workload": "W2", "model": model, "steps": steps, "optimizees": n, **res})
+    print(f"  W2 {model}: {res['median_s']:.2f} s ({res['ratio_vs_adam']:.2f} x adam)",
+          file=sys.stderr, flush=True)
+  return rows
+
+
+# ---------------------------------------------------------------- report
+
+def _mib(b: Optional[int]) -> str:
+  return "n/a" if b is None else f"{b / 2**20:,.0f}"
+
+
+def markdown(result: Dict[str, Any]) -> str:
+  m = result["machine"]
+  lines = [f"# l2ojax benchmark: {m['backend']} ({', '.join(sorted(set(m['devices'])))} x "
+           f"{m['device_count']}), commit {m['commit']}, {m['date']}", "",
+           f"data: {result['data']}; jax {m['jax']}; load average at start {m['load_average']}",
+           ""]
+  for note in result["notes"]:
+    lines.append(f"note: {note}")
+  w1 = [r for r in result["rows"] if r["workload"] == "W1"]
+  if w1:
+    lines += ["", "## W1: one meta-iteration (T = %d), optimizee-steps per second" % w1[0]["T"], "",
+              "| model | B | remat | median s/iter | steps/s | compile s | compiled MiB | "
+              "peak MiB | torch steps/s | x torch |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in w1:
+      if "error" in r:
+        lines.append(f"| {r['model']} | {r['B']} | {r['remat']} | {r['error']} |||||||")
+        continue
+      torch = (f"{r['torch_steps_per_s']:,.0f} | {r['speedup_vs_torch']:.2f}"
+               if "torch_steps_per_s" in r else "skipped | -")
+      lines.append(f"| {r['model']} | {r['B']} | {r['remat']} | {r['median_s']:.4f} | "
+                   f"{r['steps_per_s']:,.0f} | {r['compile_s']:.1f} | {_mib(r['compiled_bytes'])} | "
+                   f"{_mib(r['peak_bytes'])} | {torch} |")
+  w2 = [r for r in result["rows"] if r["workload"] == "W2"]
+  if w2:
+    lines += ["", f"## W2: evaluation, {w2[0]['steps']} steps x {w2[0]['optimizees']} optimizees",
+              "", "| optimizer | median s | compile s | x adam |", "|---|---|---|---|"]
+    for r in w2:
+      lines.append(f"| {r['model']} | {r['median_s']:.3f} | {r['compile_s']:.1f} | "
+                   f"{r.get('ratio_vs_adam', 1.0):.2f} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  notes = []
+  names = []
+  for name in _MODELS.value:
+    if name in models.names():
+      names.append(name)
+    else:
+      notes.append(f"model {name!r} skipped: not registered (have {models.names()})")
+  with_torch = False
+  if "w1" in _WORKLOADS.value and _TORCH.value == "auto":
+    if not torch_importable():
+      notes.append("PyTorch peer skipped: torch is not importable")
+    else:
+      with_torch = True
+      notes.append(f"PyTorch peer: {torch_script()}, {_TORCH_ITERS.value} iterations per round, "
+                   f"{_ROUNDS.value} round(s) interleaved with the JAX runs")
+  with tempfile.TemporaryDirectory() as tmp:
+    if _DATA_PATH.value:
+      path, data = _DATA_PATH.value, f"MNIST from {_DATA_PATH.value}"
+    else:
+      path = random_mnist_npz(tmp, seed=_SEED.value)
+      data = "random uint8 data of MNIST's shape (10000 x 28 x 28, random labels), no download"
+    optimizee = optimizees.get("mnist_mlp", path=path)
+  result = {"machine": machine(), "data": data, "notes": notes, "rows": [],
+            "flags": {f: flags.FLAGS[f].value for f in
+                      ("models", "batch_sizes", "segment", "iters", "warmup", "rounds", "remat",
+                       "shard", "workloads", "w2_steps", "w2_optimizees", "w2_repeats",
+                       "torch_iters")}}
+  for note in notes:
+    print(note, file=sys.stderr)
+  if "w1" in _WORKLOADS.value:
+    result["rows"] += run_w1(names, optimizee, with_torch)
+  if "w2" in _WORKLOADS.value:
+    result["rows"] += run_w2(names, optimizee)
+  os.makedirs(_OUT.value, exist_ok=True)
+  path = os.path.join(_OUT.value, "benchmark.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  print(markdown(result))
+  print(f"\nwrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)

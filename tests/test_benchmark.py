@@ -1,0 +1,48 @@
+"""Smoke test of experiments/benchmark.py at tiny sizes: it runs and writes
+valid JSON with the fields the report needs (not a timing test)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def result(tiny_image_npz, tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  fake = tmp_path_factory.mktemp("no_torch")
+  (fake / "torch.py").write_text("raise ImportError('torch hidden for this test')\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), ROOT]))
+  cmd = [sys.executable, "-m", "experiments.benchmark", "--models=dm,no_such_model",
+         "--batch_sizes=2", "--segment=2", "--iters=2", "--warmup=1", "--w2_steps=3",
+         "--w2_optimizees=2", "--w2_repeats=1", f"--data_path={tiny_image_npz}", f"--out={out}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / "benchmark.json") as f:
+    return json.load(f), proc.stdout, proc.stderr
+
+
+def test_writes_w1_and_w2_rows(result):
+  data, stdout, _ = result
+  w1 = [r for r in data["rows"] if r["workload"] == "W1"]
+  assert [(r["model"], r["B"]) for r in w1] == [("dm", 2)]
+  for r in w1:
+    assert len(r["runs"]) == 1 and len(r["runs"][0]["seconds"]) == 2
+    assert r["steps_per_s"] == pytest.approx(r["B"] * 2 / r["median_s"])
+    assert r["compile_s"] > 0 and r["compiled_bytes"] > 0
+  w2 = {r["model"]: r for r in data["rows"] if r["workload"] == "W2"}
+  assert set(w2) == {"adam", "dm"}
+  assert w2["dm"]["ratio_vs_adam"] == pytest.approx(w2["dm"]["median_s"] / w2["adam"]["median_s"])
+  assert "## W1" in stdout and "## W2" in stdout and "| dm | 2 |" in stdout
+
+
+def test_reports_what_it_skipped_and_the_machine(result):
+  data, stdout, _ = result
+  notes = " ".join(data["notes"])
+  assert "'no_such_model' skipped" in notes
+  assert "torch is not importable" in notes and "torch is not importable" in stdout
+  assert data["machine"]["backend"] == "cpu" and data["machine"]["commit"]
+  assert data["data"].startswith("MNIST from")
