@@ -9,7 +9,6 @@ import time
 from typing import Any, Dict, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
