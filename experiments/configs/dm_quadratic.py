@@ -4,6 +4,8 @@ Sized to finish in a few minutes on a 2-core CPU.
 """
 import ml_collections
 
+from experiments.configs import techniques
+
 ADAM_LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 
@@ -35,4 +37,4 @@ def get_config() -> ml_collections.ConfigDict:
       "num_optimizees": 64, "steps": 100, "seed": 12345,
       "adam_learning_rates": ADAM_LEARNING_RATES,
   })
-  return c
+  return techniques.add_defaults(c)

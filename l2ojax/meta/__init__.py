@@ -1,7 +1,7 @@
 """Meta-training: truncated unrolls, meta-losses, the jitted meta-step, the loop."""
-from l2ojax.meta import losses
+from l2ojax.meta import curriculum, imitation, losses
 from l2ojax.meta.step import make_init_states, make_meta_step, make_validate
 from l2ojax.meta.unroll import UnrollState, batch_rollout, init_state, rollout, unroll
 
-__all__ = ["losses", "make_init_states", "make_meta_step", "make_validate", "UnrollState",
+__all__ = ["curriculum", "imitation", "losses", "make_init_states", "make_meta_step", "make_validate", "UnrollState",
            "batch_rollout", "init_state", "rollout", "unroll"]

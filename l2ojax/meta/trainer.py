@@ -9,13 +9,14 @@ import time
 from typing import Any, Dict, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
 from l2ojax import checkpoints, models, optimizees
+from l2ojax.meta import curriculum as curriculum_lib
+from l2ojax.meta import imitation as imitation_lib
 from l2ojax.meta import step as step_lib
 
 
@@ -83,13 +84,69 @@ def _float(x) -> float:
   return float(np.asarray(x))
 
 
+
+def build_curriculum(config: ml_collections.ConfigDict) -> curriculum_lib.Curriculum:
+  """The configured schedule; without ``curriculum.enabled``, one stage of
+  ``meta.episode_steps`` that never advances nor stops (keep-the-best only)."""
+  cl = config.get("curriculum")
+  if cl is not None and cl.enabled:
+    return curriculum_lib.Curriculum(tuple(int(s) for s in cl.schedule), int(cl.min_num_eval))
+  return curriculum_lib.Curriculum((int(config.meta.episode_steps),), None)
+
+
+class ImitationSettings(NamedTuple):
+  teacher: optax.GradientTransformation
+  ratios: tuple           # per stage; the last repeats
+  k: int
+  separate_outer_state: bool
+
+
+def build_imitation(config: ml_collections.ConfigDict) -> Optional[ImitationSettings]:
+  """None unless ``imitation.enabled``; the ratio is per stage with a curriculum,
+  the single ``imitation.ratio`` without one."""
+  il = config.get("imitation")
+  if il is None or not il.enabled:
+    return None
+  cl = config.get("curriculum")
+  ratios = tuple(il.ratios) if (cl is not None and cl.enabled) else (il.ratio,)
+  for r in ratios:
+    if not 0.0 <= r <= 1.0:
+      raise ValueError(f"imitation ratios must lie in [0, 1], got {ratios}")
+  return ImitationSettings(imitation_lib.make_teacher(il.teacher, il.learning_rate), ratios,
+                           int(il.get("k", 1)), bool(il.get("separate_outer_state", True)))
+
+
+def _check_lengths(curriculum: curriculum_lib.Curriculum, segment_length: int,
+                   imitation: Optional[ImitationSettings]) -> None:
+  field = "curriculum.schedule" if curriculum.min_num_eval is not None else "meta.episode_steps"
+  for steps in curriculum.schedule:
+    if steps % segment_length:
+      raise ValueError(f"{field}: {steps} steps per episode is not a multiple of "
+                       f"meta.segment_length={segment_length}")
+  if imitation is not None and segment_length % imitation.k:
+    raise ValueError(f"meta.segment_length={segment_length} must be a multiple of "
+                     f"imitation.k={imitation.k}")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> TrainResult:
-  """Meta-trains ``config.model`` on ``config.optimizee``; resumes from ``workdir``."""
+  """Meta-trains ``config.model`` on ``config.optimizee``; resumes from ``workdir``.
+
+  Each episode is a meta episode (the learner moves the optimizee; meta-loss
+  over its losses) or, with probability ``imitation`` ratio of the stage, an
+  imitation episode (the teacher moves it; the learner imitates). Validation
+  every ``validation.period`` episodes feeds the curriculum controller, which
+  keeps the best, advances stages and ends training. The final model is the
+  last theta that improved validation.
+  """
   os.makedirs(workdir, exist_ok=True)
   meta, val = config.meta, config.validation
-  if meta.episode_steps % meta.segment_length:
-    raise ValueError(f"meta.episode_steps={meta.episode_steps} must be a multiple of "
-                     f"meta.segment_length={meta.segment_length}")
+  curriculum = build_curriculum(config)
+  imitation = build_imitation(config)
+  _check_lengths(curriculum, meta.segment_length, imitation)
+  if curriculum.min_num_eval is not None and not val.period:
+    raise ValueError("curriculum.enabled needs validation.period > 0")
+  score_kind = val.get("score", "last")
+  curriculum_lib.score(np.ones((1, 1)), score_kind)  # an unknown name fails now, not later
   optimizee = build_optimizee(config)
   lopt = build_model(config)
   outer_tx = build_outer_optimizer(meta)
@@ -97,66 +154,108 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   key = jax.random.PRNGKey(config.seed)
   key, k_theta, k_val = jax.random.split(key, 3)
   theta = lopt.init(k_theta)
-  state = {"theta": theta, "outer_state": outer_tx.init(theta), "key": key,
-           "best_theta": theta}
-  info = {"episode": 0, "best_score": float("inf"), "skipped_updates": 0}
+  state = {"theta": theta, "outer_state": outer_tx.init(theta),
+           "il_outer_state": outer_tx.init(theta), "key": key, "best_theta": theta}
+  cstate = curriculum.init()
+  info = {"episode": 0, "skipped_updates": 0, **cstate._asdict()}
 
   ckpt = checkpoints.CheckpointManager(os.path.join(workdir, "checkpoints"))
   if ckpt.latest_step() is not None:
     state, info = ckpt.restore(state)
-    print(f"resumed from episode {info['episode']} in {workdir}")
+    print(f"resumed from episode {info['episode']} (stage {info['stage']}) in {workdir}")
+  cstate = curriculum_lib.CurriculumState(
+      int(info["stage"]), float(info["best_score"]), int(info["patience"]),
+      bool(info["improved"]), bool(info["done"]))
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), info["episode"])
 
   init_states = step_lib.make_init_states(lopt, meta.batch_size)
   meta_step = step_lib.make_meta_step(lopt, outer_tx, meta.segment_length, meta.loss,
                                       meta.second_order)
   validate = step_lib.make_validate(lopt, val.num_optimizees)
-  val_steps = val.steps or meta.episode_steps
-  num_segments = meta.episode_steps // meta.segment_length
+  if imitation is not None:
+    init_il_states = imitation_lib.make_init_imitation_states(lopt, imitation.teacher,
+                                                               meta.batch_size)
+    il_step = imitation_lib.make_imitation_step(lopt, imitation.teacher, outer_tx,
+                                                meta.segment_length, imitation.k)
+
+  def val_steps(stage: int) -> int:
+    if curriculum.min_num_eval is None and val.steps:
+      return int(val.steps)
+    return curriculum.validation_steps(stage)
+
+  def run_validation(theta, stage: int) -> float:
+    return curriculum_lib.score(jax.device_get(validate(theta, k_val, optimizee,
+                                                        val_steps(stage))), score_kind)
 
   theta, outer_state, key = state["theta"], state["outer_state"], state["key"]
-  best_theta = state["best_theta"]
+  il_outer_state, best_theta = state["il_outer_state"], state["best_theta"]
   bar = tqdm(total=meta.num_episodes, initial=info["episode"], disable=not progress,
              desc="meta-training", dynamic_ncols=True)
-  while info["episode"] < meta.num_episodes:
-    episode = info["episode"]
+  while not cstate.done and info["episode"] < meta.num_episodes:
+    episode, stage = info["episode"], cstate.stage
+    steps = curriculum.episode_steps(stage)
     t0 = time.perf_counter()
-    key, k_init, k_ep = jax.random.split(key, 3)
-    states = init_states(theta, k_init, optimizee)
+    key, k_init, k_ep, k_mode = jax.random.split(key, 4)
+    imitate = (imitation is not None and
+               float(jax.random.uniform(k_mode)) <
+               curriculum_lib.stage_value(imitation.ratios, stage))
+    seg_keys = jax.random.split(k_ep, steps // meta.segment_length)
     seg_metrics = []
-    for k_seg in jax.random.split(k_ep, num_segments):
-      theta, outer_state, states, m = meta_step(theta, outer_state, states, k_seg, optimizee)
-      seg_metrics.append(m)
+    if imitate:
+      states = init_il_states(theta, k_init, optimizee)
+      for k_seg in seg_keys:
+        if imitation.separate_outer_state:
+          theta, il_outer_state, states, m = il_step(theta, il_outer_state, states, k_seg,
+                                                     optimizee)
+        else:
+          theta, outer_state, states, m = il_step(theta, outer_state, states, k_seg, optimizee)
+        seg_metrics.append(m)
+    else:
+      states = init_states(theta, k_init, optimizee)
+      for k_seg in seg_keys:
+        theta, outer_state, states, m = meta_step(theta, outer_state, states, k_seg, optimizee)
+        seg_metrics.append(m)
     seg_metrics = jax.device_get(seg_metrics)  # one host sync per episode
     skipped = int(sum(m["skipped"] for m in seg_metrics))
     info["skipped_updates"] += skipped
-    row = {"episode": episode, "stage": 0, "mode": "meta",
-           "episode_steps": meta.episode_steps,
-           "meta_loss": float(np.mean([m["meta_loss"] for m in seg_metrics])),
+    loss_key = "imitation_loss" if imitate else "meta_loss"
+    row = {"episode": episode, "stage": stage, "mode": "imitation" if imitate else "meta",
+           "episode_steps": steps,
+           loss_key: float(np.mean([m[loss_key] for m in seg_metrics])),
            "train_loss": float(np.mean([m["mean_loss"] for m in seg_metrics])),
            "final_loss": _float(seg_metrics[-1]["last_loss"]),
            "skipped_updates": skipped}
     info["episode"] = episode + 1
     if val.period and info["episode"] % val.period == 0:
-      losses = validate(theta, k_val, optimizee, val_steps)
-      score = _float(jnp.mean(losses[:, -1]))
-      row["val_loss"] = score
-      if np.isfinite(score) and score < info["best_score"]:
-        info["best_score"], best_theta = score, theta
+      score = run_validation(theta, stage)
+      row.update(val_loss=score, val_steps=val_steps(stage))
+      cstate, decision = curriculum.observe(cstate, score)
+      row["decision"] = decision.value
+      if decision == curriculum_lib.Decision.IMPROVED:
+        best_theta = theta
         row["improved"] = True
+      elif decision == curriculum_lib.Decision.ADVANCE:
+        theta = best_theta
+        cstate = curriculum.advance(cstate, run_validation(theta, cstate.stage + 1))
+        row["rescored"] = cstate.best_score
+      elif decision in (curriculum_lib.Decision.STOP, curriculum_lib.Decision.COMPLETE):
+        theta = best_theta
+    info.update(cstate._asdict())
     row["seconds"] = time.perf_counter() - t0
     writer.write(row)
     bar.update(1)
-    bar.set_postfix(meta_loss=f"{row['meta_loss']:.4g}", train_loss=f"{row['train_loss']:.4g}",
+    bar.set_postfix(stage=stage, train_loss=f"{row['train_loss']:.4g}",
                     **({"val": f"{row['val_loss']:.4g}"} if "val_loss" in row else {}))
-    if info["episode"] % config.checkpoint_every == 0 or info["episode"] == meta.num_episodes:
-      ckpt.save(info["episode"], {"theta": theta, "outer_state": outer_state, "key": key,
+    if (info["episode"] % config.checkpoint_every == 0 or info["episode"] == meta.num_episodes
+        or cstate.done):
+      ckpt.save(info["episode"], {"theta": theta, "outer_state": outer_state,
+                                  "il_outer_state": il_outer_state, "key": key,
                                   "best_theta": best_theta}, dict(info))
   bar.close()
   ckpt.close()
-  if not np.isfinite(info["best_score"]):  # never validated: the final theta is the model
-    best_theta = theta
+  if cstate.stage == 0 and not np.isfinite(cstate.best_score):
+    best_theta = theta  # never validated (a later stage always has a best): theta is the model
   checkpoints.save_theta(os.path.join(workdir, "theta.msgpack"), lopt, best_theta,
                          {"optimizee": config.optimizee.name, "episodes": info["episode"],
-                          "best_val_loss": info["best_score"]})
-  return TrainResult(lopt, best_theta, info["best_score"], info["episode"], workdir)
+                          "stage": cstate.stage, "best_val_loss": cstate.best_score})
+  return TrainResult(lopt, best_theta, cstate.best_score, info["episode"], workdir)

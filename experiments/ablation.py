@@ -1,0 +1,164 @@
+r"""The paper's ablation of its training techniques on the MNIST MLP, one command.
+
+  python -m experiments.ablation --workdir=runs/ablation \
+      --override=data.path=/path/mnist10k.npz
+
+meta-trains DM, DM-AUG, DM-IL, DM-CL and DM-CL-IL (experiments/configs/
+dm_mnist.py) into WORKDIR/<variant> (re-running resumes), evaluates each on
+the same fresh optimizees beside Adam at its best learning rate, and writes
+WORKDIR/ablation.{md,json,png}: mean ln(training loss) at steps 100, 1,000
+and 10,000 next to the paper's figures, and each meta-training's wall time.
+``--override=field=value`` (repeatable) applies to every variant, e.g. a
+scaled-down run: --override=meta.num_episodes=40 --override='curriculum.schedule=(100, 200)'
+--override=dm_aug:meta.num_episodes=8. Learned curves are cached per variant
+(curves_<variant>.npy), so variants may be trained by separate processes
+(--variants=dm,dm_cl) and a last call with all of them writes the table.
+"""
+import ast
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+import optax
+from absl import app, flags, logging
+
+from experiments.configs import dm_mnist
+from l2ojax import evaluation, plots
+from l2ojax.meta import trainer
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "Output folder.")
+_VARIANTS = flags.DEFINE_list("variants", list(dm_mnist.VARIANTS), "Variants to run.")
+_OVERRIDES = flags.DEFINE_multi_string(
+    "override", [], "field=value for every variant's config; variant:field=value for one.")
+_EVAL_STEPS = flags.DEFINE_integer("eval_steps", 0, "Evaluation steps (0: config eval.steps).")
+_EVAL_N = flags.DEFINE_integer("eval_optimizees", 0, "Fresh optimizees (0: config eval).")
+_LABEL = flags.DEFINE_string("label", "", "Run description for the table's caption.")
+
+REPORT_STEPS = (100, 1000, 10000)
+NAMES = {"dm": "DM", "dm_aug": "DM-AUG", "dm_il": "DM-IL", "dm_cl": "DM-CL", "dm_cl_il": "DM-CL-IL"}
+
+
+def apply_override(config, item: str) -> None:
+  """``a.b=value``; the value is a Python literal when it parses as one."""
+  if "=" not in item:
+    raise ValueError(f"--override expects field=value, got {item!r}")
+  path, raw = item.split("=", 1)
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  *parents, leaf = path.split(".")
+  node = config
+  for p in parents:
+    if p not in node:
+      raise ValueError(f"--override {path}: no field {p!r}")
+    node = node[p]
+  if leaf not in node:
+    raise ValueError(f"--override {path}: no field {leaf!r}")
+  node[leaf] = value
+
+
+def ln_at(losses: np.ndarray, steps) -> dict:
+  """Mean over optimizees of ln(loss) at each step that the curve reaches."""
+  log = np.log(np.maximum(np.asarray(losses, np.float64), 1e-30))
+  return {int(s): float(log[:, s].mean()) for s in steps if s < log.shape[1]}
+
+
+def cached_curves(stem: str, res, optimizee, keys, steps: int) -> np.ndarray:
+  """The learned optimizer's evaluation curves; reused when the same training
+  (episodes, best score) was already evaluated on as many optimizees and steps."""
+  tag = {"episodes": res.episodes, "best_val": res.best_score, "steps": steps,
+         "num_optimizees": int(keys.shape[0])}
+  if os.path.exists(stem + ".npy") and os.path.exists(stem + ".json"):
+    if json.load(open(stem + ".json")) == tag:
+      return np.load(stem + ".npy")
+  learned = evaluation.curves(res.lopt.transform(res.theta), optimizee, keys, steps)
+  np.save(stem + ".npy", learned)
+  with open(stem + ".json", "w") as f:
+    json.dump(tag, f)
+  return learned
+
+
+def table(results: dict, steps, caption: str) -> str:
+  head = " | ".join(f"step {s:,}" for s in steps)
+  lines = [caption, "", f"| optimizer | {head} | paper, step 10,000 | meta-training wall time |",
+           "|---" * (len(steps) + 3) + "|"]
+  for name, r in results.items():
+    cells = " | ".join(f"{r['ln_loss'].get(str(s), r['ln_loss'].get(s, float('nan'))):.2f}"
+                       for s in steps)
+    paper = r.get("paper_ln_loss_10k")
+    wall = r.get("train_seconds")
+    lines.append(f"| {name} | {cells} | {'' if paper is None else f'~{paper:g}'} | "
+                 f"{'' if wall is None else f'{wall / 60:.1f} min'} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  configs = {}
+  for v in _VARIANTS.value:
+    configs[v] = dm_mnist.get_config(v)
+    for item in _OVERRIDES.value:
+      target, sep, rest = item.partition(":")
+      if sep and "=" not in target:  # variant:field=value
+        if target not in dm_mnist.VARIANTS:
+          raise ValueError(f"--override {item!r}: unknown variant {target!r}")
+        if target == v:
+          apply_override(configs[v], rest)
+      else:
+        apply_override(configs[v], item)
+  base = configs[_VARIANTS.value[0]]
+  steps = _EVAL_STEPS.value or base.eval.steps
+  n = _EVAL_N.value or base.eval.num_optimizees
+  optimizee = trainer.build_optimizee(base)
+  keys = jax.random.split(jax.random.PRNGKey(base.eval.seed), n)
+  machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+            f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
+  print(f"ablation: {_VARIANTS.value}, eval {n} optimizees x {steps} steps; {machine}")
+
+  results, curves = {}, {}
+  for v, config in configs.items():
+    t0 = time.perf_counter()
+    res = trainer.train(config, os.path.join(_WORKDIR.value, v), progress=False)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(l) for l in open(os.path.join(res.workdir, "metrics.jsonl"))]
+    learned = cached_curves(os.path.join(_WORKDIR.value, f"curves_{v}"), res, optimizee, keys,
+                            steps)
+    curves[NAMES[v]] = learned
+    results[NAMES[v]] = {
+        "variant": v, "episodes": res.episodes, "best_val": res.best_score,
+        "final_stage": rows[-1]["stage"] if rows else 0,
+        "imitation_episodes": sum(r["mode"] == "imitation" for r in rows),
+        "train_seconds": float(sum(r["seconds"] for r in rows)), "wall_seconds_this_call": wall,
+        "ln_loss": ln_at(learned, REPORT_STEPS + (steps,)),
+        "paper_ln_loss_10k": dm_mnist.PAPER_LN_LOSS_10K[v]}
+    print(f"{NAMES[v]}: {res.episodes} episodes, {results[NAMES[v]]['train_seconds']:.0f} s, "
+          f"ln loss {results[NAMES[v]]['ln_loss']}", flush=True)
+
+  lrs = tuple(base.eval.adam_learning_rates)
+  tuned = evaluation.tune_learning_rate(optax.adam, optimizee, keys, steps, lrs)
+  adam = evaluation.curves(optax.adam(tuned.learning_rate), optimizee, keys, steps)
+  name = f"Adam (lr {tuned.learning_rate:g})"
+  curves[name] = adam
+  results[name] = {"learning_rate": tuned.learning_rate, "grid": tuned.scores,
+                   "ln_loss": ln_at(adam, REPORT_STEPS + (steps,))}
+  report = sorted({s for s in REPORT_STEPS + (steps,) if s <= steps})
+  caption = (f"Mean ln(training loss) on {n} fresh {base.optimizee.name} optimizees, "
+             f"{steps:,} evaluation steps. {_LABEL.value} Machine: {machine}.")
+  with open(os.path.join(_WORKDIR.value, "ablation.md"), "w") as f:
+    f.write(table(results, report, caption))
+  with open(os.path.join(_WORKDIR.value, "ablation.json"), "w") as f:
+    json.dump({"machine": machine, "overrides": _OVERRIDES.value, "eval_steps": steps,
+               "eval_optimizees": n, "results": results}, f, indent=2)
+  plots.plot_curves(os.path.join(_WORKDIR.value, "ablation.png"), curves,
+                    title=f"{base.optimizee.name}: {n} fresh optimizees")
+  print(open(os.path.join(_WORKDIR.value, "ablation.md")).read())
+
+
+if __name__ == "__main__":
+  app.run(main)
