@@ -137,8 +137,9 @@ def test_non_finite_meta_gradients_never_reach_theta_or_checkpoints(tmp_path, mo
   segments = c.meta.episode_steps // c.meta.segment_length
   assert sum(r["skipped_updates"] for r in rows) == c.meta.num_episodes * segments
   chex.assert_trees_all_equal(result.theta, theta0)
+  outer_state = trainer.build_outer_optimizer(c.meta).init(theta0)
   saved, meta = checkpoints.CheckpointManager(str(tmp_path / "checkpoints")).restore(
-      {"theta": theta0, "outer_state": __import__("optax").adam(1e-3).init(theta0),
+      {"theta": theta0, "outer_state": outer_state, "il_outer_state": outer_state,
        "key": jax.random.PRNGKey(0), "best_theta": theta0})
   chex.assert_tree_all_finite(saved)
   chex.assert_trees_all_equal(saved["theta"], theta0)

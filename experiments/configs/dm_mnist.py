@@ -10,7 +10,7 @@ the paper's ablation of its two training techniques as named variants:
   dm_cl_il  curriculum and imitation (per-stage ratios 0.0, 0.1, 0.3, ...)
 
 The switches ``curriculum.enabled`` and ``imitation.enabled`` (and all their
-fields, see techniques.py) also work from the command line.
+fields, see l2ojax/meta/config.py) also work from the command line.
 
 Data: MNIST via tensorflow-datasets, or offline
 ``--config.data.path=PATH/mnist10k.npz`` (uint8 images, int labels).

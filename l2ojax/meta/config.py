@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, List
 
 import ml_collections
 
-PAPER_SCHEDULE = (100, 200, 500, 1000, 1500, 2000, 2500, 3000)
+from l2ojax.meta.curriculum import PAPER_SCHEDULE
 PAPER_IL_RATIOS = (0.0, 0.1, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3)
 ADAM_LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
@@ -45,6 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
       "loss": "sum",             # sum over t = 0..T (the paper's); mean, last, log_ratio
       "second_order": False,     # keep d(grad)/d(params) in the meta-gradient
       "divergence_bound": 1e3,   # an optimizee whose loss passes this x its initial loss is reset
+      "remat": "",               # "" | "update" | "update_dots": recompute the update in backprop
+      "shard": False,            # split the optimizee batch over all devices (jax.sharding)
   })
   c.validation = ml_collections.ConfigDict(
       {"period": 10, "num_optimizees": 64, "steps": 0,  # steps 0 = the episode length
@@ -133,6 +135,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(get("meta", "clip_global_norm") >= 0, "meta.clip_global_norm must be >= 0 (0 = off)")
   need(get("meta", "clip_value") >= 0, "meta.clip_value must be >= 0 (0 = off)")
   need(get("meta", "divergence_bound") > 0, "meta.divergence_bound must be > 0")
+  from l2ojax.meta import remat as remat_lib
+  need(get("meta", "remat") in ("",) + tuple(remat_lib.POLICIES),
+       f"meta.remat={get('meta', 'remat')!r}; allowed: {[''] + sorted(remat_lib.POLICIES)}")
+  if get("meta", "shard"):
+    import jax
+    n = jax.device_count()
+    need(get("meta", "batch_size") % n == 0, f"meta.batch_size={get('meta', 'batch_size')} "
+         f"must be a multiple of the {n} devices when meta.shard")
   need(get("meta", "optimizer") in ("adam", "rmsprop", "sgd"),
        f"meta.optimizer={get('meta', 'optimizer')!r}; allowed: ['adam', 'rmsprop', 'sgd']")
   need(get("meta", "loss") in losses.META_LOSSES,
@@ -161,6 +171,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"['adam', 'nesterov', 'rmsprop']")
     need(get("imitation", "learning_rate") > 0, "imitation.learning_rate must be > 0")
     need(get("imitation", "k") >= 1, "imitation.k must be >= 1")
+    if get("imitation", "k") >= 1:
+      need(seg % get("imitation", "k") == 0, f"meta.segment_length={seg} must be a multiple "
+           f"of imitation.k={get('imitation', 'k')}")
     ratios = list(get("imitation", "ratios")) if get("curriculum", "enabled") else [get("imitation", "ratio")]
     need(len(ratios) > 0, "imitation.ratios is empty")
     need(all(0.0 <= r <= 1.0 for r in ratios), f"imitation ratios {ratios} must lie in [0, 1]")

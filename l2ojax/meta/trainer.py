@@ -15,8 +15,10 @@ import optax
 from tqdm.auto import tqdm
 
 from l2ojax import checkpoints, models, optimizees
+from l2ojax.meta import config as config_lib
 from l2ojax.meta import curriculum as curriculum_lib
 from l2ojax.meta import imitation as imitation_lib
+from l2ojax.meta import sharding
 from l2ojax.meta import step as step_lib
 
 
@@ -109,23 +111,8 @@ def build_imitation(config: ml_collections.ConfigDict) -> Optional[ImitationSett
     return None
   cl = config.get("curriculum")
   ratios = tuple(il.ratios) if (cl is not None and cl.enabled) else (il.ratio,)
-  for r in ratios:
-    if not 0.0 <= r <= 1.0:
-      raise ValueError(f"imitation ratios must lie in [0, 1], got {ratios}")
   return ImitationSettings(imitation_lib.make_teacher(il.teacher, il.learning_rate), ratios,
                            int(il.get("k", 1)), bool(il.get("separate_outer_state", True)))
-
-
-def _check_lengths(curriculum: curriculum_lib.Curriculum, segment_length: int,
-                   imitation: Optional[ImitationSettings]) -> None:
-  field = "curriculum.schedule" if curriculum.min_num_eval is not None else "meta.episode_steps"
-  for steps in curriculum.schedule:
-    if steps % segment_length:
-      raise ValueError(f"{field}: {steps} steps per episode is not a multiple of "
-                       f"meta.segment_length={segment_length}")
-  if imitation is not None and segment_length % imitation.k:
-    raise ValueError(f"meta.segment_length={segment_length} must be a multiple of "
-                     f"imitation.k={imitation.k}")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> TrainResult:
@@ -138,15 +125,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   keeps the best, advances stages and ends training. The final model is the
   last theta that improved validation.
   """
+  config_lib.validate(config)  # every field checked before anything is built or compiled
   os.makedirs(workdir, exist_ok=True)
   meta, val = config.meta, config.validation
   curriculum = build_curriculum(config)
   imitation = build_imitation(config)
-  _check_lengths(curriculum, meta.segment_length, imitation)
-  if curriculum.min_num_eval is not None and not val.period:
-    raise ValueError("curriculum.enabled needs validation.period > 0")
   score_kind = val.get("score", "last")
-  curriculum_lib.score(np.ones((1, 1)), score_kind)  # an unknown name fails now, not later
   optimizee = build_optimizee(config)
   lopt = build_model(config)
   outer_tx = build_outer_optimizer(meta)
@@ -170,7 +154,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
 
   init_states = step_lib.make_init_states(lopt, meta.batch_size)
   meta_step = step_lib.make_meta_step(lopt, outer_tx, meta.segment_length, meta.loss,
-                                      meta.second_order)
+                                      meta.second_order, meta.get("divergence_bound", 1e3),
+                                      meta.get("remat", None) or None)
   validate = step_lib.make_validate(lopt, val.num_optimizees)
   if imitation is not None:
     init_il_states = imitation_lib.make_init_imitation_states(lopt, imitation.teacher,
@@ -189,6 +174,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
 
   theta, outer_state, key = state["theta"], state["outer_state"], state["key"]
   il_outer_state, best_theta = state["il_outer_state"], state["best_theta"]
+  if meta.get("shard", False):  # the batch of optimizees split over every device
+    mesh = sharding.make_mesh()
+    init_states = sharding.sharded_init_states(init_states, mesh)
+    if imitation is not None:
+      init_il_states = sharding.sharded_init_states(init_il_states, mesh)
+    theta, outer_state, il_outer_state, optimizee = sharding.replicate(
+        (theta, outer_state, il_outer_state, optimizee), mesh)
   bar = tqdm(total=meta.num_episodes, initial=info["episode"], disable=not progress,
              desc="meta-training", dynamic_ncols=True)
   while not cstate.done and info["episode"] < meta.num_episodes:
@@ -224,7 +216,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
            loss_key: float(np.mean([m[loss_key] for m in seg_metrics])),
            "train_loss": float(np.mean([m["mean_loss"] for m in seg_metrics])),
            "final_loss": _float(seg_metrics[-1]["last_loss"]),
-           "skipped_updates": skipped}
+           "skipped_updates": skipped,
+           "diverged": int(sum(m.get("diverged", 0) for m in seg_metrics))}
     info["episode"] = episode + 1
     if val.period and info["episode"] % val.period == 0:
       score = run_validation(theta, stage)
