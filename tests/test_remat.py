@@ -13,12 +13,12 @@ from l2ojax.meta import step as step_lib
 
 @functools.lru_cache(maxsize=None)
 def _one_meta_step(remat):
-  q = optimizees.get("quadratic", dim=5, num_instances=4)
-  lopt = models.dm(preprocessing="identity", scale=1.0, hidden_sizes=(6, 6))
+  q = optimizees.get("quadratic", dim=3, num_instances=2)
+  lopt = models.dm(preprocessing="identity", scale=1.0, hidden_sizes=(4,))
   theta = lopt.init(jax.random.PRNGKey(0))
   outer = optax.adam(1e-2)
-  states = step_lib.make_init_states(lopt, 3)(theta, jax.random.PRNGKey(1), q)
-  step = step_lib.make_meta_step(lopt, outer, segment_length=6, remat=remat)
+  states = step_lib.make_init_states(lopt, 2)(theta, jax.random.PRNGKey(1), q)
+  step = step_lib.make_meta_step(lopt, outer, segment_length=4, remat=remat)
   new_theta, _, new_states, metrics = step(theta, outer.init(theta), states,
                                            jax.random.PRNGKey(2), q)
   return theta, new_theta, new_states, metrics
