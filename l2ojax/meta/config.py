@@ -45,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
       "loss": "sum",             # sum over t = 0..T (the paper's); mean, last, log_ratio
       "second_order": False,     # keep d(grad)/d(params) in the meta-gradient
       "divergence_bound": 1e3,   # an optimizee whose loss passes this x its initial loss is reset
-      "remat": "",               # "" | "update" | "update_dots": recompute the update in backprop
+      "remat": "update",         # "" (save all) | "update" | "update_dots": what backprop recomputes
       "shard": False,            # split the optimizee batch over all devices (jax.sharding)
   })
   c.validation = ml_collections.ConfigDict(
