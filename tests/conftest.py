@@ -1,10 +1,17 @@
 import os
+import tempfile
 
-import numpy as np
-import pytest
-
-# Tests run on the CPU; keep XLA from grabbing all threads of a 2-core machine.
+# Set before jax is imported (here and in the subprocesses tests start, which
+# inherit the environment). Tests run on the CPU; keep XLA from grabbing all
+# threads of a 2-core machine.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+# Many tests build the same meta-step again (each train() call, each killed and
+# resumed subprocess): a persistent compilation cache compiles it once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"l2ojax-test-xla-cache-{os.getuid()}"))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -155,11 +155,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(get("curriculum", "min_num_eval") >= 1, "curriculum.min_num_eval must be >= 1")
     need(get("validation", "period") >= 1,
          "validation.period must be >= 1 when curriculum.enabled (stages advance on validation)")
+  field = "curriculum.schedule" if get("curriculum", "enabled") else "meta.episode_steps"
   for n in lengths:
-    need(isinstance(n, int) and n >= 1, f"episode length {n!r} must be a positive int")
+    need(isinstance(n, int) and n >= 1, f"{field}: episode length {n!r} must be a positive int")
     if isinstance(n, int) and n >= 1 and seg >= 1:
-      need(seg <= n, f"meta.segment_length={seg} is longer than an episode ({n} steps)")
-      need(n % seg == 0, f"episode length {n} is not a multiple of meta.segment_length={seg}")
+      need(seg <= n, f"meta.segment_length={seg} is longer than an episode ({field}: {n} steps)")
+      need(n % seg == 0, f"{field}: episode length {n} is not a multiple of "
+           f"meta.segment_length={seg}")
   need(get("validation", "period") >= 0, "validation.period must be >= 0 (0 = never)")
   need(get("validation", "num_optimizees") >= 1, "validation.num_optimizees must be >= 1")
   need(get("validation", "steps") >= 0, "validation.steps must be >= 0 (0 = episode length)")
