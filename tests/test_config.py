@@ -59,3 +59,14 @@ def test_all_problems_are_reported_at_once():
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(c)
   assert "batch_size" in str(e.value) and "num_episodes" in str(e.value)
+
+
+def test_train_rejects_a_bad_config_before_building_anything(tmp_path, monkeypatch):
+  from l2ojax.meta import trainer
+  built = []
+  monkeypatch.setattr(trainer, "build_optimizee", lambda c: built.append(c))
+  c = config_lib.default_config()
+  c.meta.segment_length = 0
+  with pytest.raises(config_lib.ConfigError, match="meta.segment_length=0 must be >= 1"):
+    trainer.train(c, str(tmp_path / "run"), progress=False)
+  assert not built and not (tmp_path / "run").exists()
