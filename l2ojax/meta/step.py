@@ -105,8 +105,12 @@ def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_le
         lambda g: jnp.sum(_select(alive, g, jnp.zeros_like(g)), axis=0) / denom, grads)
     ok = (n_alive > 0) & tree_all_finite(mean_grads)
     theta, outer_state = guarded_update(outer_tx, mean_grads, outer_state, theta, ok)
-    fresh = make_init_states_fn(lopt, batch)(theta, k_reset, optimizee)
-    states = _select(alive, jax.lax.stop_gradient(states), fresh)
+    states = jax.lax.stop_gradient(states)
+    # Fresh optimizees are drawn only in a segment where one diverged: not on every step.
+    states = jax.lax.cond(
+        jnp.all(alive), lambda s: s,
+        lambda s: _select(alive, s, make_init_states_fn(lopt, batch)(theta, k_reset, optimizee)),
+        states)
     live_fs = jnp.where(alive[:, None], fs, 0.0)
     metrics = {"meta_loss": jnp.sum(jnp.where(alive, ml, 0.0)) / denom,
                "mean_loss": jnp.sum(live_fs) / (denom * fs.shape[1]),
