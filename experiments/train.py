@@ -4,7 +4,7 @@ r"""Meta-trains a learned optimizer from an ml_collections config.
       --config.meta.batch_size=8 --workdir=/tmp/dm_mnist
 
 With no --config it runs the built-in default (L2O-DM on the quadratic
-family, no download). A workdir holds checkpoints/, metrics.jsonl,
+family, no download). A workdir holds config.json, checkpoints/, metrics.jsonl,
 theta.msgpack, eval.json and eval.png; re-running the same command resumes.
 """
 import json

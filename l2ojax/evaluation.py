@@ -1,55 +1,129 @@
-"""Evaluation: loss curves of optimizers on the same fresh optimizees, tuned baselines."""
+"""Evaluation: loss curves of optimizers on the same fresh optimizees, tuned baselines.
+
+Every optimizer compared on a problem runs on the same optimizees: evaluation
+key ``i`` draws optimizee ``i``'s init and the minibatch of each of its steps,
+whichever optimizer is running. Baselines' learning rates are tuned by grid
+search on other keys, so a rate is never chosen on the runs it is scored on.
+"""
 from __future__ import annotations
 
-import functools
-from typing import Callable, Dict, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
-from l2ojax.meta.unroll import batch_rollout
+from l2ojax.meta.unroll import UnrollState, init_state, scan_steps
 
 ADAM_LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+DEFAULT_CHUNK = 1000  # optimizee steps per jitted call of a long evaluation
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _curves(tx: optax.GradientTransformation, optimizee, keys, num_steps):
-  return batch_rollout(tx, optimizee, keys, num_steps)
+class Baseline(NamedTuple):
+  """An analytical optimizer family: ``make_tx(learning_rate)`` and the grid it is tuned on."""
+  label: str
+  make_tx: Callable[[chex.Numeric], optax.GradientTransformation]
+  learning_rates: Tuple[float, ...]
 
 
-def curves(tx: optax.GradientTransformation, optimizee, keys: chex.Array,
-           num_steps: int) -> np.ndarray:
+def _sgd_momentum(learning_rate: chex.Numeric) -> optax.GradientTransformation:
+  return optax.sgd(learning_rate, momentum=0.9)
+
+
+BASELINES: Dict[str, Baseline] = {
+    "adam": Baseline("Adam", optax.adam, ADAM_LEARNING_RATES),
+    "rmsprop": Baseline("RMSProp", optax.rmsprop, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
+    "sgd_momentum": Baseline("SGD-momentum", _sgd_momentum,
+                             (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
+}
+
+
+def baseline_label(name: str, learning_rate: float) -> str:
+  return f"{BASELINES[name].label} lr={learning_rate:g}"
+
+
+def adam_label(learning_rate: float) -> str:
+  return baseline_label("adam", learning_rate)
+
+
+def _run(make_tx: Callable[[Any], optax.GradientTransformation], hypers: chex.Array, optimizee,
+         keys: chex.Array, num_steps: int, chunk: int = 0, desc: str = "",
+         progress: bool = False) -> np.ndarray:
+  """Losses [len(hypers), len(keys), num_steps + 1] of ``make_tx(h)`` for each h.
+
+  Runs in jitted chunks of ``chunk`` steps (0: one call) with a progress bar.
+  The step keys are those of ``l2ojax.meta.rollout``, so any chunking gives
+  the same curves as one ``rollout`` per key.
+  """
+  if num_steps < 0:
+    raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+  chunk = num_steps if chunk <= 0 else min(chunk, num_steps)
+
+  def start(h, key):
+    k_init, k_steps = jax.random.split(key)
+    return init_state(make_tx(h), optimizee, k_init), jax.random.split(k_steps, num_steps + 1)
+
+  def advance(h, state: UnrollState, step_keys):
+    return scan_steps(make_tx(h), optimizee, state, step_keys)
+
+  def finish(state: UnrollState, key):
+    return optimizee.loss(state.params, state.instance, key)
+
+  # Outer vmap over hyperparameters, inner over optimizees; step keys are shared by all h.
+  start = jax.jit(jax.vmap(jax.vmap(start, (None, 0)), (0, None)))
+  advance = jax.jit(jax.vmap(jax.vmap(advance, (None, 0, 0)), (0, 0, None)), donate_argnums=1)
+  finish = jax.jit(jax.vmap(jax.vmap(finish, (0, 0)), (0, None)))
+
+  state, step_keys = start(hypers, keys)
+  step_keys = step_keys[0]  # identical for every h: [num_keys, num_steps + 1, ...]
+  pieces = []
+  with tqdm(total=num_steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
+    for a in range(0, num_steps, chunk):
+      b = min(a + chunk, num_steps)
+      state, losses = advance(hypers, state, step_keys[:, a:b])
+      pieces.append(np.asarray(losses))
+      bar.update(b - a)
+  pieces.append(np.asarray(finish(state, step_keys[:, -1]))[..., None])
+  return np.concatenate(pieces, axis=-1)
+
+
+def curves(tx: optax.GradientTransformation, optimizee, keys: chex.Array, num_steps: int,
+           chunk: int = 0, desc: str = "", progress: bool = False) -> np.ndarray:
   """Losses [len(keys), num_steps + 1] of ``tx``; key i draws the same init and
   minibatches for every ``tx``."""
-  return np.asarray(_curves(tx, optimizee, keys, num_steps))
+  return _run(lambda _: tx, jnp.zeros((1,)), optimizee, keys, num_steps, chunk, desc,
+              progress)[0]
 
 
-def _lr_curves(make_tx: Callable[[float], optax.GradientTransformation], optimizee,
-               keys, num_steps: int, learning_rates: Sequence[float]) -> chex.Array:
-  # One compile for the whole grid: the learning rate is a traced argument.
-  def run(lr):
-    return batch_rollout(make_tx(lr), optimizee, keys, num_steps)
-  return jax.jit(jax.vmap(run))(jnp.asarray(learning_rates, jnp.float32))
+def grid_curves(make_tx: Callable[[chex.Numeric], optax.GradientTransformation], optimizee,
+                keys: chex.Array, num_steps: int, learning_rates: Sequence[float],
+                chunk: int = 0, desc: str = "", progress: bool = False) -> np.ndarray:
+  """Losses [len(learning_rates), len(keys), num_steps + 1]; one compile for the grid
+  (the rate is a traced argument, vmapped)."""
+  if not learning_rates:
+    raise ValueError("learning_rates must be non-empty")
+  return _run(make_tx, jnp.asarray(learning_rates, jnp.float32), optimizee, keys, num_steps,
+              chunk, desc, progress)
 
 
 class Tuned(NamedTuple):
   learning_rate: float
-  scores: Dict[float, float]  # learning rate -> mean final loss (nan/inf when diverged)
+  scores: Dict[float, float]  # learning rate -> mean final loss (inf when a run diverged)
 
 
-def tune_learning_rate(make_tx: Callable[[float], optax.GradientTransformation], optimizee,
+def tune_learning_rate(make_tx: Callable[[chex.Numeric], optax.GradientTransformation], optimizee,
                        keys: chex.Array, num_steps: int,
-                       learning_rates: Sequence[float] = ADAM_LEARNING_RATES) -> Tuned:
+                       learning_rates: Sequence[float] = ADAM_LEARNING_RATES,
+                       chunk: int = 0, desc: str = "", progress: bool = False) -> Tuned:
   """Grid search: the rate whose mean loss at the last step is lowest.
 
   Runs that end non-finite score +inf, so a diverging rate is never chosen.
   """
-  if not learning_rates:
-    raise ValueError("learning_rates must be non-empty")
-  losses = np.asarray(_lr_curves(make_tx, optimizee, keys, num_steps, learning_rates))
+  losses = grid_curves(make_tx, optimizee, keys, num_steps, learning_rates, chunk, desc,
+                       progress)
   final = losses[:, :, -1]
   scores = np.where(np.isfinite(final).all(axis=1), final.mean(axis=1), np.inf)
   best = int(np.argmin(scores))
@@ -57,34 +131,65 @@ def tune_learning_rate(make_tx: Callable[[float], optax.GradientTransformation],
                {float(lr): float(s) for lr, s in zip(learning_rates, scores)})
 
 
-# --- Evaluation on other problems: a learned optimizer beside Adam at its best rate. ---
+class Evaluation(NamedTuple):
+  curves: Dict[str, np.ndarray]  # label -> losses [num_runs, num_steps + 1]
+  tuned: Dict[str, Tuned]        # baseline name -> its grid search (on separate keys)
+
+
+def evaluate(learned: Mapping[str, optax.GradientTransformation], optimizee,
+             eval_keys: chex.Array, tune_keys: chex.Array, num_steps: int,
+             baselines: Sequence[str] = ("adam", "rmsprop", "sgd_momentum"),
+             grids: Optional[Mapping[str, Sequence[float]]] = None, tune_steps: int = 0,
+             chunk: int = DEFAULT_CHUNK, progress: bool = False) -> Evaluation:
+  """Curves of each ``learned`` optimizer and of each baseline at its tuned rate.
+
+  Baselines are tuned on ``tune_keys`` for ``tune_steps`` (0: ``num_steps``)
+  steps over ``grids[name]`` (default: ``BASELINES[name].learning_rates``);
+  then every optimizer runs on ``eval_keys``: the same inits and minibatches.
+  """
+  unknown = [b for b in baselines if b not in BASELINES]
+  if unknown:
+    raise ValueError(f"unknown baselines {unknown}; known: {sorted(BASELINES)}")
+  grids = dict(grids or {})
+  out, tuned = {}, {}
+  for label, tx in learned.items():
+    out[label] = curves(tx, optimizee, eval_keys, num_steps, chunk, label, progress)
+  for name in baselines:
+    base = BASELINES[name]
+    tuned[name] = tune_learning_rate(base.make_tx, optimizee, tune_keys, tune_steps or num_steps,
+                                     tuple(grids.get(name, base.learning_rates)), chunk,
+                                     f"tuning {base.label}", progress)
+    lr = tuned[name].learning_rate
+    out[baseline_label(name, lr)] = curves(base.make_tx(lr), optimizee, eval_keys, num_steps,
+                                           chunk, baseline_label(name, lr), progress)
+  return Evaluation(out, tuned)
+
 
 class Comparison(NamedTuple):
   curves: Dict[str, np.ndarray]  # label -> losses [num_runs, num_steps + 1]
   tuned: Tuned                   # Adam's grid search (on separate keys)
 
 
-def adam_label(learning_rate: float) -> str:
-  return f"Adam lr={learning_rate:g}"
-
-
 def compare_with_adam(tx: optax.GradientTransformation, optimizee, eval_keys: chex.Array,
                       tune_keys: chex.Array, num_steps: int,
                       learning_rates: Sequence[float] = ADAM_LEARNING_RATES,
                       tune_steps: int = 0, label: str = "learned") -> Comparison:
-  """Curves of ``tx`` and of Adam at the rate tuned on ``tune_keys``, both on ``eval_keys``.
+  """``evaluate`` with Adam as the only baseline."""
+  ev = evaluate({label: tx}, optimizee, eval_keys, tune_keys, num_steps, ("adam",),
+                {"adam": learning_rates}, tune_steps)
+  return Comparison(ev.curves, ev.tuned["adam"])
 
-  Tuning on keys other than the evaluation keys keeps Adam's rate from being
-  chosen on the very runs it is scored on; on the evaluation keys both
-  optimizers see the same inits and minibatches. ``tune_steps`` (0: num_steps)
-  is the horizon the rate is tuned for.
+
+def steps_to_target(losses: np.ndarray, target: float) -> Optional[int]:
+  """First step at which the mean ln(loss) over runs is at or below ln(target); None if never.
+
+  A step at which any run is non-finite does not count.
   """
-  tuned = tune_learning_rate(optax.adam, optimizee, tune_keys, tune_steps or num_steps,
-                             learning_rates)
-  out = {label: curves(tx, optimizee, eval_keys, num_steps),
-         adam_label(tuned.learning_rate): curves(optax.adam(tuned.learning_rate), optimizee,
-                                                 eval_keys, num_steps)}
-  return Comparison(out, tuned)
+  losses = np.asarray(losses, np.float64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    mean = np.log(np.maximum(losses, 1e-30)).mean(axis=0)
+  hit = np.isfinite(losses).all(axis=0) & (mean <= np.log(target))
+  return int(np.argmax(hit)) if hit.any() else None
 
 
 def mean_log_loss(losses: np.ndarray, steps: Sequence[int]) -> np.ndarray:
@@ -100,15 +205,38 @@ def mean_log_loss(losses: np.ndarray, steps: Sequence[int]) -> np.ndarray:
   return np.where(np.isfinite(at).all(axis=0), logs.mean(axis=0), np.nan)
 
 
-def markdown_table(rows: Mapping[str, Mapping[str, np.ndarray]], steps: Sequence[int]) -> str:
-  """``rows``: problem -> {optimizer label -> losses}; mean ln(loss) at ``steps``."""
-  head = "| problem | optimizer | " + " | ".join(f"step {s}" for s in steps) + " |"
-  lines = [head, "|" + "---|" * (2 + len(steps))]
+def std_log_loss(losses: np.ndarray, steps: Sequence[int]) -> np.ndarray:
+  """Standard deviation over runs of ln(loss) at each of ``steps`` (nan where diverged)."""
+  losses = np.asarray(losses, np.float64)
+  at = losses[:, list(steps)]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    logs = np.log(np.maximum(at, 1e-30))
+  return np.where(np.isfinite(at).all(axis=0), logs.std(axis=0), np.nan)
+
+
+def markdown_table(rows: Mapping[str, Mapping[str, np.ndarray]], steps: Sequence[int],
+                   targets: Optional[Mapping[str, float]] = None, with_std: bool = False) -> str:
+  """``rows``: problem -> {optimizer label -> losses}; mean ln(loss) at ``steps``.
+
+  ``with_std`` adds the standard deviation over runs; ``targets`` (problem ->
+  loss) adds the first step at which each optimizer's mean ln(loss) reaches it.
+  """
+  head = "| problem | optimizer | " + " | ".join(f"step {s}" for s in steps)
+  cols = 2 + len(steps)
+  if targets is not None:
+    head += " | steps to target"
+    cols += 1
+  lines = [head + " |", "|" + "---|" * cols]
   for problem, by_label in rows.items():
     for label, losses in by_label.items():
       vals = mean_log_loss(losses, steps)
-      cells = " | ".join("diverged" if np.isnan(v) else f"{v:.3f}" for v in vals)
-      lines.append(f"| {problem} | {label} | {cells} |")
+      stds = std_log_loss(losses, steps) if with_std else np.zeros_like(vals)
+      cells = [("diverged" if np.isnan(v) else
+                f"{v:.3f} ± {d:.3f}" if with_std else f"{v:.3f}") for v, d in zip(vals, stds)]
+      if targets is not None:
+        hit = steps_to_target(losses, targets[problem]) if problem in targets else None
+        cells.append("never" if hit is None else str(hit))
+      lines.append(f"| {problem} | {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 

@@ -1,14 +1,17 @@
-"""Evaluating a trained optimizer on other problems, through the real command line."""
+"""Evaluating learned optimizers beside tuned baselines: the library and the command line."""
+import json
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import struct
 
-from l2ojax import checkpoints, evaluation, models, optimizees
+from l2ojax import checkpoints, evaluation, meta, models, optimizees, pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,36 +33,61 @@ def test_curves_csv_round_trip(tmp_path):
     np.testing.assert_allclose(back[k], curves[k], rtol=1e-7)
 
 
-def test_evaluate_cli_runs_learned_and_tuned_adam_on_other_problems(tmp_path, tiny_image_npz):
+def _run_evaluate(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.evaluate", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_evaluate_cli_runs_learned_and_tuned_baselines_on_other_problems(tmp_path,
+                                                                         tiny_image_npz):
   lopt = models.get("dm")
   theta = lopt.init(jax.random.PRNGKey(0))
   checkpoints.save_theta(str(tmp_path / "theta.msgpack"), lopt, theta, {"optimizee": "mnist_mlp"})
   steps, seeds = 12, 2
-  out = subprocess.run(
-      [sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path}",
-       "--problems=mnist_relu,rosenbrock", f"--steps={steps}", f"--seeds={seeds}",
-       "--tune_seeds=2", "--adam_learning_rates=0.001,0.1", f"--data_path={tiny_image_npz}",
-       "--report_steps=0,12"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  out = _run_evaluate(
+      f"--workdir={tmp_path}", "--problems=mnist_relu,rosenbrock", f"--steps={steps}",
+      f"--seeds={seeds}", "--tune_seeds=2", "--adam_learning_rates=0.001,0.1",
+      "--rmsprop_learning_rates=0.001", "--sgd_momentum_learning_rates=0.01,0.001",
+      f"--data_path={tiny_image_npz}", "--report_steps=0,12", "--chunk=5")
   assert out.returncode == 0, out.stderr[-3000:]
   summary = open(tmp_path / "eval_summary.md").read()
+  record = json.load(open(tmp_path / "eval_summary.json"))
+  learned = "dm (trained on mnist_mlp)"
   for name in ("mnist_relu", "rosenbrock"):
     assert (tmp_path / f"eval_{name}.png").read_bytes()[:4] == b"\x89PNG"
     curves = evaluation.read_curves_csv(str(tmp_path / f"eval_{name}.csv"))
-    assert len(curves) == 2 and "dm (trained on mnist_mlp)" in curves
-    (adam,) = [k for k in curves if k.startswith("Adam lr=")]
+    assert len(curves) == 4 and learned in curves
     assert all(c.shape == (seeds, steps + 1) for c in curves.values())
-    assert f"| {name} | {adam} |" in summary
-    assert f"| {name} | dm (trained on mnist_mlp) |" in summary
-    # Same inits and minibatches for both: the curves are the library's on the eval keys.
+    tuned = record["problems"][name]["tuned"]
+    assert set(tuned) == {"adam", "rmsprop", "sgd_momentum"}
+    assert tuned["rmsprop"]["learning_rate"] == 0.001
+    assert tuned["sgd_momentum"]["learning_rate"] in (0.01, 0.001)
+    adam = evaluation.adam_label(tuned["adam"]["learning_rate"])
+    for label in curves:
+      assert f"| {name} | {label} |" in summary
+    # Same inits and minibatches for all: the curves are the library's on the eval keys.
     opt = (optimizees.get(name, path=tiny_image_npz) if optimizees.uses_data(name)
            else optimizees.get(name))
     keys = jax.random.split(jax.random.PRNGKey(12345), seeds)
     np.testing.assert_allclose(curves[adam], evaluation.curves(
-        optax.adam(float(adam.split("=")[1])), opt, keys, steps), rtol=1e-4)
-    np.testing.assert_allclose(curves["dm (trained on mnist_mlp)"][:, 0], curves[adam][:, 0],
-                               rtol=1e-6)
+        optax.adam(tuned["adam"]["learning_rate"]), opt, keys, steps), rtol=1e-4)
+    np.testing.assert_allclose(curves[learned][:, 0], curves[adam][:, 0], rtol=1e-6)
+    # The steps-to-target column uses tuned Adam's mean final loss by default.
+    np.testing.assert_allclose(record["problems"][name]["target_loss"],
+                               curves[adam][:, -1].mean(), rtol=1e-5)
+
+
+def test_evaluate_cli_takes_a_pretrained_optimizer_by_name(tmp_path, tiny_image_npz):
+  name = pretrained.names()[0]
+  out = _run_evaluate(f"--workdir={tmp_path}", f"--optimizer={name}", "--problems=mnist_mlp",
+                      "--steps=6", "--seeds=2", "--tune_seeds=1", "--baselines=adam",
+                      "--adam_learning_rates=0.01", f"--data_path={tiny_image_npz}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert set(evaluation.read_curves_csv(str(tmp_path / "eval_mnist_mlp.csv"))) == {
+      name, "Adam lr=0.01"}
+  bad = _run_evaluate(f"--workdir={tmp_path}", "--optimizer=no_such_optimizer")
+  assert bad.returncode != 0 and "no_such_optimizer" in bad.stderr and name in bad.stderr
 
 
 def test_evaluate_cli_rejects_unknown_problem(tmp_path):
@@ -67,3 +95,94 @@ def test_evaluate_cli_rejects_unknown_problem(tmp_path):
                         "--problems=imagenet_resnet"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode != 0 and "imagenet_resnet" in out.stderr and "mnist_conv" in out.stderr
+
+
+# --- Evaluation against tuned baselines (the library API). ---
+
+def test_chunked_evaluation_gives_the_curves_of_one_rollout_per_key(tiny_image_npz):
+  opt = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  whole = np.asarray(meta.batch_rollout(optax.adam(0.01), opt, keys, 12))
+  chunked = evaluation.curves(optax.adam(0.01), opt, keys, 12, chunk=5)  # 5 + 5 + 2 steps
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+  grid = evaluation.grid_curves(optax.adam, opt, keys, 12, [0.1, 0.01], chunk=7)
+  assert grid.shape == (2, 3, 13)
+  np.testing.assert_allclose(grid[1], whole, rtol=1e-6)
+  assert not np.allclose(grid[0], grid[1])
+
+
+@struct.dataclass
+class _DiagonalQuadratic:
+  """f(x) = 0.5 sum_i lam_i x_i^2: plain SGD's loss after T steps has a closed form."""
+  lam: jax.Array
+  name: str = struct.field(pytree_node=False, default="diagonal_quadratic")
+
+  def init(self, key):
+    return {"x": jax.random.normal(key, self.lam.shape)}, ()
+
+  def loss(self, params, instance, key):
+    del instance, key
+    return 0.5 * jnp.sum(self.lam * params["x"] ** 2)
+
+
+def test_grid_search_picks_the_best_rate_computed_in_closed_form():
+  lam = np.array([0.5, 1.0, 3.0, 8.0], np.float32)
+  opt = _DiagonalQuadratic(jnp.asarray(lam))
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  steps = 10
+  grid = (0.01, 0.05, 0.1, 0.15, 0.2, 0.24, 0.3, 30.0)  # 30: overflows to inf
+  tuned = evaluation.tune_learning_rate(optax.sgd, opt, keys, steps, grid)
+  # x_T = (1 - lr * lam)^T x_0 for each coordinate, on the x_0 each key draws.
+  x0 = np.stack([np.asarray(meta.init_state(optax.sgd(0.1), opt, jax.random.split(k)[0])
+                            .params["x"]) for k in keys])
+
+  def closed_form(lr):
+    with np.errstate(over="ignore"):
+      final = 0.5 * (lam * (1 - lr * lam) ** (2 * steps) * x0**2).sum(axis=1)
+    return final.mean() if np.isfinite(final).all() else np.inf
+
+  expected = {lr: closed_form(lr) for lr in grid}
+  best = min(expected, key=expected.get)
+  assert best not in (grid[0], grid[-1])  # an interior optimum, not an edge of the grid
+  assert tuned.learning_rate == best
+  assert tuned.scores[30.0] == np.inf
+  for lr in grid[:-1]:
+    np.testing.assert_allclose(tuned.scores[lr], expected[lr], rtol=2e-3)
+
+
+def test_every_compared_optimizer_sees_the_same_optimizees_and_minibatches(tiny_image_npz):
+  opt = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=8)
+  eval_keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  tune_keys = jax.random.split(jax.random.PRNGKey(1), 2)
+  # Twins of the baselines at the one rate of their grid, entered as "learned" optimizers:
+  # identical updates, so identical curves exactly when inits and minibatches are shared.
+  learned = {"frozen": optax.set_to_zero(), "adam twin": optax.adam(0.03),
+             "sgd twin": optax.chain(optax.trace(decay=0.9), optax.scale(-0.1))}
+  ev = evaluation.evaluate(learned, opt, eval_keys, tune_keys, 8, ("adam", "sgd_momentum"),
+                           {"adam": (0.03,), "sgd_momentum": (0.1,)}, chunk=3)
+  assert set(ev.curves) == set(learned) | {"Adam lr=0.03", "SGD-momentum lr=0.1"}
+  assert ev.tuned["adam"].learning_rate == 0.03
+  np.testing.assert_array_equal(ev.curves["adam twin"], ev.curves["Adam lr=0.03"])
+  np.testing.assert_allclose(ev.curves["sgd twin"], ev.curves["SGD-momentum lr=0.1"], rtol=1e-6)
+  step0 = {label: c[:, 0] for label, c in ev.curves.items()}
+  for c in step0.values():
+    np.testing.assert_array_equal(c, step0["frozen"])
+  frozen = ev.curves["frozen"]
+  # A frozen optimizee's loss still moves from step to step: each step draws its own
+  # minibatch; and the runs differ: each key is its own optimizee.
+  assert np.ptp(frozen, axis=1).min() > 0
+  assert len(np.unique(frozen[:, 0])) == 3
+
+
+def test_steps_to_target_and_the_summary_table():
+  e = np.e
+  losses = np.array([[1.0, e**-1, e**-2, e**-4], [1.0, e**-1, e**-4, e**-4]])
+  assert evaluation.steps_to_target(losses, e**-3) == 2  # mean ln: 0, -1, -3, -4
+  assert evaluation.steps_to_target(losses, e**-5) is None
+  with_nan = losses.copy()
+  with_nan[0, 2] = np.nan
+  assert evaluation.steps_to_target(with_nan, e**-3) == 3
+  table = evaluation.markdown_table({"p": {"a": losses}}, [0, 3], targets={"p": e**-3},
+                                    with_std=True)
+  assert "| p | a | 0.000 ± 0.000 | -4.000 ± 0.000 | 2 |" in table
+  assert "steps to target" in table.splitlines()[0]

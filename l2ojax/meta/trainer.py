@@ -127,6 +127,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   """
   config_lib.validate(config)  # every field checked before anything is built or compiled
   os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:  # what the run was, for its record
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   meta, val = config.meta, config.validation
   curriculum = build_curriculum(config)
   imitation = build_imitation(config)

@@ -36,15 +36,14 @@ def _call_update(tx, grads, opt_state, params, loss):
   return tx.update(grads, opt_state, params)
 
 
-def unroll(tx: optax.GradientTransformation, optimizee: Optimizee, state: UnrollState,
-           key: chex.PRNGKey, num_steps: int, second_order: bool = False
-           ) -> Tuple[UnrollState, chex.Array]:
-  """Runs ``num_steps`` steps of ``tx`` on one optimizee.
+def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: UnrollState,
+               step_keys: chex.Array, second_order: bool = False
+               ) -> Tuple[UnrollState, chex.Array]:
+  """One step of ``tx`` per key of ``step_keys`` (each key draws that step's minibatch).
 
-  Returns the new state and the losses f(x_0), ..., f(x_T) ([num_steps + 1]),
-  each on the minibatch of its own step. Unless ``second_order``, the
-  optimizee gradient enters ``tx`` as a constant: meta-gradients flow through
-  the parameters the updates produce, not through d(grad)/d(params).
+  Returns the new state and the loss before each step ([len(step_keys)]).
+  Splitting ``step_keys`` into consecutive chunks and scanning them in turn
+  gives exactly the losses of one scan over all of them.
   """
   loss_and_grad = jax.value_and_grad(optimizee.loss)
 
@@ -57,12 +56,26 @@ def unroll(tx: optax.GradientTransformation, optimizee: Optimizee, state: Unroll
     params = optax.apply_updates(params, updates)
     return (params, opt_state), loss
 
-  keys = jax.random.split(key, num_steps + 1)
-  (params, opt_state), losses = jax.lax.scan(body, (state.params, state.opt_state), keys[:-1])
-  final_loss = optimizee.loss(params, state.instance, keys[-1])
-  losses = jnp.concatenate([losses, final_loss[None]])
-  new_state = state._replace(params=params, opt_state=opt_state, step=state.step + num_steps)
+  (params, opt_state), losses = jax.lax.scan(body, (state.params, state.opt_state), step_keys)
+  new_state = state._replace(params=params, opt_state=opt_state,
+                             step=state.step + step_keys.shape[0])
   return new_state, losses
+
+
+def unroll(tx: optax.GradientTransformation, optimizee: Optimizee, state: UnrollState,
+           key: chex.PRNGKey, num_steps: int, second_order: bool = False
+           ) -> Tuple[UnrollState, chex.Array]:
+  """Runs ``num_steps`` steps of ``tx`` on one optimizee.
+
+  Returns the new state and the losses f(x_0), ..., f(x_T) ([num_steps + 1]),
+  each on the minibatch of its own step. Unless ``second_order``, the
+  optimizee gradient enters ``tx`` as a constant: meta-gradients flow through
+  the parameters the updates produce, not through d(grad)/d(params).
+  """
+  keys = jax.random.split(key, num_steps + 1)
+  new_state, losses = scan_steps(tx, optimizee, state, keys[:-1], second_order)
+  final_loss = optimizee.loss(new_state.params, state.instance, keys[-1])
+  return new_state, jnp.concatenate([losses, final_loss[None]])
 
 
 def rollout(tx: optax.GradientTransformation, optimizee: Optimizee, key: chex.PRNGKey,
