@@ -53,6 +53,8 @@ _PATH = flags.DEFINE_string("data_path", "", "npz file or IDX folder for every d
 _PATHS = flags.DEFINE_list("data_paths", [], "Per-problem overrides: PROBLEM=PATH,...")
 _SPLIT = flags.DEFINE_string("data_split", "test", "Data split (the paper's: MNIST's test split).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "tensorflow-datasets data_dir.")
+_MACHINE = flags.DEFINE_string("machine", "", "Machine to name in the summary (default: "
+                               "platform and device kind).")
 _RELU_ON_LOGITS = flags.DEFINE_bool("relu_on_logits", False, "Conv nets: ReLU on the logits, "
                                     "as the paper's code did (to reproduce its figures).")
 
@@ -134,12 +136,14 @@ def main(argv):
     print(evaluation.markdown_table({name: result.curves}, report, target_losses, True),
           flush=True)
   table = evaluation.markdown_table(rows, report, target_losses, with_std=True)
-  machine = f"{platform.machine()}, {jax.devices()[0].device_kind} ({jax.default_backend()})"
+  machine = _MACHINE.value or (f"{platform.machine()}, {jax.devices()[0].device_kind} "
+                                f"({jax.default_backend()})")
+  shown = ", ".join(f"{p} {t:.4g}" for p, t in target_losses.items())
   with open(os.path.join(workdir, "eval_summary.md"), "w") as f:
     f.write(f"{label}: mean ± std of ln(training loss) over {_SEEDS.value} fresh optimizees, "
             f"the same for every optimizer. Baselines tuned on {_TUNE_SEEDS.value} separate "
             f"optimizees. Steps to target: the first step at which the mean ln(loss) reaches "
-            f"ln(target); target: {target_losses}. Machine: {machine}.\n\n{table}")
+            f"ln(target); targets: {shown}. Machine: {machine}.\n\n{table}")
   with open(os.path.join(workdir, "eval_summary.json"), "w") as f:
     json.dump({"optimizer": label, "model": lopt.name, "info": info, "steps": steps,
                "seeds": _SEEDS.value, "tune_seeds": _TUNE_SEEDS.value,

@@ -67,8 +67,8 @@ def card_text(name: str, lopt, info: dict, config: dict, evaluation: str) -> str
       f"- meta-training: {rec['episodes']} episodes ({rec['imitation_episodes']} of them "
       f"imitation), {rec['optimizee_steps']} optimizee steps, curriculum stages reached "
       f"{rec['stages_reached']}, {rec['seconds'] / 60:.1f} min on {info['machine']}",
-      f"- kept: the theta with the best validation score ({info.get('best_val_loss')}) at "
-      f"stage {info.get('stage')}",
+      f"- kept: the theta with the best validation score ({info.get('best_val_loss', 0):.4g}); "
+      f"training ended at curriculum stage {info.get('stage')}",
       f"- commit `{info['commit']}`, exported {info['exported']}", "",
       "Reproduce: `python -m experiments.train` with the config below "
       "(`--config` file plus overrides), then `python -m experiments.export_pretrained`.", "",
@@ -98,7 +98,9 @@ def main(argv):
       evaluation = f.read()
     figures = sorted(p for p in os.listdir(_EVALUATION.value) if p.endswith(".png"))
     evaluation += "\n" + "\n".join(
-        f"![{p[5:-4]}]({os.path.join(_EVALUATION.value, p)})" for p in figures)
+        # Links relative to the card, so they resolve wherever the repository is viewed.
+        f"![{p[5:-4]}]({os.path.relpath(os.path.join(_EVALUATION.value, p), _DIRECTORY.value)})"
+        for p in figures)
   info = {**info, "name": name, "description": _DESCRIPTION.value, "config": config,
           "commit": _commit(), "exported": datetime.date.today().isoformat(),
           "machine": _MACHINE.value or f"{platform.machine()} {jax.default_backend()}, "

@@ -82,8 +82,11 @@ def test_evaluate_cli_takes_a_pretrained_optimizer_by_name(tmp_path, tiny_image_
   name = pretrained.names()[0]
   out = _run_evaluate(f"--workdir={tmp_path}", f"--optimizer={name}", "--problems=mnist_mlp",
                       "--steps=6", "--seeds=2", "--tune_seeds=1", "--baselines=adam",
-                      "--adam_learning_rates=0.01", f"--data_path={tiny_image_npz}")
+                      "--adam_learning_rates=0.01", f"--data_path={tiny_image_npz}",
+                      "--machine=the test machine")
   assert out.returncode == 0, out.stderr[-3000:]
+  summary = open(tmp_path / "eval_summary.md").read()
+  assert "Machine: the test machine." in summary and "targets: mnist_mlp " in summary
   assert set(evaluation.read_curves_csv(str(tmp_path / "eval_mnist_mlp.csv"))) == {
       name, "Adam lr=0.01"}
   bad = _run_evaluate(f"--workdir={tmp_path}", "--optimizer=no_such_optimizer")

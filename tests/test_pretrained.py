@@ -104,7 +104,7 @@ def test_export_writes_weights_and_a_card_from_a_run(tmp_path):
   assert info["config"]["data"] == {"path": "m.npz"} and info["best_val_loss"] == 0.25
   card = (out / "tiny_dm.md").read_text()
   assert "3 episodes (1 of them imitation)" in card and "| problem | optimizer |" in card
-  assert f"({ev}/eval_mnist_mlp.png)" in card
+  assert "(../ev/eval_mnist_mlp.png)" in card  # relative to the card's folder
   bad = subprocess.run([sys.executable, "-m", "experiments.export_pretrained", f"--workdir={run}",
                         "--name=Bad Name", f"--directory={out}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
