@@ -53,6 +53,10 @@ def training_record(workdir: str) -> dict:
           "seconds": round(sum(r.get("seconds", 0.0) for r in rows), 1)}
 
 
+def _short(x) -> str:
+  return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
+
+
 def card_text(name: str, lopt, info: dict, config: dict, evaluation: str) -> str:
   rec, opt = info["training"], config.get("optimizee", {})
   lines = [f"# `{name}`", ""]
@@ -67,7 +71,7 @@ def card_text(name: str, lopt, info: dict, config: dict, evaluation: str) -> str
       f"- meta-training: {rec['episodes']} episodes ({rec['imitation_episodes']} of them "
       f"imitation), {rec['optimizee_steps']} optimizee steps, curriculum stages reached "
       f"{rec['stages_reached']}, {rec['seconds'] / 60:.1f} min on {info['machine']}",
-      f"- kept: the theta with the best validation score ({info.get('best_val_loss', 0):.4g}); "
+      f"- kept: the theta with the best validation score ({_short(info.get('best_val_loss'))}); "
       f"training ended at curriculum stage {info.get('stage')}",
       f"- commit `{info['commit']}`, exported {info['exported']}", "",
       "Reproduce: `python -m experiments.train` with the config below "
