@@ -25,3 +25,18 @@ def tiny_image_npz(tmp_path_factory):
   path = tmp_path_factory.mktemp("data") / "tiny.npz"
   np.savez(path, images=images, labels=labels)
   return str(path)
+
+
+@pytest.fixture
+def debian_fashion_mnist() -> str:
+  """Debian's dataset-fashion-mnist folder: required on CI (.ci/run installs it), skipped
+  with the install command elsewhere."""
+  from l2ojax.optimizees import data
+  folder = data.DEBIAN_FASHION_MNIST
+  names = [f"{s}-{k}-idx{d}-ubyte.gz" for s in ("train", "t10k")
+           for k, d in (("images", 3), ("labels", 1))]
+  if not all(os.path.isfile(os.path.join(folder, n)) for n in names):
+    if os.environ.get("CI"):
+      pytest.fail(f"{folder} is missing on CI: apt-get install dataset-fashion-mnist")
+    pytest.skip("apt-get install dataset-fashion-mnist")
+  return folder

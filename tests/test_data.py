@@ -97,12 +97,8 @@ def test_tfds_loading_through_tfds_mock_data():
   assert np.isfinite(float(net.loss(params, inst, jax.random.PRNGKey(1))))
 
 
-def test_fashion_mlp_trains_on_the_real_debian_idx_files():
+def test_fashion_mlp_trains_on_the_real_debian_idx_files(debian_fashion_mnist):
   """CI installs dataset-fashion-mnist; elsewhere the skip names the package."""
-  if not os.path.isfile(os.path.join(FASHION, "t10k-images-idx3-ubyte.gz")):
-    if os.environ.get("CI"):
-      pytest.fail(f"{FASHION} is missing on CI: apt-get install dataset-fashion-mnist")
-    pytest.skip("apt-get install dataset-fashion-mnist")
   for split, n in (("test", 10000), ("train", 60000)):
     ds = data.load("fashion_mnist", source="idx", path=FASHION, split=split)
     assert ds.images.shape == (n, 28, 28, 1) and sorted(set(ds.labels.tolist())) == list(range(10))

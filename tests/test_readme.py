@@ -4,10 +4,6 @@ import io
 import os
 import re
 
-import pytest
-
-from l2ojax.optimizees import data
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,11 +13,8 @@ def _block_after(heading: str) -> str:
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_flax_example_trains_a_model_with_a_pretrained_optimizer():
-  if not os.path.isfile(os.path.join(data.DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte.gz")):
-    if os.environ.get("CI"):
-      pytest.fail("the README example needs dataset-fashion-mnist on CI")
-    pytest.skip("apt-get install dataset-fashion-mnist")
+def test_readme_flax_example_trains_a_model_with_a_pretrained_optimizer(debian_fashion_mnist):
+  # The example reads Debian's folder by its path, as a user would.
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     exec(compile(_block_after("### Train a Flax model from scratch"), "README.md", "exec"), {})
