@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
+from experiments import hugepages
 from experiments.configs import dm_mnist
 from l2ojax import evaluation, plots
 from l2ojax.meta import trainer
@@ -161,4 +162,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.ensure()  # before any work: it re-executes the process
   app.run(main)

@@ -21,6 +21,13 @@ peer (shared/bench/torch_dm.py, or experiments/torch_dm_peer.py, its copy)
 runs the same W1 in a subprocess, in rounds interleaved with the JAX runs so
 that a shared machine slows both alike, and the ratio is printed.
 
+On Linux the benchmark, like the other launchers, re-executes itself once
+with glibc's huge-page tunable set (``experiments/hugepages.py``; the PyTorch
+peer inherits the environment): XLA:CPU maps its temporaries afresh on every
+call and 4 KiB pages make the first touch of them a large part of a CPU
+meta-iteration. ``L2OJAX_HUGEPAGES=0`` measures without it; the JSON records
+the setting and the minor page faults per meta-iteration.
+
 Writes a markdown table to stdout and <out>/benchmark.json.
 """
 from __future__ import annotations
@@ -43,6 +50,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from experiments import hugepages
 from l2ojax import models, optimizees
 from l2ojax.meta import sharding as sharding_lib
 from l2ojax.meta import step as step_lib
@@ -98,7 +106,9 @@ def machine() -> Dict[str, Any]:
           "backend": jax.default_backend(), "devices": [d.device_kind for d in devices],
           "device_count": len(devices), "host": platform.node(), "cpu_count": os.cpu_count(),
           "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-          "python": platform.python_version(), "jax": jax.__version__, "optax": optax.__version__}
+          "python": platform.python_version(), "jax": jax.__version__, "optax": optax.__version__,
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+          "transparent_hugepages": hugepages.thp_mode()}
 
 
 def device_peak_bytes() -> Optional[int]:
@@ -117,6 +127,15 @@ def compiled_bytes(compiled) -> Optional[int]:
     return None
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
              - m.alias_size_in_bytes)
+
+
+def minor_faults() -> Optional[int]:
+  """This process's minor page faults so far (first touches of fresh host memory)."""
+  try:
+    import resource
+  except ImportError:  # not on POSIX
+    return None
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def is_out_of_memory(e: Exception) -> bool:
@@ -159,13 +178,16 @@ def time_w1(model: str, batch_size: int, optimizee, *, segment: int, iters: int,
     theta, outer_state, states, metrics = compiled(theta, outer_state, states, k, optimizee)
   jax.block_until_ready((theta, states))
   seconds, cpu_seconds = [], []
+  faults = minor_faults()
   for k in keys[warmup:]:
     t, c = time.perf_counter(), time.process_time()
     theta, outer_state, states, metrics = compiled(theta, outer_state, states, k, optimizee)
     jax.block_until_ready((theta, states))
     seconds.append(time.perf_counter() - t)
     cpu_seconds.append(time.process_time() - c)
+  faults = (minor_faults() - faults) / max(iters, 1) if faults is not None else None
   return {"seconds": seconds, "cpu_seconds": cpu_seconds, "compile_s": compile_s,
+          "minor_faults_per_iter": faults,
           "compiled_bytes": compiled_bytes(compiled), "peak_bytes": device_peak_bytes(),
           "meta_loss": float(metrics["meta_loss"])}
 
@@ -236,6 +258,9 @@ def run_w1(names: List[str], optimizee, with_torch: bool) -> List[Dict[str, Any]
         row["steps_per_s"] = b * _SEGMENT.value / row["median_s"]
         row["compile_s"] = min(r["compile_s"] for r in row["runs"])
         row["compiled_bytes"] = row["runs"][0]["compiled_bytes"]
+        faults = [r["minor_faults_per_iter"] for r in row["runs"]
+                  if r["minor_faults_per_iter"] is not None]
+        row["minor_faults_per_iter"] = statistics.median(faults) if faults else None
         peaks = [r["peak_bytes"] for r in row["runs"] if r["peak_bytes"] is not None]
         row["peak_bytes"] = max(peaks) if peaks else None
       if torch_seconds:
@@ -291,29 +316,34 @@ def _mib(b: Optional[int]) -> str:
   return "n/a" if b is None else f"{b / 2**20:,.0f}"
 
 
+def _count(x: Optional[float]) -> str:
+  return "n/a" if x is None else f"{x:,.0f}"
+
+
 def markdown(result: Dict[str, Any]) -> str:
   m = result["machine"]
   lines = [f"# l2ojax benchmark: {m['backend']} ({', '.join(sorted(set(m['devices'])))} x "
            f"{m['device_count']}), commit {m['commit']}, {m['date']}", "",
-           f"data: {result['data']}; jax {m['jax']}; load average at start {m['load_average']}",
-           ""]
+           f"data: {result['data']}; jax {m['jax']}; load average at start {m['load_average']}; "
+           f"GLIBC_TUNABLES={m.get('glibc_tunables') or '(unset)'}, transparent huge pages: "
+           f"{m.get('transparent_hugepages') or 'unknown'}", ""]
   for note in result["notes"]:
     lines.append(f"note: {note}")
   w1 = [r for r in result["rows"] if r["workload"] == "W1"]
   if w1:
     lines += ["", "## W1: one meta-iteration (T = %d), optimizee-steps per second" % w1[0]["T"], "",
               "| model | B | remat | median s/iter | steps/s | compile s | compiled MiB | "
-              "peak MiB | torch steps/s | x torch |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "peak MiB | page faults/iter | torch steps/s | x torch |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in w1:
       if "error" in r:
-        lines.append(f"| {r['model']} | {r['B']} | {r['remat']} | {r['error']} |||||||")
+        lines.append(f"| {r['model']} | {r['B']} | {r['remat']} | {r['error']} ||||||||")
         continue
       torch = (f"{r['torch_steps_per_s']:,.0f} | {r['speedup_vs_torch']:.2f}"
                if "torch_steps_per_s" in r else "skipped | -")
       lines.append(f"| {r['model']} | {r['B']} | {r['remat']} | {r['median_s']:.4f} | "
                    f"{r['steps_per_s']:,.0f} | {r['compile_s']:.1f} | {_mib(r['compiled_bytes'])} | "
-                   f"{_mib(r['peak_bytes'])} | {torch} |")
+                   f"{_mib(r['peak_bytes'])} | {_count(r.get('minor_faults_per_iter'))} | {torch} |")
   w2 = [r for r in result["rows"] if r["workload"] == "W2"]
   if w2:
     lines += ["", f"## W2: evaluation, {w2[0]['steps']} steps x {w2[0]['optimizees']} optimizees",
@@ -368,4 +398,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.ensure()  # before any work: it re-executes the process
   app.run(main)

@@ -24,6 +24,7 @@ import time
 import jax
 from absl import app, flags
 
+from experiments import hugepages
 from l2ojax import checkpoints, evaluation, optimizees, plots, pretrained
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (and default home of theta.msgpack).")
@@ -154,5 +155,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.ensure()  # before any work: it re-executes the process
   flags.mark_flag_as_required("workdir")
   app.run(main)

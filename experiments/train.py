@@ -16,6 +16,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import hugepages
 from experiments.configs import dm_quadratic
 from l2ojax import evaluation, plots
 from l2ojax.meta import config as config_lib
@@ -64,4 +65,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.ensure()  # before any work: it re-executes the process
   app.run(main)

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from experiments import hugepages
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -46,3 +48,12 @@ def test_reports_what_it_skipped_and_the_machine(result):
   assert "torch is not importable" in notes and "torch is not importable" in stdout
   assert data["machine"]["backend"] == "cpu" and data["machine"]["commit"]
   assert data["data"].startswith("MNIST from")
+
+
+def test_records_page_faults_and_the_huge_page_setting(result):
+  data, stdout, _ = result
+  w1 = [r for r in data["rows"] if r["workload"] == "W1"]
+  assert all(r["minor_faults_per_iter"] >= 0 for r in w1)
+  applies = hugepages.why_not(os.environ) is None or hugepages.tunable_set(os.environ)
+  assert ("glibc.malloc.hugetlb" in data["machine"]["glibc_tunables"]) == applies
+  assert "GLIBC_TUNABLES=" in stdout and "page faults/iter" in stdout
