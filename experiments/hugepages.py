@@ -8,8 +8,9 @@ makes malloc ask the kernel for transparent huge pages on those mappings
 (``madvise``), which cuts the faults to a few hundred. Tunables are read only
 at process start, so a launcher calls ``ensure()`` first and the process
 re-executes itself once with the tunable set. ``L2OJAX_HUGEPAGES=0`` turns
-this off; it does nothing where it cannot apply (not Linux, not glibc, an old
-glibc, or huge pages disabled in the kernel).
+this off; it does nothing where it cannot apply or is not needed (not Linux,
+not glibc, a glibc older than 2.35, or the kernel's huge pages set to "never"
+or already to "always").
 """
 from __future__ import annotations
 
@@ -64,8 +65,11 @@ def why_not(env: Mapping[str, str]) -> Optional[str]:
     return f"glibc version {version!r} not understood"
   if (major, minor) < (2, 35):
     return f"glibc {version} has no hugetlb tunable (needs 2.35)"
-  if thp_mode() in (None, "never"):
+  mode = thp_mode()
+  if mode in (None, "never"):
     return "transparent huge pages are unavailable or disabled in the kernel"
+  if mode == "always":
+    return "the kernel already gives transparent huge pages to all memory"
   return None
 
 

@@ -37,6 +37,17 @@ def test_thp_mode_parses_the_kernel_file(tmp_path, text, mode):
   assert hugepages.thp_mode(str(tmp_path / "missing")) is None
 
 
+@pytest.mark.parametrize("mode, applies", [("madvise", True), ("always", False),
+                                           ("never", False), (None, False)])
+def test_only_madvise_mode_needs_the_tunable(monkeypatch, mode, applies):
+  monkeypatch.setattr(hugepages, "thp_mode", lambda: mode)
+  monkeypatch.setattr(hugepages.sys, "platform", "linux")
+  monkeypatch.setattr(hugepages.platform, "libc_ver", lambda: ("glibc", "2.36"))
+  assert (hugepages.why_not({}) is None) == applies
+  monkeypatch.setattr(hugepages.platform, "libc_ver", lambda: ("glibc", "2.31"))
+  assert "2.31" in hugepages.why_not({})
+
+
 def _run_ensure(extra_env):
   code = ("from experiments import hugepages; hugepages.ensure(); import os; "
           "print('TUNABLES=' + os.environ.get('GLIBC_TUNABLES', ''))")
