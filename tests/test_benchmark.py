@@ -19,7 +19,7 @@ def result(tiny_image_npz, tmp_path_factory):
   (fake / "torch.py").write_text("raise ImportError('torch hidden for this test')\n")
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), ROOT]))
   cmd = [sys.executable, "-m", "experiments.benchmark", "--models=dm,no_such_model",
-         "--batch_sizes=2", "--segment=2", "--iters=2", "--warmup=1", "--w2_steps=3",
+         "--batch_sizes=2", "--segment=2", "--iters=2", "--warmup=1", "--rounds=2", "--w2_steps=3",
          "--w2_optimizees=2", "--w2_repeats=1", f"--data_path={tiny_image_npz}", f"--out={out}"]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,8 +31,9 @@ def test_writes_w1_and_w2_rows(result):
   data, stdout, _ = result
   w1 = [r for r in data["rows"] if r["workload"] == "W1"]
   assert [(r["model"], r["B"]) for r in w1] == [("dm", 2)]
-  for r in w1:
-    assert len(r["runs"]) == 1 and len(r["runs"][0]["seconds"]) == 2
+  for r in w1:  # two rounds of two timed iterations, from one compilation
+    assert [len(run["seconds"]) for run in r["runs"]] == [2, 2]
+    assert r["runs"][0]["compile_s"] == r["runs"][1]["compile_s"]
     assert r["steps_per_s"] == pytest.approx(r["B"] * 2 / r["median_s"])
     assert r["compile_s"] > 0 and r["compiled_bytes"] > 0
   w2 = {r["model"]: r for r in data["rows"] if r["workload"] == "W2"}
