@@ -65,6 +65,10 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "W1 untimed meta-iterations after co
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "Rounds of (JAX, torch) runs, interleaved.")
 _REMAT = flags.DEFINE_string("remat", "auto", "Meta-step remat: none | update | update_dots | "
                              "auto (update on the CPU, and for B >= 64 on accelerators).")
+_REMAT_CHUNK = flags.DEFINE_string("remat_chunk", "auto", "W1: keep the recurrent state every k "
+                                   "steps only (0: every step; auto: 5 for B >= 256, else 0).")
+_UNROLL = flags.DEFINE_integer("unroll", 1, "Optimizee steps per iteration of the compiled loop "
+                               "(W1 and W2).")
 _SHARD = flags.DEFINE_bool("shard", False, "Shard the meta-batch over all devices.")
 _WORKLOADS = flags.DEFINE_list("workloads", ["w1", "w2"], "Which workloads to run.")
 _W2_STEPS = flags.DEFINE_integer("w2_steps", 10_000, "W2 optimizee steps.")
@@ -143,6 +147,16 @@ def is_out_of_memory(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
+def remat_chunk_for(batch_size: int) -> int:
+  choice = _REMAT_CHUNK.value
+  if choice == "auto":  # the recurrent states of every step are what B = 256 cannot hold
+    return 5 if batch_size >= 256 else 0
+  try:
+    return int(choice)
+  except ValueError:
+    raise app.UsageError(f"--remat_chunk={choice!r}: an integer >= 0 or 'auto'") from None
+
+
 def remat_for(batch_size: int) -> Optional[str]:
   choice = _REMAT.value
   if choice == "auto":  # on the CPU, recomputing is faster than storing (less memory traffic)
@@ -160,14 +174,16 @@ class W1Run:
   """
 
   def __init__(self, model: str, batch_size: int, optimizee, *, segment: int,
-               remat: Optional[str], shard: bool, seed: int):
+               remat: Optional[str], shard: bool, seed: int, remat_chunk: int = 0,
+               unroll: int = 1):
     lopt = models.get(model)
     outer = optax.adam(1e-3)
     k_theta, k_init, self._key = jax.random.split(jax.random.PRNGKey(seed), 3)
     theta = lopt.init(k_theta)
     outer_state = outer.init(theta)
     init_states = step_lib.make_init_states(lopt, batch_size)
-    meta_step = step_lib.make_meta_step(lopt, outer, segment, meta_loss="mean", remat=remat)
+    meta_step = step_lib.make_meta_step(lopt, outer, segment, meta_loss="mean", remat=remat,
+                                        remat_chunk=remat_chunk, scan_unroll=unroll)
     if shard:
       mesh = sharding_lib.make_mesh()
       init_states = sharding_lib.sharded_init_states(init_states, mesh)
@@ -245,15 +261,17 @@ def run_w1(names: List[str], optimizee, with_torch: bool, rows: List[Dict[str, A
   device = "cuda" if jax.default_backend() == "gpu" else "cpu"
   for model in names:
     for b in [int(x) for x in _BATCH_SIZES.value]:
-      remat = remat_for(b)
+      remat, chunk = remat_for(b), remat_chunk_for(b)
       row: Dict[str, Any] = {"workload": "W1", "model": model, "B": b, "T": _SEGMENT.value,
-                             "remat": remat, "shard": _SHARD.value, "runs": []}
+                             "remat": remat, "remat_chunk": chunk, "unroll": _UNROLL.value,
+                             "shard": _SHARD.value, "runs": []}
       torch_seconds: List[float] = []
       w1 = None
       for _ in range(_ROUNDS.value):
         try:  # compiled once; each round times a fresh set of iterations
           w1 = w1 or W1Run(model, b, optimizee, segment=_SEGMENT.value, remat=remat,
-                           shard=_SHARD.value, seed=_SEED.value)
+                           shard=_SHARD.value, seed=_SEED.value, remat_chunk=chunk,
+                           unroll=_UNROLL.value)
           run = w1.time(_ITERS.value, _WARMUP.value)
         except Exception as e:  # an out-of-memory is a result; anything else is a bug
           if not is_out_of_memory(e):
@@ -314,17 +332,21 @@ def run_w2(names: List[str], optimizee, rows: List[Dict[str, Any]], save) -> Non
       seconds.append(time.perf_counter() - t)
     return {"seconds": seconds, "median_s": statistics.median(seconds), "compile_s": compile_s}
 
-  adam = timed(lambda ks, opt: batch_rollout(optax.adam(1e-3), opt, ks, steps), keys, optimizee)
-  rows.append({"workload": "W2", "model": "adam", "steps": steps, "optimizees": n, **adam})
+  unroll = _UNROLL.value
+  adam = timed(lambda ks, opt: batch_rollout(optax.adam(1e-3), opt, ks, steps, unroll),
+               keys, optimizee)
+  rows.append({"workload": "W2", "model": "adam", "steps": steps, "optimizees": n,
+               "unroll": unroll, **adam})
   save()
   print(f"  W2 adam: {adam['median_s']:.2f} s", file=sys.stderr, flush=True)
   for model in names:
     lopt = models.get(model)
     theta = lopt.init(jax.random.PRNGKey(_SEED.value))
-    res = timed(lambda th, ks, opt: batch_rollout(lopt.transform(th), opt, ks, steps),
+    res = timed(lambda th, ks, opt: batch_rollout(lopt.transform(th), opt, ks, steps, unroll),
                 theta, keys, optimizee)
     res["ratio_vs_adam"] = res["median_s"] / adam["median_s"]
-    rows.append({"workload": "W2", "model": model, "steps": steps, "optimizees": n, **res})
+    rows.append({"workload": "W2", "model": model, "steps": steps, "optimizees": n,
+                 "unroll": unroll, **res})
     save()
     print(f"  W2 {model}: {res['median_s']:.2f} s ({res['ratio_vs_adam']:.2f} x adam)",
           file=sys.stderr, flush=True)
@@ -350,21 +372,24 @@ def markdown(result: Dict[str, Any]) -> str:
   for note in result["notes"]:
     lines.append(f"note: {note}")
   w1 = [r for r in result["rows"] if r["workload"] == "W1"]
+  w2 = [r for r in result["rows"] if r["workload"] == "W2"]
   if w1:
     lines += ["", "## W1: one meta-iteration (T = %d), optimizee-steps per second" % w1[0]["T"], "",
               "| model | B | remat | median s/iter | steps/s | compile s | compiled MiB | "
               "peak MiB | page faults/iter | torch steps/s | x torch |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
+    if any(r.get("unroll", 1) > 1 for r in w1 + w2):
+      lines += ["", f"scan unroll: {(w1 + w2)[0].get('unroll', 1)} steps per loop iteration"]
     for r in w1:
+      remat = str(r["remat"]) + (f", chunk {r['remat_chunk']}" if r.get("remat_chunk") else "")
       if "error" in r:
-        lines.append(f"| {r['model']} | {r['B']} | {r['remat']} | {r['error']} ||||||||")
+        lines.append(f"| {r['model']} | {r['B']} | {remat} | {r['error']} ||||||||")
         continue
       torch = (f"{r['torch_steps_per_s']:,.0f} | {r['speedup_vs_torch']:.2f}"
                if "torch_steps_per_s" in r else "skipped | -")
-      lines.append(f"| {r['model']} | {r['B']} | {r['remat']} | {r['median_s']:.4f} | "
+      lines.append(f"| {r['model']} | {r['B']} | {remat} | {r['median_s']:.4f} | "
                    f"{r['steps_per_s']:,.0f} | {r['compile_s']:.1f} | {_mib(r['compiled_bytes'])} | "
                    f"{_mib(r['peak_bytes'])} | {_count(r.get('minor_faults_per_iter'))} | {torch} |")
-  w2 = [r for r in result["rows"] if r["workload"] == "W2"]
   if w2:
     lines += ["", f"## W2: evaluation, {w2[0]['steps']} steps x {w2[0]['optimizees']} optimizees",
               "", "| optimizer | median s | compile s | x adam |", "|---|---|---|---|"]
@@ -401,6 +426,7 @@ def main(argv):
   result = {"machine": machine(), "data": data, "notes": notes, "rows": [],
             "flags": {f: flags.FLAGS[f].value for f in
                       ("models", "batch_sizes", "segment", "iters", "warmup", "rounds", "remat",
+                       "remat_chunk", "unroll",
                        "shard", "workloads", "w2_steps", "w2_optimizees", "w2_repeats",
                        "torch_iters")}}
   for note in notes:
@@ -425,5 +451,8 @@ def main(argv):
 if __name__ == "__main__":
   hugepages.ensure()  # before any work: it re-executes the process
   # The PyTorch peer shares the GPU: JAX takes memory as it needs it rather than 75% up front.
-  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  # Growing on demand, it must be allowed more than the default 75%: the regions the smaller
+  # B's took stay with the allocator, and B = 256 needs one large region beside them.
+  if os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false") == "false":
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   app.run(main)

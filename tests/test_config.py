@@ -25,6 +25,8 @@ def test_default_config_is_valid():
     ({"meta__episode_steps": -100}, r"meta.episode_steps=-100 must be >= 1"),
     ({"meta__segment_length": 200}, r"segment_length=200 is longer than an episode \(meta.episode_steps: 100 steps\)"),
     ({"meta__segment_length": 30}, r"meta.episode_steps: episode length 100 is not a multiple of meta.segment_length=30"),
+    ({"meta__remat_chunk": -5}, r"meta.remat_chunk=-5 must be >= 0"),
+    ({"meta__scan_unroll": 0}, r"meta.scan_unroll=0 must be >= 1"),
     ({"meta__loss": "hinge"}, r"meta.loss='hinge'; allowed: \['last', 'log_ratio', 'mean', 'sum'\]"),
     ({"meta__optimizer": "lamb"}, r"meta.optimizer='lamb'; allowed"),
     ({"curriculum__enabled": True, "curriculum__schedule": ()}, r"curriculum.schedule is empty"),

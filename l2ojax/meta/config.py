@@ -46,6 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
       "second_order": False,     # keep d(grad)/d(params) in the meta-gradient
       "divergence_bound": 1e3,   # an optimizee whose loss passes this x its initial loss is reset
       "remat": "update",         # "" (save all) | "update" | "update_dots": what backprop recomputes
+      "remat_chunk": 0,          # > 0: keep the recurrent state every k steps only, recompute the rest
+      "scan_unroll": 1,          # optimizee steps per iteration of the compiled loop
       "shard": False,            # split the optimizee batch over all devices (jax.sharding)
   })
   c.validation = ml_collections.ConfigDict(
@@ -135,6 +137,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(get("meta", "clip_global_norm") >= 0, "meta.clip_global_norm must be >= 0 (0 = off)")
   need(get("meta", "clip_value") >= 0, "meta.clip_value must be >= 0 (0 = off)")
   need(get("meta", "divergence_bound") > 0, "meta.divergence_bound must be > 0")
+  need(get("meta", "remat_chunk") >= 0,
+       f"meta.remat_chunk={get('meta', 'remat_chunk')} must be >= 0 (0 = off)")
+  need(get("meta", "scan_unroll") >= 1,
+       f"meta.scan_unroll={get('meta', 'scan_unroll')} must be >= 1")
   from l2ojax.meta import remat as remat_lib
   need(get("meta", "remat") in ("",) + tuple(remat_lib.POLICIES),
        f"meta.remat={get('meta', 'remat')!r}; allowed: {[''] + sorted(remat_lib.POLICIES)}")

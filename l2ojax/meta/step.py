@@ -59,7 +59,8 @@ def _select(mask: chex.Array, new: chex.ArrayTree, old: chex.ArrayTree) -> chex.
 
 def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_length: int,
                    meta_loss: str = "sum", second_order: bool = False,
-                   divergence_bound: float = 1e3, remat: Optional[str] = None) -> Callable:
+                   divergence_bound: float = 1e3, remat: Optional[str] = None,
+                   remat_chunk: int = 0, scan_unroll: int = 1) -> Callable:
   """Returns jit(meta_step)(theta, outer_state, states, key, optimizee).
 
   ``states`` is an UnrollState batched over optimizees; the step unrolls each
@@ -77,15 +78,23 @@ def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_le
 
   ``remat`` (None, "update" or "update_dots", see ``l2ojax.meta.remat``)
   recomputes the learned optimizer's update in the backward pass instead of
-  saving its activations: same result, a fraction of the memory. Inputs placed
-  on a mesh (``l2ojax.meta.sharding``) run sharded with no other change.
+  saving its activations: same result, a fraction of the memory.
+  ``remat_chunk`` > 0 also recomputes the segment in chunks of that many steps,
+  keeping the recurrent state of the chunk boundaries only (what bounds the
+  memory at large B); ``scan_unroll`` sets the steps per iteration of the
+  compiled loop. Inputs placed on a mesh (``l2ojax.meta.sharding``) run
+  sharded with no other change.
   """
   loss_fn = losses_lib.get(meta_loss)
   remat_lib.check_policy(remat)
+  if remat_chunk < 0 or scan_unroll < 1:
+    raise ValueError(f"make_meta_step: remat_chunk={remat_chunk} must be >= 0 and "
+                     f"scan_unroll={scan_unroll} >= 1")
 
   def one(theta, state, key, optimizee):
     tx = remat_lib.checkpointed(lopt.transform(theta), remat)
-    state, fs = unroll(tx, optimizee, state, key, segment_length, second_order)
+    state, fs = unroll(tx, optimizee, state, key, segment_length, second_order,
+                       scan_unroll=scan_unroll, remat_chunk=remat_chunk)
     return loss_fn(fs, state.initial_loss), (state, fs)
 
   per_optimizee = jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(None, 0, 0, None))

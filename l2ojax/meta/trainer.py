@@ -157,7 +157,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   init_states = step_lib.make_init_states(lopt, meta.batch_size)
   meta_step = step_lib.make_meta_step(lopt, outer_tx, meta.segment_length, meta.loss,
                                       meta.second_order, meta.get("divergence_bound", 1e3),
-                                      meta.get("remat", None) or None)
+                                      meta.get("remat", None) or None,
+                                      meta.get("remat_chunk", 0), meta.get("scan_unroll", 1))
   validate = step_lib.make_validate(lopt, val.num_optimizees)
   if imitation is not None:
     init_il_states = imitation_lib.make_init_imitation_states(lopt, imitation.teacher,

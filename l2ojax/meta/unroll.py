@@ -37,14 +37,23 @@ def _call_update(tx, grads, opt_state, params, loss):
 
 
 def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: UnrollState,
-               step_keys: chex.Array, second_order: bool = False
-               ) -> Tuple[UnrollState, chex.Array]:
+               step_keys: chex.Array, second_order: bool = False, *, unroll: int = 1,
+               remat_chunk: int = 0) -> Tuple[UnrollState, chex.Array]:
   """One step of ``tx`` per key of ``step_keys`` (each key draws that step's minibatch).
 
   Returns the new state and the loss before each step ([len(step_keys)]).
   Splitting ``step_keys`` into consecutive chunks and scanning them in turn
   gives exactly the losses of one scan over all of them.
+
+  ``unroll``: steps per iteration of the compiled loop (``lax.scan``'s).
+  ``remat_chunk`` > 0: backprop keeps the carry (parameters and optimizer
+  state) of every ``remat_chunk``-th step only and recomputes the steps in
+  between, i.e. about n / k + k carries instead of n, for one more forward
+  pass. Neither changes the result.
   """
+  if remat_chunk < 0 or unroll < 1:
+    raise ValueError(f"scan_steps: remat_chunk={remat_chunk} must be >= 0 and "
+                     f"unroll={unroll} >= 1")
   loss_and_grad = jax.value_and_grad(optimizee.loss)
 
   def body(carry, step_key):
@@ -56,30 +65,47 @@ def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: Un
     params = optax.apply_updates(params, updates)
     return (params, opt_state), loss
 
-  (params, opt_state), losses = jax.lax.scan(body, (state.params, state.opt_state), step_keys)
-  new_state = state._replace(params=params, opt_state=opt_state,
-                             step=state.step + step_keys.shape[0])
+  def scan(carry, keys):
+    return jax.lax.scan(body, carry, keys, unroll=min(unroll, max(keys.shape[0], 1)))
+
+  carry = (state.params, state.opt_state)
+  n = step_keys.shape[0]
+  if 0 < remat_chunk < n:
+    n_full = n - n % remat_chunk
+    chunks = step_keys[:n_full].reshape((n_full // remat_chunk, remat_chunk)
+                                        + step_keys.shape[1:])
+    carry, losses = jax.lax.scan(jax.checkpoint(scan), carry, chunks)
+    losses = losses.reshape(n_full)
+    if n_full < n:
+      carry, rest = scan(carry, step_keys[n_full:])
+      losses = jnp.concatenate([losses, rest])
+  else:
+    carry, losses = scan(carry, step_keys)
+  params, opt_state = carry
+  new_state = state._replace(params=params, opt_state=opt_state, step=state.step + n)
   return new_state, losses
 
 
 def unroll(tx: optax.GradientTransformation, optimizee: Optimizee, state: UnrollState,
-           key: chex.PRNGKey, num_steps: int, second_order: bool = False
-           ) -> Tuple[UnrollState, chex.Array]:
+           key: chex.PRNGKey, num_steps: int, second_order: bool = False, *,
+           scan_unroll: int = 1, remat_chunk: int = 0) -> Tuple[UnrollState, chex.Array]:
   """Runs ``num_steps`` steps of ``tx`` on one optimizee.
 
   Returns the new state and the losses f(x_0), ..., f(x_T) ([num_steps + 1]),
   each on the minibatch of its own step. Unless ``second_order``, the
   optimizee gradient enters ``tx`` as a constant: meta-gradients flow through
   the parameters the updates produce, not through d(grad)/d(params).
+  ``scan_unroll`` and ``remat_chunk``: see ``scan_steps``.
   """
   keys = jax.random.split(key, num_steps + 1)
-  new_state, losses = scan_steps(tx, optimizee, state, keys[:-1], second_order)
+  new_state, losses = scan_steps(tx, optimizee, state, keys[:-1], second_order,
+                                 unroll=scan_unroll, remat_chunk=remat_chunk)
   final_loss = optimizee.loss(new_state.params, state.instance, keys[-1])
   return new_state, jnp.concatenate([losses, final_loss[None]])
 
 
 def rollout(tx: optax.GradientTransformation, optimizee: Optimizee, key: chex.PRNGKey,
-            num_steps: int) -> chex.Array:
+            num_steps: int, scan_unroll: int = 1) -> chex.Array:
   """Loss curve [num_steps + 1] of ``tx`` on the fresh optimizee that ``key`` draws.
 
   The same key gives the same init and the same minibatches to every ``tx``,
@@ -87,11 +113,11 @@ def rollout(tx: optax.GradientTransformation, optimizee: Optimizee, key: chex.PR
   """
   k_init, k_steps = jax.random.split(key)
   state = init_state(tx, optimizee, k_init)
-  _, losses = unroll(tx, optimizee, state, k_steps, num_steps)
+  _, losses = unroll(tx, optimizee, state, k_steps, num_steps, scan_unroll=scan_unroll)
   return losses
 
 
 def batch_rollout(tx: optax.GradientTransformation, optimizee: Any, keys: chex.Array,
-                  num_steps: int) -> chex.Array:
+                  num_steps: int, scan_unroll: int = 1) -> chex.Array:
   """``rollout`` vmapped over ``keys``: [len(keys), num_steps + 1]."""
-  return jax.vmap(lambda k: rollout(tx, optimizee, k, num_steps))(keys)
+  return jax.vmap(lambda k: rollout(tx, optimizee, k, num_steps, scan_unroll))(keys)
