@@ -69,6 +69,8 @@ _REMAT_CHUNK = flags.DEFINE_string("remat_chunk", "auto", "W1: keep the recurren
                                    "steps only (0: every step; auto: 5 for B >= 256, else 0).")
 _UNROLL = flags.DEFINE_integer("unroll", 1, "Optimizee steps per iteration of the compiled loop "
                                "(W1 and W2).")
+_STATE_DTYPE = flags.DEFINE_enum("dm_state_dtype", "", ["", "float32", "bfloat16"],
+                                 "L2O-DM's stored LSTM state type (default: the parameters').")
 _SHARD = flags.DEFINE_bool("shard", False, "Shard the meta-batch over all devices.")
 _WORKLOADS = flags.DEFINE_list("workloads", ["w1", "w2"], "Which workloads to run.")
 _W2_STEPS = flags.DEFINE_integer("w2_steps", 10_000, "W2 optimizee steps.")
@@ -147,6 +149,12 @@ def is_out_of_memory(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
+def learned_optimizer(model: str):
+  if model == "dm" and _STATE_DTYPE.value:
+    return models.get(model, state_dtype=_STATE_DTYPE.value)
+  return models.get(model)
+
+
 def remat_chunk_for(batch_size: int) -> int:
   choice = _REMAT_CHUNK.value
   if choice == "auto":  # the recurrent states of every step are what B = 256 cannot hold
@@ -176,7 +184,7 @@ class W1Run:
   def __init__(self, model: str, batch_size: int, optimizee, *, segment: int,
                remat: Optional[str], shard: bool, seed: int, remat_chunk: int = 0,
                unroll: int = 1):
-    lopt = models.get(model)
+    lopt = learned_optimizer(model)
     outer = optax.adam(1e-3)
     k_theta, k_init, self._key = jax.random.split(jax.random.PRNGKey(seed), 3)
     theta = lopt.init(k_theta)
@@ -340,7 +348,7 @@ def run_w2(names: List[str], optimizee, rows: List[Dict[str, Any]], save) -> Non
   save()
   print(f"  W2 adam: {adam['median_s']:.2f} s", file=sys.stderr, flush=True)
   for model in names:
-    lopt = models.get(model)
+    lopt = learned_optimizer(model)
     theta = lopt.init(jax.random.PRNGKey(_SEED.value))
     res = timed(lambda th, ks, opt: batch_rollout(lopt.transform(th), opt, ks, steps, unroll),
                 theta, keys, optimizee)
@@ -371,6 +379,8 @@ def markdown(result: Dict[str, Any]) -> str:
            f"{m.get('transparent_hugepages') or 'unknown'}", ""]
   for note in result["notes"]:
     lines.append(f"note: {note}")
+  if result["flags"].get("dm_state_dtype"):
+    lines.append(f"note: L2O-DM's LSTM state stored as {result['flags']['dm_state_dtype']}")
   w1 = [r for r in result["rows"] if r["workload"] == "W1"]
   w2 = [r for r in result["rows"] if r["workload"] == "W2"]
   if w1:
@@ -426,7 +436,7 @@ def main(argv):
   result = {"machine": machine(), "data": data, "notes": notes, "rows": [],
             "flags": {f: flags.FLAGS[f].value for f in
                       ("models", "batch_sizes", "segment", "iters", "warmup", "rounds", "remat",
-                       "remat_chunk", "unroll",
+                       "remat_chunk", "unroll", "dm_state_dtype",
                        "shard", "workloads", "w2_steps", "w2_optimizees", "w2_repeats",
                        "torch_iters")}}
   for note in notes:

@@ -99,3 +99,35 @@ def test_state_size_mismatch_is_a_clear_error():
   state = tx.init({"x": jnp.zeros(3)})
   with pytest.raises(ValueError, match="coordinates"):
     tx.update({"x": jnp.zeros(4)}, state)
+
+
+def _three_updates(lopt):
+  theta = models.dm().init(jax.random.PRNGKey(0))
+  tx = lopt.transform(theta)
+  params = _params()
+  state = tx.init(params)
+  out = []
+  for i in range(3):
+    grads = jax.tree_util.tree_map(
+        lambda p, i=i: jax.random.normal(jax.random.PRNGKey(10 + i), p.shape), params)
+    updates, state = tx.update(grads, state, params)
+    out.append(updates)
+  return out, state
+
+
+def test_bfloat16_state_is_stored_narrow_and_computed_on_in_float32():
+  wide, wide_state = _three_updates(models.dm())
+  narrow, narrow_state = _three_updates(models.dm(state_dtype="bfloat16"))
+  assert all(s.h.dtype == jnp.bfloat16 and s.c.dtype == jnp.bfloat16
+             for s in narrow_state.lstm)
+  assert all(u.dtype == jnp.float32 for u in jax.tree_util.tree_leaves(narrow))
+  # From the zero state the first update is computed entirely in float32: identical.
+  chex.assert_trees_all_close(narrow[0], wide[0], rtol=1e-6)
+  # Later ones read a rounded state: close (bfloat16 keeps ~3 significant digits), not equal.
+  chex.assert_trees_all_close(narrow[2], wide[2], rtol=3e-2, atol=1e-5)
+  assert not np.array_equal(np.asarray(narrow[2]["c"]), np.asarray(wide[2]["c"]))
+
+
+def test_unknown_state_dtype_is_named():
+  with pytest.raises(ValueError, match="state_dtype='int8'.*bfloat16"):
+    models.dm(state_dtype="int8")

@@ -62,13 +62,15 @@ def lstm_apply(params: dict, x: chex.Array, state: LSTMState,
   about a sixth fewer bytes than with the textbook form.
   """
   hidden = state.h.shape[-1]
-  scale, add, shift = (jnp.asarray(a, state.h.dtype) for a in _gate_affine(hidden, forget_bias))
+  # A state stored in a narrower type than the weights (bfloat16) is computed on in theirs.
+  dtype = jnp.promote_types(state.h.dtype, params["w"].dtype)
+  scale, add, shift = (jnp.asarray(a, dtype) for a in _gate_affine(hidden, forget_bias))
   w = params["w"] * scale
   b = (params["b"] + add) * scale
-  act = jnp.tanh(jnp.concatenate([x.astype(state.h.dtype), state.h], axis=-1) @ w + b)
+  act = jnp.tanh(jnp.concatenate([x.astype(dtype), state.h.astype(dtype)], axis=-1) @ w + b)
   act = act * scale + shift
   i, j, f, o = jnp.split(act, 4, axis=-1)
-  c = f * state.c + i * j
+  c = f * state.c.astype(dtype) + i * j
   h = o * jnp.tanh(c)
   return LSTMState(h, c)
 

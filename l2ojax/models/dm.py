@@ -13,6 +13,9 @@ from jax.flatten_util import ravel_pytree
 from l2ojax.models import base, cells, preprocess
 
 
+STATE_DTYPES = ("", "float32", "bfloat16")
+
+
 class DMState(NamedTuple):
   """Recurrent state: one (h, c) per LSTM layer, rows = flattened coordinates."""
   lstm: Tuple[cells.LSTMState, ...]
@@ -31,12 +34,15 @@ class DM:
   k: float = 5.0
   scale: float = 0.01
   forget_bias: float = 1.0
+  state_dtype: str = ""  # "" = the parameters' dtype; "bfloat16" halves the state's memory
   name: str = "dm"
 
   def __post_init__(self):
     if self.preprocessing not in preprocess.PREPROCESSORS:
       raise ValueError(f"dm: preprocessing={self.preprocessing!r}; allowed: "
                        f"{sorted(preprocess.PREPROCESSORS)}")
+    if self.state_dtype not in STATE_DTYPES:
+      raise ValueError(f"dm: state_dtype={self.state_dtype!r}; allowed: {STATE_DTYPES}")
     if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
       raise ValueError(f"dm: hidden_sizes must be non-empty positive ints, got {self.hidden_sizes}")
 
@@ -77,7 +83,8 @@ class DM:
 
   def init_state(self, params: chex.ArrayTree) -> DMState:
     flat, _ = ravel_pytree(params)
-    return DMState(tuple(cells.lstm_zero_state(flat.shape[0], h, flat.dtype)
+    dtype = jnp.dtype(self.state_dtype) if self.state_dtype else flat.dtype
+    return DMState(tuple(cells.lstm_zero_state(flat.shape[0], h, dtype)
                          for h in self.hidden_sizes))
 
   def transform(self, theta: dict) -> optax.GradientTransformationExtraArgs:
