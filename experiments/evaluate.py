@@ -15,6 +15,7 @@ WORKDIR/eval_P.png (ln loss against step, mean and a one-std band), plus
 WORKDIR/eval_summary.md (mean ± std of ln(loss) at --report_steps and the first
 step at which the mean reaches the target loss) and eval_summary.json.
 """
+import ast
 import datetime
 import json
 import os
@@ -25,7 +26,7 @@ import jax
 from absl import app, flags
 
 from experiments import hugepages
-from l2ojax import checkpoints, evaluation, optimizees, plots, pretrained
+from l2ojax import checkpoints, evaluation, models, optimizees, plots, pretrained
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (and default home of theta.msgpack).")
 _THETA = flags.DEFINE_string("theta", "", "Trained optimizer file (default WORKDIR/theta.msgpack).")
@@ -56,6 +57,8 @@ _SPLIT = flags.DEFINE_string("data_split", "test", "Data split (the paper's: MNI
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "tensorflow-datasets data_dir.")
 _MACHINE = flags.DEFINE_string("machine", "", "Machine to name in the summary (default: "
                                "platform and device kind).")
+_MODEL_OPTIONS = flags.DEFINE_list("model_options", [], "Overrides of the learned optimizer's "
+                                    "options, NAME=VALUE,... (e.g. state_dtype=bfloat16).")
 _RELU_ON_LOGITS = flags.DEFINE_bool("relu_on_logits", False, "Conv nets: ReLU on the logits, "
                                     "as the paper's code did (to reproduce its figures).")
 
@@ -95,6 +98,23 @@ def load_learned():
   return f"{lopt.name} (trained on {info.get('optimizee', '?')})", lopt, theta, info
 
 
+def with_options(lopt, items):
+  """``lopt`` rebuilt with the NAME=VALUE overrides in ``items`` (values as Python literals)."""
+  if not items:
+    return lopt
+  overrides = {}
+  for name, value in _pairs(items, "model_options").items():
+    try:
+      overrides[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[name] = value
+  unknown = sorted(set(overrides) - set(lopt.options()))
+  if unknown:
+    raise app.UsageError(f"--model_options: {unknown} are not options of {lopt.name}; "
+                         f"known: {sorted(lopt.options())}")
+  return models.get(lopt.name, **{**lopt.options(), **overrides})
+
+
 def main(argv):
   del argv
   workdir, steps = _WORKDIR.value, _STEPS.value
@@ -111,6 +131,9 @@ def main(argv):
   if report[-1] > steps or report[0] < 0:
     raise app.UsageError(f"--report_steps {report} must lie in [0, --steps={steps}]")
   label, lopt, theta, info = load_learned()
+  lopt = with_options(lopt, _MODEL_OPTIONS.value)
+  if _MODEL_OPTIONS.value:
+    label += f" ({', '.join(_MODEL_OPTIONS.value)})"
   os.makedirs(workdir, exist_ok=True)
   grids = {b: tuple(float(x) for x in _GRIDS[b].value) for b in _BASELINES.value}
   eval_keys = jax.random.split(jax.random.PRNGKey(_SEED.value), _SEEDS.value)

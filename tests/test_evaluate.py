@@ -93,6 +93,23 @@ def test_evaluate_cli_takes_a_pretrained_optimizer_by_name(tmp_path, tiny_image_
   assert bad.returncode != 0 and "no_such_optimizer" in bad.stderr and name in bad.stderr
 
 
+def test_evaluate_cli_overrides_the_learned_optimizers_options(tmp_path, tiny_image_npz):
+  common = ("--optimizer=dm_cl_il_mnist", "--problems=mnist_mlp", "--steps=30", "--seeds=2",
+            "--tune_seeds=1", "--baselines=adam", "--adam_learning_rates=0.01",
+            f"--data_path={tiny_image_npz}")
+  out = _run_evaluate(f"--workdir={tmp_path / 'a'}", *common)
+  narrow = _run_evaluate(f"--workdir={tmp_path / 'b'}", "--model_options=state_dtype=bfloat16",
+                         *common)
+  assert out.returncode == 0 and narrow.returncode == 0, narrow.stderr[-3000:]
+  wide = evaluation.read_curves_csv(str(tmp_path / "a" / "eval_mnist_mlp.csv"))
+  bf16 = evaluation.read_curves_csv(str(tmp_path / "b" / "eval_mnist_mlp.csv"))
+  a, b = wide["dm_cl_il_mnist"], bf16["dm_cl_il_mnist (state_dtype=bfloat16)"]
+  np.testing.assert_array_equal(a[:, :2], b[:, :2])  # step 0 and the first update: float32 alike
+  assert not np.array_equal(a, b) and np.allclose(a, b, rtol=0.05)
+  bad = _run_evaluate(f"--workdir={tmp_path / 'c'}", "--model_options=hiden=3", *common)
+  assert bad.returncode != 0 and "hiden" in bad.stderr and "state_dtype" in bad.stderr
+
+
 def test_evaluate_cli_rejects_unknown_problem(tmp_path):
   out = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path}",
                         "--problems=imagenet_resnet"], cwd=ROOT, capture_output=True, text=True,
