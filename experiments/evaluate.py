@@ -160,6 +160,7 @@ def main(argv):
     print(evaluation.markdown_table({name: result.curves}, report, target_losses, True),
           flush=True)
   table = evaluation.markdown_table(rows, report, target_losses, with_std=True)
+  medians = evaluation.markdown_table(rows, report, median=True)
   machine = _MACHINE.value or (f"{platform.machine()}, {jax.devices()[0].device_kind} "
                                 f"({jax.default_backend()})")
   shown = ", ".join(f"{p} {t:.4g}" for p, t in target_losses.items())
@@ -167,7 +168,9 @@ def main(argv):
     f.write(f"{label}: mean ± std of ln(training loss) over {_SEEDS.value} fresh optimizees, "
             f"the same for every optimizer. Baselines tuned on {_TUNE_SEEDS.value} separate "
             f"optimizees. Steps to target: the first step at which the mean ln(loss) reaches "
-            f"ln(target); targets: {shown}. Machine: {machine}.\n\n{table}")
+            f"ln(target); targets: {shown}. Machine: {machine}.\n\n{table}\n"
+            f"Median over runs of ln(training loss) (a run whose minibatch loss reaches "
+            f"exactly 0 counts as ln 1e-30 = -69 in the mean, not in the median):\n\n{medians}")
   with open(os.path.join(workdir, "eval_summary.json"), "w") as f:
     json.dump({"optimizer": label, "model": lopt.name, "info": info, "steps": steps,
                "seeds": _SEEDS.value, "tune_seeds": _TUNE_SEEDS.value,

@@ -205,6 +205,19 @@ def mean_log_loss(losses: np.ndarray, steps: Sequence[int]) -> np.ndarray:
   return np.where(np.isfinite(at).all(axis=0), logs.mean(axis=0), np.nan)
 
 
+def median_log_loss(losses: np.ndarray, steps: Sequence[int]) -> np.ndarray:
+  """Median over runs of ln(loss) at each of ``steps`` (nan where a run diverged).
+
+  Unlike the mean, one run whose minibatch loss reaches exactly 0 (counted
+  as 1e-30, ln = -69) does not move it.
+  """
+  losses = np.asarray(losses, np.float64)
+  at = losses[:, list(steps)]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    logs = np.log(np.maximum(at, 1e-30))
+  return np.where(np.isfinite(at).all(axis=0), np.median(logs, axis=0), np.nan)
+
+
 def std_log_loss(losses: np.ndarray, steps: Sequence[int]) -> np.ndarray:
   """Standard deviation over runs of ln(loss) at each of ``steps`` (nan where diverged)."""
   losses = np.asarray(losses, np.float64)
@@ -215,12 +228,16 @@ def std_log_loss(losses: np.ndarray, steps: Sequence[int]) -> np.ndarray:
 
 
 def markdown_table(rows: Mapping[str, Mapping[str, np.ndarray]], steps: Sequence[int],
-                   targets: Optional[Mapping[str, float]] = None, with_std: bool = False) -> str:
+                   targets: Optional[Mapping[str, float]] = None, with_std: bool = False,
+                   median: bool = False) -> str:
   """``rows``: problem -> {optimizer label -> losses}; mean ln(loss) at ``steps``.
 
   ``with_std`` adds the standard deviation over runs; ``targets`` (problem ->
   loss) adds the first step at which each optimizer's mean ln(loss) reaches it.
+  ``median`` shows the median over runs instead of the mean (and no std).
   """
+  if median:
+    with_std = False
   head = "| problem | optimizer | " + " | ".join(f"step {s}" for s in steps)
   cols = 2 + len(steps)
   if targets is not None:
@@ -229,7 +246,7 @@ def markdown_table(rows: Mapping[str, Mapping[str, np.ndarray]], steps: Sequence
   lines = [head + " |", "|" + "---|" * cols]
   for problem, by_label in rows.items():
     for label, losses in by_label.items():
-      vals = mean_log_loss(losses, steps)
+      vals = (median_log_loss if median else mean_log_loss)(losses, steps)
       stds = std_log_loss(losses, steps) if with_std else np.zeros_like(vals)
       cells = [("diverged" if np.isnan(v) else
                 f"{v:.3f} ± {d:.3f}" if with_std else f"{v:.3f}") for v, d in zip(vals, stds)]

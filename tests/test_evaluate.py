@@ -87,6 +87,7 @@ def test_evaluate_cli_takes_a_pretrained_optimizer_by_name(tmp_path, tiny_image_
   assert out.returncode == 0, out.stderr[-3000:]
   summary = open(tmp_path / "eval_summary.md").read()
   assert "Machine: the test machine." in summary and "targets: mnist_mlp " in summary
+  assert "Median over runs" in summary and summary.count("| problem | optimizer |") == 2
   assert set(evaluation.read_curves_csv(str(tmp_path / "eval_mnist_mlp.csv"))) == {
       name, "Adam lr=0.01"}
   bad = _run_evaluate(f"--workdir={tmp_path}", "--optimizer=no_such_optimizer")
@@ -206,3 +207,13 @@ def test_steps_to_target_and_the_summary_table():
                                     with_std=True)
   assert "| p | a | 0.000 ± 0.000 | -4.000 ± 0.000 | 2 |" in table
   assert "steps to target" in table.splitlines()[0]
+
+
+def test_median_table_is_not_moved_by_a_run_that_reaches_exactly_zero():
+  losses = np.full((5, 3), np.e ** -2)
+  losses[0, 2] = 0.0  # one run's minibatch loss underflows to 0 at the last step
+  mean = evaluation.mean_log_loss(losses, [0, 2])
+  np.testing.assert_allclose(mean, [-2.0, (4 * -2.0 + np.log(1e-30)) / 5])
+  np.testing.assert_allclose(evaluation.median_log_loss(losses, [0, 2]), [-2.0, -2.0])
+  table = evaluation.markdown_table({"p": {"opt": losses}}, [0, 2], median=True)
+  assert "| p | opt | -2.000 | -2.000 |" in table and "±" not in table
