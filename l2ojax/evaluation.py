@@ -192,17 +192,23 @@ def steps_to_target(losses: np.ndarray, target: float) -> Optional[int]:
   return int(np.argmax(hit)) if hit.any() else None
 
 
+def _log_at(losses: np.ndarray, steps: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+  """ln(loss) [runs, len(steps)] (a loss of exactly 0 counts as 1e-30) and, per step,
+  whether every run is finite there."""
+  at = np.asarray(losses, np.float64)[:, list(steps)]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    logs = np.log(np.maximum(at, 1e-30))
+  return logs, np.isfinite(at).all(axis=0)
+
+
 def mean_log_loss(losses: np.ndarray, steps: Sequence[int]) -> np.ndarray:
   """The paper's y axis: mean over runs of ln(loss) at each of ``steps``.
 
   A run that is non-finite at a step makes that entry nan (diverged), never a
   number that hides it.
   """
-  losses = np.asarray(losses, np.float64)
-  at = losses[:, list(steps)]
-  with np.errstate(divide="ignore", invalid="ignore"):
-    logs = np.log(np.maximum(at, 1e-30))
-  return np.where(np.isfinite(at).all(axis=0), logs.mean(axis=0), np.nan)
+  logs, finite = _log_at(losses, steps)
+  return np.where(finite, logs.mean(axis=0), np.nan)
 
 
 def median_log_loss(losses: np.ndarray, steps: Sequence[int]) -> np.ndarray:
@@ -211,20 +217,14 @@ def median_log_loss(losses: np.ndarray, steps: Sequence[int]) -> np.ndarray:
   Unlike the mean, one run whose minibatch loss reaches exactly 0 (counted
   as 1e-30, ln = -69) does not move it.
   """
-  losses = np.asarray(losses, np.float64)
-  at = losses[:, list(steps)]
-  with np.errstate(divide="ignore", invalid="ignore"):
-    logs = np.log(np.maximum(at, 1e-30))
-  return np.where(np.isfinite(at).all(axis=0), np.median(logs, axis=0), np.nan)
+  logs, finite = _log_at(losses, steps)
+  return np.where(finite, np.median(logs, axis=0), np.nan)
 
 
 def std_log_loss(losses: np.ndarray, steps: Sequence[int]) -> np.ndarray:
   """Standard deviation over runs of ln(loss) at each of ``steps`` (nan where diverged)."""
-  losses = np.asarray(losses, np.float64)
-  at = losses[:, list(steps)]
-  with np.errstate(divide="ignore", invalid="ignore"):
-    logs = np.log(np.maximum(at, 1e-30))
-  return np.where(np.isfinite(at).all(axis=0), logs.std(axis=0), np.nan)
+  logs, finite = _log_at(losses, steps)
+  return np.where(finite, logs.std(axis=0), np.nan)
 
 
 def markdown_table(rows: Mapping[str, Mapping[str, np.ndarray]], steps: Sequence[int],
