@@ -8,6 +8,13 @@ dm_mnist.py) into WORKDIR/<variant> (re-running resumes), evaluates each on
 the same fresh optimizees beside Adam at its best learning rate, and writes
 WORKDIR/ablation.{md,json,png}: mean ln(training loss) at steps 100, 1,000
 and 10,000 next to the paper's figures, and each meta-training's wall time.
+
+``--family=rnnprop`` (or ``scale``) does the same for RNNProp (L2O-Scale),
+by default its plain and CL-IL variants (experiments/configs/rnnprop_mnist.py,
+scale_mnist.py): the paper's claim that the techniques lift every model.
+``--max_minutes=M`` trains the variants in turn until M minutes have passed,
+checkpoints the one under way and exits with status 75; the same command goes
+on from there, and the call that finishes the last variant writes the table.
 ``--override=field=value`` (repeatable) applies to every variant, e.g. a
 scaled-down run: --override=meta.num_episodes=40 --override='curriculum.schedule=(100, 200)'
 --override=dm_aug:meta.num_episodes=8. Learned curves are cached per variant
@@ -18,6 +25,7 @@ import ast
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -26,12 +34,20 @@ import optax
 from absl import app, flags, logging
 
 from experiments import hugepages
-from experiments.configs import dm_mnist
+from experiments.configs import dm_mnist, rnnprop_mnist, scale_mnist
 from l2ojax import evaluation, plots
 from l2ojax.meta import trainer
 
+FAMILIES = {"dm": dm_mnist, "rnnprop": rnnprop_mnist, "scale": scale_mnist}
+EXIT_PAUSED = 75  # sysexits' EX_TEMPFAIL: not done, run again
+
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "Output folder.")
-_VARIANTS = flags.DEFINE_list("variants", list(dm_mnist.VARIANTS), "Variants to run.")
+_FAMILY = flags.DEFINE_enum("family", "dm", list(FAMILIES), "Learned optimizer family.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", None, "Variants to run (default: those with a paper figure, i.e. all five "
+    "for dm, plain and CL-IL for rnnprop and scale).")
+_MAX_MINUTES = flags.DEFINE_float("max_minutes", None,
+                                  "Pause (checkpoint, exit 75) after this many minutes.")
 _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "field=value for every variant's config; variant:field=value for one.")
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", 0, "Evaluation steps (0: config eval.steps).")
@@ -39,7 +55,6 @@ _EVAL_N = flags.DEFINE_integer("eval_optimizees", 0, "Fresh optimizees (0: confi
 _LABEL = flags.DEFINE_string("label", "", "Run description for the table's caption.")
 
 REPORT_STEPS = (100, 1000, 10000)
-NAMES = {"dm": "DM", "dm_aug": "DM-AUG", "dm_il": "DM-IL", "dm_cl": "DM-CL", "dm_cl_il": "DM-CL-IL"}
 
 
 def apply_override(config, item: str) -> None:
@@ -97,49 +112,72 @@ def table(results: dict, steps, caption: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
+def build_configs(family, variants, overrides) -> dict:
+  """Each variant's config with ``overrides`` (field=value or variant:field=value) applied."""
+  module = FAMILIES[family]
   configs = {}
-  for v in _VARIANTS.value:
-    configs[v] = dm_mnist.get_config(v)
-    for item in _OVERRIDES.value:
+  for v in variants:
+    configs[v] = module.get_config(v)
+    for item in overrides:
       target, sep, rest = item.partition(":")
       if sep and "=" not in target:  # variant:field=value
-        if target not in dm_mnist.VARIANTS:
-          raise ValueError(f"--override {item!r}: unknown variant {target!r}")
+        if target not in module.VARIANTS:
+          raise ValueError(f"--override {item!r}: unknown {family} variant {target!r}; "
+                           f"allowed: {module.VARIANTS}")
         if target == v:
           apply_override(configs[v], rest)
       else:
         apply_override(configs[v], item)
-  base = configs[_VARIANTS.value[0]]
+  return configs
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  started = time.perf_counter()
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  module = FAMILIES[_FAMILY.value]
+  variants = _VARIANTS.value or list(module.PAPER_LN_LOSS_10K)
+  configs = build_configs(_FAMILY.value, variants, _OVERRIDES.value)
+  base = configs[variants[0]]
   steps = _EVAL_STEPS.value or base.eval.steps
   n = _EVAL_N.value or base.eval.num_optimizees
   optimizee = trainer.build_optimizee(base)
   keys = jax.random.split(jax.random.PRNGKey(base.eval.seed), n)
   machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
             f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
-  print(f"ablation: {_VARIANTS.value}, eval {n} optimizees x {steps} steps; {machine}")
+  print(f"ablation: {variants}, eval {n} optimizees x {steps} steps; {machine}")
 
   results, curves = {}, {}
   for v, config in configs.items():
     t0 = time.perf_counter()
-    res = trainer.train(config, os.path.join(_WORKDIR.value, v), progress=False)
+    left = None
+    if _MAX_MINUTES.value is not None:
+      left = max(0.0, 60.0 * _MAX_MINUTES.value - (t0 - started))
+    res = trainer.train(config, os.path.join(_WORKDIR.value, v), progress=False,
+                        max_seconds=left)
     wall = time.perf_counter() - t0
+    if not res.finished:
+      print(f"{module.NAMES[v]}: paused at episode {res.episodes}; run the same command "
+            f"again to go on", flush=True)
+      sys.exit(EXIT_PAUSED)
     rows = [json.loads(l) for l in open(os.path.join(res.workdir, "metrics.jsonl"))]
+    calls_path = os.path.join(res.workdir, "calls.jsonl")  # absent in runs made before it
+    calls = [json.loads(l) for l in open(calls_path)] if os.path.exists(calls_path) else []
     learned = cached_curves(os.path.join(_WORKDIR.value, f"curves_{v}"), res, optimizee, keys,
                             steps)
-    curves[NAMES[v]] = learned
-    results[NAMES[v]] = {
+    name = module.NAMES[v]
+    curves[name] = learned
+    results[name] = {
         "variant": v, "episodes": res.episodes, "best_val": res.best_score,
         "final_stage": rows[-1]["stage"] if rows else 0,
         "imitation_episodes": sum(r["mode"] == "imitation" for r in rows),
         "train_seconds": float(sum(r["seconds"] for r in rows)), "wall_seconds_this_call": wall,
+        "train_calls": len(calls), "train_devices": sorted({c["device"] for c in calls}),
         "ln_loss": ln_at(learned, REPORT_STEPS + (steps,)),
-        "paper_ln_loss_10k": dm_mnist.PAPER_LN_LOSS_10K[v]}
-    print(f"{NAMES[v]}: {res.episodes} episodes, {results[NAMES[v]]['train_seconds']:.0f} s, "
-          f"ln loss {results[NAMES[v]]['ln_loss']}", flush=True)
+        "paper_ln_loss_10k": module.PAPER_LN_LOSS_10K.get(v)}
+    print(f"{name}: {res.episodes} episodes, {results[name]['train_seconds']:.0f} s, "
+          f"ln loss {results[name]['ln_loss']}", flush=True)
 
   lrs = tuple(base.eval.adam_learning_rates)
   tuned = evaluation.tune_learning_rate(optax.adam, optimizee, keys, steps, lrs)

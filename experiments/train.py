@@ -6,9 +6,17 @@ r"""Meta-trains a learned optimizer from an ml_collections config.
 With no --config it runs the built-in default (L2O-DM on the quadratic
 family, no download). A workdir holds config.json, checkpoints/, metrics.jsonl,
 theta.msgpack, eval.json and eval.png; re-running the same command resumes.
+
+--max_minutes=M stops after the episode under way once M minutes have passed,
+checkpoints it, and exits with status 75 (EX_TEMPFAIL: run the same command
+again to go on); the evaluation runs only when training is complete. For jobs
+under a time limit:
+
+  until python -m experiments.train ... --max_minutes=50; [ $? -ne 75 ]; do :; done
 """
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -24,6 +32,9 @@ from l2ojax.meta import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.name>).")
+_MAX_MINUTES = flags.DEFINE_float("max_minutes", None,
+                                  "Pause (checkpoint, exit 75) after this many minutes.")
+EXIT_PAUSED = 75  # sysexits' EX_TEMPFAIL: not done, run again
 
 
 def evaluate_against_adam(config, result) -> dict:
@@ -56,7 +67,10 @@ def main(argv):
   config_lib.validate(config)  # before anything is built or compiled
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
   print(f"config {config.name}, workdir {workdir}, devices {jax.devices()}")
-  result = trainer.train(config, workdir)
+  max_seconds = None if _MAX_MINUTES.value is None else 60.0 * _MAX_MINUTES.value
+  result = trainer.train(config, workdir, max_seconds=max_seconds)
+  if not result.finished:
+    sys.exit(EXIT_PAUSED)
   s = evaluate_against_adam(config, result)
   print(f"mean loss after {s['steps']} steps on {s['num_optimizees']} fresh optimizees: "
         f"learned {s['learned_final_loss']:.6g}, "

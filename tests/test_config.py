@@ -1,6 +1,7 @@
 """Bad configs stop before anything is built, with the field and the allowed values named."""
 import pytest
 
+from experiments.configs import dm_mnist, rnnprop_mnist, scale_mnist
 from l2ojax.meta import config as config_lib
 
 
@@ -72,3 +73,23 @@ def test_train_rejects_a_bad_config_before_building_anything(tmp_path, monkeypat
   with pytest.raises(config_lib.ConfigError, match="meta.segment_length=0 must be >= 1"):
     trainer.train(c, str(tmp_path / "run"), progress=False)
   assert not built and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module", [dm_mnist, rnnprop_mnist, scale_mnist])
+def test_every_family_has_the_same_technique_variants(module):
+  for variant in module.VARIANTS:
+    c = module.get_config(variant)
+    config_lib.validate(c)
+    assert c.curriculum.enabled == variant.endswith(("_cl", "_cl_il"))
+    assert c.imitation.enabled == variant.endswith(("_il", "_cl_il"))
+    assert c.meta.episode_steps == (500 if variant.endswith("_aug") else 100)
+  assert set(module.PAPER_LN_LOSS_10K) <= set(module.VARIANTS) == set(module.NAMES)
+  with pytest.raises(ValueError, match="variant 'nope'"):
+    module.get_config("nope")
+
+
+def test_family_recipes_follow_the_paper():
+  assert scale_mnist.get_config("scale_cl_il").curriculum.schedule[-1] == 5000
+  assert rnnprop_mnist.get_config("rnnprop").validation.period == 10
+  assert rnnprop_mnist.get_config("rnnprop").meta.num_episodes == 100
+  assert dm_mnist.get_config("dm_aug").meta.num_episodes == 5000

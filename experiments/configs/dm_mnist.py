@@ -20,26 +20,35 @@ import ml_collections
 from experiments.configs import dm_quadratic
 
 VARIANTS = ("dm", "dm_aug", "dm_il", "dm_cl", "dm_cl_il")
+NAMES = {"dm": "DM", "dm_aug": "DM-AUG", "dm_il": "DM-IL", "dm_cl": "DM-CL", "dm_cl_il": "DM-CL-IL"}
 # The paper's mean ln(training loss) at step 10,000 (read off its ablation plot).
 PAPER_LN_LOSS_10K = {"dm": 0.0, "dm_aug": -3.0, "dm_il": -3.2, "dm_cl": -6.0, "dm_cl_il": -11.0}
+TECHNIQUES = ("", "_aug", "_il", "_cl", "_cl_il")  # what each variant adds to the plain model
+
+
+def technique(family: str, variant: str, variants) -> str:
+  """The technique suffix of ``variant`` (e.g. "_cl_il" of "rnnprop_cl_il")."""
+  if variant not in variants:
+    raise ValueError(f"{family} variant {variant!r}; allowed: {tuple(variants)}")
+  return variant[len(family):]
 
 
 def get_config(variant: str = "dm") -> ml_collections.ConfigDict:
-  if variant not in VARIANTS:
-    raise ValueError(f"dm_mnist variant {variant!r}; allowed: {VARIANTS}")
+  suffix = technique("dm", variant, VARIANTS)
   c = dm_quadratic.get_config()
   c.name = f"{variant}_mnist"
   c.model = ml_collections.ConfigDict({"name": "dm", "options": {}})  # log/sign k=5, scale 0.01
   c.optimizee = ml_collections.ConfigDict(
       {"name": "mnist_mlp", "options": {"hidden_sizes": (20,), "activation": "sigmoid"}})
   c.meta.batch_size = 8
-  c.meta.episode_steps = 500 if variant == "dm_aug" else 100
-  c.meta.num_episodes = 10000   # learning-to-learn's; a curriculum usually stops earlier
+  c.meta.episode_steps = 500 if suffix == "_aug" else 100
+  # learning-to-learn's 10,000 (a curriculum usually stops earlier); AUG: 5,000 of 500 steps
+  c.meta.num_episodes = 5000 if suffix == "_aug" else 10000
   c.validation.period = 100
   c.validation.num_optimizees = 20
   c.checkpoint_every = 50
-  c.curriculum.enabled = variant in ("dm_cl", "dm_cl_il")
-  c.imitation.enabled = variant in ("dm_il", "dm_cl_il")
+  c.curriculum.enabled = suffix in ("_cl", "_cl_il")
+  c.imitation.enabled = suffix in ("_il", "_cl_il")
   c.eval.num_optimizees = 10
   c.eval.steps = 10000
   return c

@@ -28,6 +28,7 @@ class TrainResult(NamedTuple):
   best_score: float
   episodes: int
   workdir: str
+  finished: bool = True  # False: stopped by ``max_seconds``; re-running resumes
 
 
 def build_optimizee(config: ml_collections.ConfigDict):
@@ -86,6 +87,16 @@ def _float(x) -> float:
   return float(np.asarray(x))
 
 
+def _log_call(workdir: str, first: int, last: int, seconds: float, finished: bool) -> None:
+  """calls.jsonl: one line per call of ``train`` (a run resumed over several calls,
+  perhaps on different machines, keeps a record of which did what)."""
+  row = {"episodes": [first, last], "seconds": round(seconds, 3), "finished": bool(finished),
+         "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+         "jax": jax.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  with open(os.path.join(workdir, "calls.jsonl"), "a") as f:
+    f.write(json.dumps(row) + "\n")
+
+
 
 def build_curriculum(config: ml_collections.ConfigDict) -> curriculum_lib.Curriculum:
   """The configured schedule; without ``curriculum.enabled``, one stage of
@@ -115,7 +126,8 @@ def build_imitation(config: ml_collections.ConfigDict) -> Optional[ImitationSett
                            int(il.get("k", 1)), bool(il.get("separate_outer_state", True)))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> TrainResult:
+def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
+          max_seconds: Optional[float] = None) -> TrainResult:
   """Meta-trains ``config.model`` on ``config.optimizee``; resumes from ``workdir``.
 
   Each episode is a meta episode (the learner moves the optimizee; meta-loss
@@ -124,7 +136,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   every ``validation.period`` episodes feeds the curriculum controller, which
   keeps the best, advances stages and ends training. The final model is the
   last theta that improved validation.
+
+  ``max_seconds``: once this much time has passed since the call, the episode
+  under way is finished, checkpointed, and the call returns with
+  ``finished=False`` (no theta.msgpack); calling again resumes, so a job under
+  a batch system's time limit can be split into calls that give, together,
+  the same theta as one.
   """
+  started = time.perf_counter()
+  if max_seconds is not None and max_seconds < 0:
+    raise ValueError(f"train: max_seconds={max_seconds} must be >= 0")
   config_lib.validate(config)  # every field checked before anything is built or compiled
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:  # what the run was, for its record
@@ -153,6 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       int(info["stage"]), float(info["best_score"]), int(info["patience"]),
       bool(info["improved"]), bool(info["done"]))
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), info["episode"])
+  first_episode = info["episode"]
 
   init_states = step_lib.make_init_states(lopt, meta.batch_size)
   meta_step = step_lib.make_meta_step(lopt, outer_tx, meta.segment_length, meta.loss,
@@ -242,13 +264,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     bar.update(1)
     bar.set_postfix(stage=stage, train_loss=f"{row['train_loss']:.4g}",
                     **({"val": f"{row['val_loss']:.4g}"} if "val_loss" in row else {}))
-    if (info["episode"] % config.checkpoint_every == 0 or info["episode"] == meta.num_episodes
-        or cstate.done):
+    finished = cstate.done or info["episode"] >= meta.num_episodes
+    out_of_time = (not finished and max_seconds is not None
+                   and time.perf_counter() - started >= max_seconds)
+    if info["episode"] % config.checkpoint_every == 0 or finished or out_of_time:
       ckpt.save(info["episode"], {"theta": theta, "outer_state": outer_state,
                                   "il_outer_state": il_outer_state, "key": key,
                                   "best_theta": best_theta}, dict(info))
+    if out_of_time:
+      break
   bar.close()
   ckpt.close()
+  finished = cstate.done or info["episode"] >= meta.num_episodes
+  if info["episode"] > first_episode:
+    _log_call(workdir, first_episode, info["episode"], time.perf_counter() - started, finished)
+  if not finished:
+    print(f"paused after episode {info['episode']} of {meta.num_episodes} (max_seconds="
+          f"{max_seconds:g}); the same call resumes from {workdir}")
+    return TrainResult(lopt, best_theta, cstate.best_score, info["episode"], workdir, False)
   if cstate.stage == 0 and not np.isfinite(cstate.best_score):
     best_theta = theta  # never validated (a later stage always has a best): theta is the model
   checkpoints.save_theta(os.path.join(workdir, "theta.msgpack"), lopt, best_theta,
