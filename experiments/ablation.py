@@ -13,8 +13,9 @@ and 10,000 next to the paper's figures, and each meta-training's wall time.
 by default its plain and CL-IL variants (experiments/configs/rnnprop_mnist.py,
 scale_mnist.py): the paper's claim that the techniques lift every model.
 ``--max_minutes=M`` trains the variants in turn until M minutes have passed,
-checkpoints the one under way and exits with status 75; the same command goes
-on from there, and the call that finishes the last variant writes the table.
+checkpoints the one under way and exits with status 75 (SIGTERM: the same at
+once); the same command goes on from there, and the call that finishes the
+last variant writes the table.
 ``--override=field=value`` (repeatable) applies to every variant, e.g. a
 scaled-down run: --override=meta.num_episodes=40 --override='curriculum.schedule=(100, 200)'
 --override=dm_aug:meta.num_episodes=8. Learned curves are cached per variant
@@ -131,23 +132,10 @@ def build_configs(family, variants, overrides) -> dict:
   return configs
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  started = time.perf_counter()
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  module = FAMILIES[_FAMILY.value]
-  variants = _VARIANTS.value or list(module.PAPER_LN_LOSS_10K)
-  configs = build_configs(_FAMILY.value, variants, _OVERRIDES.value)
-  base = configs[variants[0]]
-  steps = _EVAL_STEPS.value or base.eval.steps
-  n = _EVAL_N.value or base.eval.num_optimizees
-  optimizee = trainer.build_optimizee(base)
-  keys = jax.random.split(jax.random.PRNGKey(base.eval.seed), n)
-  machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
-            f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
-  print(f"ablation: {variants}, eval {n} optimizees x {steps} steps; {machine}")
-
+def train_variants(module, configs: dict, optimizee, keys, steps: int, started: float,
+                   should_stop) -> tuple:
+  """Trains (or resumes) each variant and evaluates it; exits with EXIT_PAUSED when
+  --max_minutes or SIGTERM stops a training."""
   results, curves = {}, {}
   for v, config in configs.items():
     t0 = time.perf_counter()
@@ -155,7 +143,7 @@ def main(argv):
     if _MAX_MINUTES.value is not None:
       left = max(0.0, 60.0 * _MAX_MINUTES.value - (t0 - started))
     res = trainer.train(config, os.path.join(_WORKDIR.value, v), progress=False,
-                        max_seconds=left)
+                        max_seconds=left, should_stop=should_stop)
     wall = time.perf_counter() - t0
     if not res.finished:
       print(f"{module.NAMES[v]}: paused at episode {res.episodes}; run the same command "
@@ -178,6 +166,29 @@ def main(argv):
         "paper_ln_loss_10k": module.PAPER_LN_LOSS_10K.get(v)}
     print(f"{name}: {res.episodes} episodes, {results[name]['train_seconds']:.0f} s, "
           f"ln loss {results[name]['ln_loss']}", flush=True)
+  return results, curves
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  started = time.perf_counter()
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  module = FAMILIES[_FAMILY.value]
+  variants = _VARIANTS.value or list(module.PAPER_LN_LOSS_10K)
+  configs = build_configs(_FAMILY.value, variants, _OVERRIDES.value)
+  base = configs[variants[0]]
+  steps = _EVAL_STEPS.value or base.eval.steps
+  n = _EVAL_N.value or base.eval.num_optimizees
+  optimizee = trainer.build_optimizee(base)
+  keys = jax.random.split(jax.random.PRNGKey(base.eval.seed), n)
+  machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+            f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
+  print(f"ablation: {variants}, eval {n} optimizees x {steps} steps; {machine}")
+
+  with trainer.sigterm_requests_stop() as should_stop:  # SIGTERM pauses like --max_minutes
+    results, curves = train_variants(module, configs, optimizee, keys, steps, started,
+                                     should_stop)
 
   lrs = tuple(base.eval.adam_learning_rates)
   tuned = evaluation.tune_learning_rate(optax.adam, optimizee, keys, steps, lrs)

@@ -9,8 +9,8 @@ theta.msgpack, eval.json and eval.png; re-running the same command resumes.
 
 --max_minutes=M stops after the episode under way once M minutes have passed,
 checkpoints it, and exits with status 75 (EX_TEMPFAIL: run the same command
-again to go on); the evaluation runs only when training is complete. For jobs
-under a time limit:
+again to go on); SIGTERM does the same at once. The evaluation runs only when
+training is complete. For jobs under a time limit:
 
   until python -m experiments.train ... --max_minutes=50; [ $? -ne 75 ]; do :; done
 """
@@ -68,7 +68,8 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
   print(f"config {config.name}, workdir {workdir}, devices {jax.devices()}")
   max_seconds = None if _MAX_MINUTES.value is None else 60.0 * _MAX_MINUTES.value
-  result = trainer.train(config, workdir, max_seconds=max_seconds)
+  with trainer.sigterm_requests_stop() as should_stop:
+    result = trainer.train(config, workdir, max_seconds=max_seconds, should_stop=should_stop)
   if not result.finished:
     sys.exit(EXIT_PAUSED)
   s = evaluate_against_adam(config, result)

@@ -65,6 +65,30 @@ def test_sigkill_during_training_resumes_to_the_same_theta(uninterrupted, tmp_pa
   assert [r["episode"] for r in rows] == list(range(24))
 
 
+def test_sigterm_pauses_after_the_episode_under_way_and_resumes_to_the_same_theta(
+    uninterrupted, tmp_path):
+  workdir = tmp_path / "terminated"
+  proc = subprocess.Popen(_train_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  stdout, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 75, stdout[-2000:]  # paused, not killed
+  done = len(metrics.read_text().splitlines())
+  assert 6 <= done < 24 and f"paused after episode {done} of 24" in stdout
+  # the pause checkpointed the last episode, off the checkpoint period or not
+  assert checkpoints.CheckpointManager(str(workdir / "checkpoints")).latest_step() == done
+  out = subprocess.run(_train_cmd(workdir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"resumed from episode {done}" in out.stdout
+  chex.assert_trees_all_equal(_load(uninterrupted)[0], _load(workdir)[0])
+
+
 def test_a_save_killed_half_way_leaves_the_previous_checkpoint_usable(uninterrupted, tmp_path):
   workdir = tmp_path / "killed_mid_save"
   # checkpoint_every=4 over 24 episodes: the 3rd save is episode 12's.

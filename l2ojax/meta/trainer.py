@@ -3,10 +3,13 @@ checkpoints, metrics. Plain Python around jitted steps; nothing retraces per
 iteration."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional
 
 import jax
 import ml_collections
@@ -126,8 +129,29 @@ def build_imitation(config: ml_collections.ConfigDict) -> Optional[ImitationSett
                            int(il.get("k", 1)), bool(il.get("separate_outer_state", True)))
 
 
+@contextlib.contextmanager
+def sigterm_requests_stop() -> Iterator[Callable[[], bool]]:
+  """Yields ``should_stop`` for ``train``: true once the process got SIGTERM.
+
+  Batch systems and ``timeout`` send SIGTERM some time before they kill; with
+  it, the episode under way is finished and checkpointed instead of lost. The
+  previous handler is back on exit. Outside the main thread (where no handler
+  can be installed) ``should_stop`` stays false.
+  """
+  received = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield received.is_set
+    return
+  previous = signal.signal(signal.SIGTERM, lambda *_: received.set())
+  try:
+    yield received.is_set
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
-          max_seconds: Optional[float] = None) -> TrainResult:
+          max_seconds: Optional[float] = None,
+          should_stop: Optional[Callable[[], bool]] = None) -> TrainResult:
   """Meta-trains ``config.model`` on ``config.optimizee``; resumes from ``workdir``.
 
   Each episode is a meta episode (the learner moves the optimizee; meta-loss
@@ -141,7 +165,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   under way is finished, checkpointed, and the call returns with
   ``finished=False`` (no theta.msgpack); calling again resumes, so a job under
   a batch system's time limit can be split into calls that give, together,
-  the same theta as one.
+  the same theta as one. ``should_stop``: polled after every episode; true
+  pauses the same way (e.g. ``sigterm_requests_stop``).
   """
   started = time.perf_counter()
   if max_seconds is not None and max_seconds < 0:
@@ -265,8 +290,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     bar.set_postfix(stage=stage, train_loss=f"{row['train_loss']:.4g}",
                     **({"val": f"{row['val_loss']:.4g}"} if "val_loss" in row else {}))
     finished = cstate.done or info["episode"] >= meta.num_episodes
-    out_of_time = (not finished and max_seconds is not None
-                   and time.perf_counter() - started >= max_seconds)
+    out_of_time = not finished and (
+        (max_seconds is not None and time.perf_counter() - started >= max_seconds)
+        or (should_stop is not None and should_stop()))
     if info["episode"] % config.checkpoint_every == 0 or finished or out_of_time:
       ckpt.save(info["episode"], {"theta": theta, "outer_state": outer_state,
                                   "il_outer_state": il_outer_state, "key": key,
@@ -279,8 +305,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   if info["episode"] > first_episode:
     _log_call(workdir, first_episode, info["episode"], time.perf_counter() - started, finished)
   if not finished:
-    print(f"paused after episode {info['episode']} of {meta.num_episodes} (max_seconds="
-          f"{max_seconds:g}); the same call resumes from {workdir}")
+    print(f"paused after episode {info['episode']} of {meta.num_episodes}; the same call "
+          f"resumes from {workdir}")
     return TrainResult(lopt, best_theta, cstate.best_score, info["episode"], workdir, False)
   if cstate.stage == 0 and not np.isfinite(cstate.best_score):
     best_theta = theta  # never validated (a later stage always has a best): theta is the model
