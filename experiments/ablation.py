@@ -15,7 +15,7 @@ scale_mnist.py): the paper's claim that the techniques lift every model.
 ``--max_minutes=M`` trains the variants in turn until M minutes have passed,
 checkpoints the one under way and exits with status 75 (SIGTERM: the same at
 once); the same command goes on from there, and the call that finishes the
-last variant writes the table.
+last variant writes the table. ``--status`` prints how far each variant got.
 ``--override=field=value`` (repeatable) applies to every variant, e.g. a
 scaled-down run: --override=meta.num_episodes=40 --override='curriculum.schedule=(100, 200)'
 --override=dm_aug:meta.num_episodes=8. Learned curves are cached per variant
@@ -54,6 +54,7 @@ _OVERRIDES = flags.DEFINE_multi_string(
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", 0, "Evaluation steps (0: config eval.steps).")
 _EVAL_N = flags.DEFINE_integer("eval_optimizees", 0, "Fresh optimizees (0: config eval).")
 _LABEL = flags.DEFINE_string("label", "", "Run description for the table's caption.")
+_STATUS = flags.DEFINE_bool("status", False, "Print each variant's training progress and exit.")
 
 REPORT_STEPS = (100, 1000, 10000)
 
@@ -132,6 +133,31 @@ def build_configs(family, variants, overrides) -> dict:
   return configs
 
 
+def _jsonl(path: str) -> list:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def status_table(workdir: str, module, variants) -> str:
+  """Each variant's progress so far, from its metrics.jsonl and calls.jsonl."""
+  lines = ["| variant | episodes | stage | episode steps | last validation | training time "
+           "| calls | devices | done |", "|---" * 9 + "|"]
+  for v in variants:
+    rows = _jsonl(os.path.join(workdir, v, "metrics.jsonl"))
+    calls = _jsonl(os.path.join(workdir, v, "calls.jsonl"))
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    last = rows[-1] if rows else {}
+    lines.append(
+        f"| {module.NAMES[v]} | {len(rows)} | {last.get('stage', '')} | "
+        f"{last.get('episode_steps', '')} | {vals[-1] if vals else float('nan'):.4g} | "
+        f"{sum(r['seconds'] for r in rows) / 60:.1f} min | {len(calls)} | "
+        f"{', '.join(sorted({c['device'] for c in calls}))} | "
+        f"{'yes' if os.path.exists(os.path.join(workdir, v, 'theta.msgpack')) else 'no'} |")
+  return "\n".join(lines) + "\n"
+
+
 def train_variants(module, configs: dict, optimizee, keys, steps: int, started: float,
                    should_stop) -> tuple:
   """Trains (or resumes) each variant and evaluates it; exits with EXIT_PAUSED when
@@ -177,6 +203,9 @@ def main(argv):
   module = FAMILIES[_FAMILY.value]
   variants = _VARIANTS.value or list(module.PAPER_LN_LOSS_10K)
   configs = build_configs(_FAMILY.value, variants, _OVERRIDES.value)
+  if _STATUS.value:
+    print(status_table(_WORKDIR.value, module, variants), end="")
+    return
   base = configs[variants[0]]
   steps = _EVAL_STEPS.value or base.eval.steps
   n = _EVAL_N.value or base.eval.num_optimizees

@@ -79,6 +79,9 @@ def test_ablation_of_another_family_pauses_resumes_and_writes_its_table(tmp_path
   assert out.returncode == 75, out.stderr[-2000:]
   assert "RNNProp: paused at episode 1" in out.stdout
   assert not (tmp_path / "ablation.md").exists()
+  status = _run([*args, "--status"])
+  assert "| RNNProp | 1 | 0 | 20 |" in status.stdout, status.stdout
+  assert "| RNNProp-CL-IL | 0 |" in status.stdout, status.stdout
   out = _run(args)
   assert out.returncode == 0, out.stderr[-2000:]
   table = (tmp_path / "ablation.md").read_text()
