@@ -48,30 +48,63 @@ def _gate_affine(hidden: int, forget_bias: float):
   return scale, add, shift
 
 
+@jax.custom_vjp
+def _lstm_core(w: chex.Array, b: chex.Array, x: chex.Array, h: chex.Array,
+               c: chex.Array) -> tuple:
+  """h', c' of the LSTM whose gate columns (i, j, f, o) are pre-scaled so that
+  t = tanh([x, h] @ w + b) gives i, f, o = (1 + t) / 2 and j = t."""
+  return _lstm_core_fwd(w, b, x, h, c)[0]
+
+
+def _lstm_core_fwd(w, b, x, h, c):
+  t = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ w + b)
+  ti, j, tf, to = jnp.split(t, 4, axis=-1)
+  c_new = (0.5 * tf + 0.5) * c + (0.5 * ti + 0.5) * j
+  h_new = (0.5 * to + 0.5) * jnp.tanh(c_new)
+  # Saved for the backward pass: the inputs and t, nothing per gate (c' and
+  # tanh(c') are recomputed from them in one elementwise pass).
+  return (h_new, c_new), (w, x, h, c, t)
+
+
+def _lstm_core_bwd(res, cotangents):
+  w, x, h, c, t = res
+  dh_new, dc_new = cotangents
+  ti, j, tf, to = jnp.split(t, 4, axis=-1)
+  i, f, o = 0.5 * ti + 0.5, 0.5 * tf + 0.5, 0.5 * to + 0.5
+  tc = jnp.tanh(f * c + i * j)
+  dc = dc_new + dh_new * o * (1.0 - tc * tc)
+  dt = jnp.concatenate([0.5 * dc * j, dc * i, 0.5 * dc * c, 0.5 * dh_new * tc], axis=-1)
+  dz = dt * (1.0 - t * t)
+  dxh = dz @ w.T
+  xh = jnp.concatenate([x, h], axis=-1)
+  dz2 = dz.reshape(-1, dz.shape[-1])  # rows of any leading shape share w and b
+  dw = xh.reshape(-1, xh.shape[-1]).T @ dz2
+  db = dz2.sum(axis=0)
+  return dw, db, dxh[..., :x.shape[-1]], dxh[..., x.shape[-1]:], dc * f
+
+
+_lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
+
+
 def lstm_apply(params: dict, x: chex.Array, state: LSTMState,
                forget_bias: float = 1.0) -> LSTMState:
   """Sonnet v1 LSTM: gates = [x, h] @ W + b in order (i, j, f, o).
 
   This cell is the hot spot of meta-training (it runs once per coordinate,
   step and optimizee), so its gate math is fused: one GEMM of the
-  concatenated [x, h] (rather than a 2-wide contraction for the preprocessed
-  gradient, another matmul and an add), the sigmoids' 1/2 folded into the
-  weight columns, and one tanh over all four gate blocks (a sigmoid is an
-  affine map of a tanh): one transcendental per gate, one elementwise pass.
-  With the update rematerialised (``l2ojax.meta.remat``) the meta-step moves
-  about a sixth fewer bytes than with the textbook form.
+  concatenated [x, h], the sigmoids' 1/2 folded into the weight columns, and
+  one tanh over all four gate blocks (a sigmoid is an affine map of a tanh):
+  one transcendental per gate, one elementwise pass. Its gradient is written
+  out (``_lstm_core_bwd``) so that backprop keeps per step only the inputs and
+  the [rows, 4 x hidden] tanh, not each gate and product that autodiff would
+  save, and runs as two GEMMs and two elementwise passes.
   """
   hidden = state.h.shape[-1]
   # A state stored in a narrower type than the weights (bfloat16) is computed on in theirs.
   dtype = jnp.promote_types(state.h.dtype, params["w"].dtype)
-  scale, add, shift = (jnp.asarray(a, dtype) for a in _gate_affine(hidden, forget_bias))
-  w = params["w"] * scale
-  b = (params["b"] + add) * scale
-  act = jnp.tanh(jnp.concatenate([x.astype(dtype), state.h.astype(dtype)], axis=-1) @ w + b)
-  act = act * scale + shift
-  i, j, f, o = jnp.split(act, 4, axis=-1)
-  c = f * state.c.astype(dtype) + i * j
-  h = o * jnp.tanh(c)
+  scale, add, _ = (jnp.asarray(a, dtype) for a in _gate_affine(hidden, forget_bias))
+  h, c = _lstm_core(params["w"] * scale, (params["b"] + add) * scale, x.astype(dtype),
+                    state.h.astype(dtype), state.c.astype(dtype))
   return LSTMState(h, c)
 
 
