@@ -91,3 +91,37 @@ def test_meta_losses():
   assert float(meta.losses.get("last")(fs, 4.0)) == 1.0
   np.testing.assert_allclose(meta.losses.get("log_ratio")(fs, jnp.array(4.0)),
                              np.mean(np.log(np.array([4, 2, 1]) / (4 + 1e-6) + 1e-6)), rtol=1e-6)
+
+
+class _KeyOnly:
+  """The same optimizee seen only through init and loss(params, instance, key)."""
+
+  def __init__(self, optimizee):
+    self._o = optimizee
+    self.name = optimizee.name
+
+  def init(self, key):
+    return self._o.init(key)
+
+  def loss(self, params, instance, key):
+    return self._o.loss(params, instance, key)
+
+
+def test_minibatches_drawn_before_the_loop_are_the_ones_each_step_would_draw(tiny_image_npz):
+  mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
+  params, instance = mlp.init(jax.random.PRNGKey(0))
+  key = jax.random.PRNGKey(3)
+  assert mlp.loss(params, instance, key) == mlp.batch_loss(params, instance, mlp.minibatch(key))
+  tx = models.dm().transform(models.dm().init(jax.random.PRNGKey(1)))
+  runs = {}
+  for name, o in (("drawn before", mlp), ("drawn per step", _KeyOnly(mlp))):
+    state = meta.init_state(tx, o, jax.random.PRNGKey(2))
+    for remat_chunk in (0, 3):  # chunks of 3 over 8 steps: 2 chunks and a rest of 2
+      runs[name, remat_chunk] = jax.jit(
+          lambda s, k, o=o, c=remat_chunk: meta.unroll(tx, o, s, k, 8, remat_chunk=c)
+      )(state, jax.random.PRNGKey(4))
+  for chunk in (0, 3):
+    (s_a, l_a), (s_b, l_b) = runs["drawn before", chunk], runs["drawn per step", chunk]
+    np.testing.assert_array_equal(l_a, l_b)
+    chex.assert_trees_all_equal(s_a.params, s_b.params)
+  assert not np.allclose(runs["drawn before", 0][1][1:], runs["drawn before", 0][1][:-1])

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from l2ojax.meta import unroll as unroll_lib
 from l2ojax.meta.step import guarded_update, tree_all_finite
 from l2ojax.optimizees.base import Optimizee
 
@@ -84,18 +85,20 @@ def imitation_unroll(teacher: optax.GradientTransformation, learner: optax.Gradi
   """
   if k < 1:
     raise ValueError(f"imitation.k must be >= 1, got {k}")
-  loss_and_grad = jax.value_and_grad(optimizee.loss)
+  keys = jax.random.split(key, num_steps * k + 1)
+  xs, loss_fn = unroll_lib.step_inputs(optimizee, keys[:-1])
+  loss_and_grad = jax.value_and_grad(loss_fn)
 
-  def teacher_step(carry, step_key):
+  def teacher_step(carry, x):
     params, t_state = carry
-    loss, grads = loss_and_grad(params, state.instance, step_key)
+    loss, grads = loss_and_grad(params, state.instance, x)
     updates, t_state = _call_update(teacher, grads, t_state, params, loss)
     return (optax.apply_updates(params, updates), t_state), (loss, grads, updates)
 
-  def body(carry, step_keys):
+  def body(carry, step_xs):
     params, t_state, l_state = carry
     (new_params, t_state), (losses, grads, updates) = jax.lax.scan(
-        teacher_step, (params, t_state), step_keys)
+        teacher_step, (params, t_state), step_xs)
     first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
     g0 = jax.lax.stop_gradient(first(grads))
     label = jax.lax.stop_gradient(jax.tree_util.tree_map(lambda u: jnp.sum(u, 0), updates))
@@ -103,10 +106,9 @@ def imitation_unroll(teacher: optax.GradientTransformation, learner: optax.Gradi
     new_params = jax.lax.stop_gradient(new_params)  # the learner never moves the optimizee
     return (new_params, t_state, l_state), (imitation_loss(label, learner_updates), losses)
 
-  keys = jax.random.split(key, num_steps * k + 1)
-  step_keys = keys[:-1].reshape((num_steps, k) + keys.shape[1:])
+  step_xs = jax.tree_util.tree_map(lambda a: a.reshape((num_steps, k) + a.shape[1:]), xs)
   (params, t_state, l_state), (il, losses) = jax.lax.scan(
-      body, (state.params, state.teacher_state, state.learner_state), step_keys)
+      body, (state.params, state.teacher_state, state.learner_state), step_xs)
   final_loss = optimizee.loss(params, state.instance, keys[-1])
   losses = jnp.concatenate([losses.reshape(-1), final_loss[None]])
   new_state = state._replace(params=params, teacher_state=t_state, learner_state=l_state,

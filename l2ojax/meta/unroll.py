@@ -36,6 +36,20 @@ def _call_update(tx, grads, opt_state, params, loss):
   return tx.update(grads, opt_state, params)
 
 
+def step_inputs(optimizee: Optimizee, step_keys: chex.Array) -> Tuple[Any, Any]:
+  """(xs, loss_fn): what each step's loss takes, stacked over steps, and that loss.
+
+  An optimizee that draws minibatches exposes ``minibatch(key)`` and
+  ``batch_loss(params, instance, batch)`` (with ``loss(params, instance, key)
+  == batch_loss(params, instance, minibatch(key))``); then every step's
+  minibatch is drawn before the loop, in one batched draw instead of a chain
+  of small random-number kernels per step. The values are the same.
+  """
+  if hasattr(optimizee, "minibatch") and hasattr(optimizee, "batch_loss"):
+    return jax.vmap(optimizee.minibatch)(step_keys), optimizee.batch_loss
+  return step_keys, optimizee.loss
+
+
 def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: UnrollState,
                step_keys: chex.Array, second_order: bool = False, *, unroll: int = 1,
                remat_chunk: int = 0) -> Tuple[UnrollState, chex.Array]:
@@ -54,33 +68,35 @@ def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: Un
   if remat_chunk < 0 or unroll < 1:
     raise ValueError(f"scan_steps: remat_chunk={remat_chunk} must be >= 0 and "
                      f"unroll={unroll} >= 1")
-  loss_and_grad = jax.value_and_grad(optimizee.loss)
+  xs, loss_fn = step_inputs(optimizee, step_keys)
+  loss_and_grad = jax.value_and_grad(loss_fn)
 
-  def body(carry, step_key):
+  def body(carry, x):
     params, opt_state = carry
-    loss, grads = loss_and_grad(params, state.instance, step_key)
+    loss, grads = loss_and_grad(params, state.instance, x)
     if not second_order:
       grads = jax.lax.stop_gradient(grads)
     updates, opt_state = _call_update(tx, grads, opt_state, params, loss)
     params = optax.apply_updates(params, updates)
     return (params, opt_state), loss
 
-  def scan(carry, keys):
-    return jax.lax.scan(body, carry, keys, unroll=min(unroll, max(keys.shape[0], 1)))
+  def scan(carry, xs):
+    steps = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    return jax.lax.scan(body, carry, xs, unroll=min(unroll, max(steps, 1)))
 
   carry = (state.params, state.opt_state)
   n = step_keys.shape[0]
   if 0 < remat_chunk < n:
     n_full = n - n % remat_chunk
-    chunks = step_keys[:n_full].reshape((n_full // remat_chunk, remat_chunk)
-                                        + step_keys.shape[1:])
+    chunks = jax.tree_util.tree_map(
+        lambda a: a[:n_full].reshape((n_full // remat_chunk, remat_chunk) + a.shape[1:]), xs)
     carry, losses = jax.lax.scan(jax.checkpoint(scan), carry, chunks)
     losses = losses.reshape(n_full)
     if n_full < n:
-      carry, rest = scan(carry, step_keys[n_full:])
+      carry, rest = scan(carry, jax.tree_util.tree_map(lambda a: a[n_full:], xs))
       losses = jnp.concatenate([losses, rest])
   else:
-    carry, losses = scan(carry, step_keys)
+    carry, losses = scan(carry, xs)
   params, opt_state = carry
   new_state = state._replace(params=params, opt_state=opt_state, step=state.step + n)
   return new_state, losses

@@ -92,11 +92,19 @@ class ConvNet:
     x = x.reshape(x.shape[0], -1) @ params["dense"]["w"] + params["dense"]["b"]
     return jax.nn.relu(x) if self.relu_on_logits else x
 
+  def minibatch(self, key: chex.PRNGKey) -> chex.Array:
+    """Indices of one minibatch, drawn with replacement."""
+    return jax.random.randint(key, (self.batch_size,), 0, self.images.shape[0])
+
   def loss(self, params: dict, instance: tuple, key: chex.PRNGKey) -> chex.Array:
+    return self.batch_loss(params, instance, self.minibatch(key))
+
+  def batch_loss(self, params: dict, instance: tuple, idx: chex.Array) -> chex.Array:
     del instance  # members of the family differ only in their init
-    idx = jax.random.randint(key, (self.batch_size,), 0, self.images.shape[0])
     logits = self.logits(params, self.images[idx])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, self.labels[idx]).mean()
+    # one-hot rather than integer labels: its gradient is elementwise, not a scatter
+    labels = jax.nn.one_hot(self.labels[idx], self.num_classes, dtype=logits.dtype)
+    return optax.softmax_cross_entropy(logits, labels).mean()
 
 
 def conv_net(dataset: str = "mnist", channels: Sequence[int] = (16, 32),

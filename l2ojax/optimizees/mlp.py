@@ -43,9 +43,15 @@ class MLP:
       }
     return params, ()
 
+  def minibatch(self, key: chex.PRNGKey) -> chex.Array:
+    """Indices of one minibatch, drawn with replacement."""
+    return jax.random.randint(key, (self.batch_size,), 0, self.images.shape[0])
+
   def loss(self, params: dict, instance: tuple, key: chex.PRNGKey) -> chex.Array:
+    return self.batch_loss(params, instance, self.minibatch(key))
+
+  def batch_loss(self, params: dict, instance: tuple, idx: chex.Array) -> chex.Array:
     del instance  # members of the family differ only in their init
-    idx = jax.random.randint(key, (self.batch_size,), 0, self.images.shape[0])
     x = self.images[idx].astype(jnp.float32) / 255.0
     act = ACTIVATIONS[self.activation]
     n = len(params)
@@ -54,7 +60,9 @@ class MLP:
       x = x @ layer["w"] + layer["b"]
       if i < n - 1:
         x = act(x)
-    return optax.softmax_cross_entropy_with_integer_labels(x, self.labels[idx]).mean()
+    # one-hot rather than integer labels: its gradient is elementwise, not a scatter
+    labels = jax.nn.one_hot(self.labels[idx], self.num_classes, dtype=x.dtype)
+    return optax.softmax_cross_entropy(x, labels).mean()
 
 
 def mlp(dataset: str = "mnist", hidden_sizes: Sequence[int] = (20,), activation: str = "sigmoid",
