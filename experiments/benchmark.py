@@ -52,6 +52,7 @@ from absl import app, flags
 
 from experiments import hugepages
 from l2ojax import models, optimizees
+from l2ojax.meta import remat as remat_lib
 from l2ojax.meta import sharding as sharding_lib
 from l2ojax.meta import step as step_lib
 from l2ojax.meta.unroll import batch_rollout
@@ -167,11 +168,9 @@ def remat_chunk_for(batch_size: int) -> int:
 
 def remat_for(batch_size: int) -> Optional[str]:
   choice = _REMAT.value
-  # On the CPU recomputing is faster than storing (less memory traffic). On an
-  # accelerator storing avoids the recompute, and the LSTM's written-out
-  # backward saves little per step (B = 64: 23 GiB; B = 256 with chunks of 4: 30 GiB).
+  # B = 64 without remat: 23 GiB; B = 256 with chunks of 4: 30 GiB (an accelerator's choice).
   if choice == "auto":
-    return "update" if jax.default_backend() == "cpu" else None
+    return remat_lib.resolve(remat_lib.AUTO)
   return None if choice == "none" else choice
 
 

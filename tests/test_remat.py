@@ -93,3 +93,13 @@ def test_unknown_policy_names_the_choices():
   lopt = models.dm(hidden_sizes=(4,))
   with pytest.raises(ValueError, match="remat='everything'.*update"):
     step_lib.make_meta_step(lopt, optax.adam(1e-3), 5, remat="everything")
+
+
+def test_auto_recomputes_on_the_cpu_only(monkeypatch):
+  assert remat_lib.resolve("") is None and remat_lib.resolve("update_dots") == "update_dots"
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert remat_lib.resolve("auto") == "update"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert remat_lib.resolve("auto") is None
+  tx = optax.adam(1e-3)
+  assert remat_lib.checkpointed(tx, "auto") is tx  # nothing recomputed on an accelerator

@@ -45,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
       "loss": "sum",             # sum over t = 0..T (the paper's); mean, last, log_ratio
       "second_order": False,     # keep d(grad)/d(params) in the meta-gradient
       "divergence_bound": 1e3,   # an optimizee whose loss passes this x its initial loss is reset
-      "remat": "update",         # "" (save all) | "update" | "update_dots": what backprop recomputes
+      "remat": "auto",           # "auto" | "" (save all) | "update" | "update_dots": what backprop recomputes
       "remat_chunk": 0,          # > 0: keep the recurrent state every k steps only, recompute the rest
       "scan_unroll": 1,          # optimizee steps per iteration of the compiled loop
       "shard": False,            # split the optimizee batch over all devices (jax.sharding)
@@ -142,8 +142,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(get("meta", "scan_unroll") >= 1,
        f"meta.scan_unroll={get('meta', 'scan_unroll')} must be >= 1")
   from l2ojax.meta import remat as remat_lib
-  need(get("meta", "remat") in ("",) + tuple(remat_lib.POLICIES),
-       f"meta.remat={get('meta', 'remat')!r}; allowed: {[''] + sorted(remat_lib.POLICIES)}")
+  need(get("meta", "remat") in ("", remat_lib.AUTO) + tuple(remat_lib.POLICIES),
+       f"meta.remat={get('meta', 'remat')!r}; allowed: "
+       f"{['', remat_lib.AUTO] + sorted(remat_lib.POLICIES)}")
   if get("meta", "shard"):
     import jax
     n = jax.device_count()

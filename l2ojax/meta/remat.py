@@ -26,9 +26,23 @@ POLICIES: Dict[str, Optional[Callable]] = {
 }
 
 
+AUTO = "auto"
+
+
+def resolve(remat: Optional[str]) -> Optional[str]:
+  """``"auto"``: ``"update"`` on the CPU (recomputing moves fewer bytes than
+  storing, and memory traffic is what a CPU meta-step waits on), None on an
+  accelerator (the LSTM's written-out gradient keeps little per step, and a
+  recompute adds kernels to a step that their launches already bound).
+  ``""`` is None; a policy name is itself."""
+  if remat == AUTO:
+    return "update" if jax.default_backend() == "cpu" else None
+  return remat or None
+
+
 def check_policy(remat: Optional[str]) -> None:
-  if remat is not None and remat not in POLICIES:
-    raise ValueError(f"remat={remat!r}; allowed: None or one of {sorted(POLICIES)}")
+  if remat not in (None, "", AUTO) and remat not in POLICIES:
+    raise ValueError(f"remat={remat!r}; allowed: None, {AUTO!r} or one of {sorted(POLICIES)}")
 
 
 def checkpointed(tx: optax.GradientTransformation,
@@ -39,6 +53,7 @@ def checkpointed(tx: optax.GradientTransformation,
   its inputs; only what autodiff saves differs.
   """
   check_policy(remat)
+  remat = resolve(remat)
   if remat is None:
     return tx
   tx = optax.with_extra_args_support(tx)

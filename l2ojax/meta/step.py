@@ -78,7 +78,8 @@ def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_le
 
   ``remat`` (None, "update" or "update_dots", see ``l2ojax.meta.remat``)
   recomputes the learned optimizer's update in the backward pass instead of
-  saving its activations: same result, a fraction of the memory.
+  saving its activations: same result, a fraction of the memory; "auto" is
+  "update" on the CPU and None on accelerators.
   ``remat_chunk`` > 0 also recomputes the segment in chunks of that many steps,
   keeping the recurrent state of the chunk boundaries only (what bounds the
   memory at large B); ``scan_unroll`` sets the steps per iteration of the
