@@ -31,7 +31,7 @@ class TrainResult(NamedTuple):
   best_score: float
   episodes: int
   workdir: str
-  finished: bool = True  # False: stopped by ``max_seconds``; re-running resumes
+  finished: bool = True  # False: paused (max_seconds or should_stop); re-running resumes
 
 
 def build_optimizee(config: ml_collections.ConfigDict):
@@ -98,7 +98,6 @@ def _log_call(workdir: str, first: int, last: int, seconds: float, finished: boo
          "jax": jax.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
   with open(os.path.join(workdir, "calls.jsonl"), "a") as f:
     f.write(json.dumps(row) + "\n")
-
 
 
 def build_curriculum(config: ml_collections.ConfigDict) -> curriculum_lib.Curriculum:
