@@ -112,6 +112,10 @@ def test_minibatches_drawn_before_the_loop_are_the_ones_each_step_would_draw(tin
   params, instance = mlp.init(jax.random.PRNGKey(0))
   key = jax.random.PRNGKey(3)
   assert mlp.loss(params, instance, key) == mlp.batch_loss(params, instance, mlp.minibatch(key))
+  conv = optimizees.get("mnist_conv", path=tiny_image_npz, batch_size=8)
+  c_params, c_instance = conv.init(jax.random.PRNGKey(0))
+  assert (conv.loss(c_params, c_instance, key)
+          == conv.batch_loss(c_params, c_instance, conv.minibatch(key)))
   tx = models.dm().transform(models.dm().init(jax.random.PRNGKey(1)))
   runs = {}
   for name, o in (("drawn before", mlp), ("drawn per step", _KeyOnly(mlp))):
