@@ -8,27 +8,20 @@ import chex
 import numpy as np
 import pytest
 
-from experiments.configs import dm_quadratic
 from l2ojax.meta import trainer
+from tests.helpers.configs import tiny_quadratic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tiny_config():
-  c = dm_quadratic.get_config()
-  c.meta.batch_size = 4
-  c.meta.num_episodes = 5
-  c.meta.episode_steps = 40
-  c.checkpoint_every = 4
-  c.validation.period = 2
-  c.validation.num_optimizees = 4
-  return c
+def _tiny_config():  # pauses at episodes 1-3 fall off the checkpoint period (4)
+  return tiny_quadratic(episodes=5, checkpoint_every=4, validation_period=2)
 
 
 def test_max_seconds_pauses_after_one_episode_and_resumes_to_the_same_theta(tmp_path):
   full = trainer.train(_tiny_config(), str(tmp_path / "full"), progress=False)
   workdir = tmp_path / "paused"
-  for episode in (1, 2, 3):  # off the checkpoint period (4): a pause saves its own checkpoint
+  for episode in (1, 2, 3):  # a pause saves its own checkpoint
     res = trainer.train(_tiny_config(), str(workdir), progress=False, max_seconds=0.0)
     assert not res.finished and res.episodes == episode
     assert not (workdir / "theta.msgpack").exists()

@@ -15,6 +15,7 @@ import pytest
 from experiments.configs import dm_quadratic
 from l2ojax import checkpoints, models
 from l2ojax.meta import trainer
+from tests.helpers.configs import tiny_quadratic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config=experiments/configs/dm_quadratic.py", "--config.meta.num_episodes=24",
@@ -104,22 +105,11 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_usable(uninterrup
   chex.assert_trees_all_equal(_load(uninterrupted)[0], _load(workdir)[0])
 
 
-def _tiny_config(episodes=6):
-  c = dm_quadratic.get_config()
-  c.meta.batch_size = 4
-  c.meta.num_episodes = episodes
-  c.meta.episode_steps = 40
-  c.checkpoint_every = 3
-  c.validation.period = 3
-  c.validation.num_optimizees = 4
-  return c
-
-
 def test_same_config_and_seed_give_bitwise_the_same_theta(tmp_path):
-  a = trainer.train(_tiny_config(), str(tmp_path / "a"), progress=False)
-  b = trainer.train(_tiny_config(), str(tmp_path / "b"), progress=False)
+  a = trainer.train(tiny_quadratic(), str(tmp_path / "a"), progress=False)
+  b = trainer.train(tiny_quadratic(), str(tmp_path / "b"), progress=False)
   chex.assert_trees_all_equal(a.theta, b.theta)
-  c = _tiny_config()
+  c = tiny_quadratic()
   c.seed = 1
   other = trainer.train(c, str(tmp_path / "c"), progress=False)
   assert not np.array_equal(np.asarray(other.theta["linear"]["w"]), np.asarray(a.theta["linear"]["w"]))
@@ -152,7 +142,7 @@ class _NaNMetaGradient:
 
 def test_non_finite_meta_gradients_never_reach_theta_or_checkpoints(tmp_path, monkeypatch):
   models.register("nan_meta_gradient", lambda **_: _NaNMetaGradient())
-  c = _tiny_config()
+  c = tiny_quadratic()
   c.model.name = "nan_meta_gradient"
   c.model.options = {}
   theta0 = _NaNMetaGradient().init(jax.random.split(jax.random.PRNGKey(c.seed), 3)[1])
