@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import dm_quadratic
 from l2ojax import checkpoints, models
 from l2ojax.meta import trainer
 from tests.helpers.configs import tiny_quadratic
