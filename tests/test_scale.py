@@ -9,6 +9,7 @@ import pytest
 
 from experiments.configs import scale_mnist
 from l2ojax import models, optimizees
+from l2ojax.models import cells
 from l2ojax.meta import step as step_lib
 from l2ojax.meta import trainer
 
@@ -155,3 +156,39 @@ def test_scale_mnist_config_trains(tmp_path, tiny_image_npz):
   assert result.lopt.name == "scale"
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert len(rows) == 2 and np.isfinite(rows[-1]["val_loss"])
+
+
+def _textbook_gru(params, x, h, bias=None):
+  n_in = x.shape[-1]
+  w_g, w_c = params["w_gates"], params["w_cand"]
+  r_lin, u_lin = jnp.split(x @ w_g[:n_in] + h @ w_g[n_in:] + params["b_gates"], 2, axis=-1)
+  b_r = b_u = b_c = 0.0
+  if bias is not None:
+    b_r, b_u, b_c = jnp.split(bias, 3, axis=-1)
+  r, u = jax.nn.sigmoid(r_lin + b_r), jax.nn.sigmoid(u_lin + b_u)
+  c = jnp.tanh(x @ w_c[:n_in] + (r * h) @ w_c[n_in:] + params["b_cand"] + b_c)
+  return u * h + (1.0 - u) * c
+
+
+@pytest.mark.parametrize("rows,bias_shape", [((5,), None), ((5,), (12,)), ((5,), (5, 12)),
+                                             ((2, 5), (2, 5, 12))])
+def test_gru_written_out_gradient_matches_autodiff_of_the_textbook_cell(rows, bias_shape):
+  k = jax.random.split(jax.random.PRNGKey(0), 5)
+  params = cells.gru_init(k[0], 3, 4)
+  params["b_cand"] = jax.random.normal(k[4], (4,))
+  x, h = jax.random.normal(k[1], rows + (3,)), jax.random.normal(k[2], rows + (4,))
+  bias = None if bias_shape is None else jax.random.normal(k[3], bias_shape)
+
+  def objective(cell):
+    return lambda p, x, h, b: jnp.sum(jnp.sin(3.0 * cell(p, x, h, b)))
+
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  np.testing.assert_allclose(cells.gru_apply(params, x, h, bias),
+                             _textbook_gru(params, x, h, bias), atol=1e-6)
+  ours = jax.jit(jax.grad(objective(cells.gru_apply), argnums))(params, x, h, bias)
+  ref = jax.grad(objective(_textbook_gru), argnums)(params, x, h, bias)
+  chex.assert_trees_all_close(ours, ref, atol=2e-6, rtol=1e-5)
+  second = lambda cell: jax.grad(
+      lambda p: jnp.sum(jax.grad(objective(cell), 1)(p, x, h, bias) ** 2))(params)
+  chex.assert_trees_all_close(second(cells.gru_apply), second(_textbook_gru), atol=2e-6,
+                              rtol=1e-5)

@@ -130,21 +130,50 @@ def gru_init(key: chex.PRNGKey, input_size: int, hidden: int, scale: float = 0.5
           "b_cand": jnp.zeros((hidden,))}
 
 
+@jax.custom_vjp
+def _gru_core(w_g, b_g, w_c, b_c, x, h, bias):
+  return _gru_core_fwd(w_g, b_g, w_c, b_c, x, h, bias)[0]
+
+
+def _gru_core_fwd(w_g, b_g, w_c, b_c, x, h, bias):
+  hidden = h.shape[-1]
+  gates = jnp.concatenate([x, h], axis=-1) @ w_g + b_g + bias[..., :2 * hidden]
+  r, u = jnp.split(jax.nn.sigmoid(gates), 2, axis=-1)
+  c = jnp.tanh(jnp.concatenate([x, r * h], axis=-1) @ w_c + b_c + bias[..., 2 * hidden:])
+  # Saved for the backward pass: the inputs and the two gates and the candidate.
+  return u * h + (1.0 - u) * c, (w_g, w_c, x, h, r, u, c)
+
+
+def _gru_core_bwd(res, dh_new):
+  w_g, w_c, x, h, r, u, c = res
+  n_in = x.shape[-1]
+  dzc = dh_new * (1.0 - u) * (1.0 - c * c)
+  dxrh = dzc @ w_c.T
+  drh = dxrh[..., n_in:]
+  dg = jnp.concatenate([drh * h * r * (1.0 - r), dh_new * (h - c) * u * (1.0 - u)], axis=-1)
+  dxh = dg @ w_g.T
+  flat = lambda a: a.reshape(-1, a.shape[-1])
+  xh, xrh = jnp.concatenate([x, h], axis=-1), jnp.concatenate([x, r * h], axis=-1)
+  dw_g, dw_c = flat(xh).T @ flat(dg), flat(xrh).T @ flat(dzc)
+  dx = dxh[..., :n_in] + dxrh[..., :n_in]
+  dh = dh_new * u + drh * r + dxh[..., n_in:]
+  dbias = jnp.concatenate([dg, dzc], axis=-1)
+  return (dw_g, flat(dg).sum(0), dw_c, flat(dzc).sum(0), dx, dh, dbias)
+
+
+_gru_core.defvjp(_gru_core_fwd, _gru_core_bwd)
+
+
 def gru_apply(params: dict, x: chex.Array, h: chex.Array,
               bias: chex.Array | None = None) -> chex.Array:
   """GRU step with an optional injected bias ``[..., 3 * hidden]`` (reset, update, candidate).
 
   r, u = sigmoid([x, h] W_g + b_g + bias_{r,u}); c = tanh([x, r h] W_c + b_c + bias_c);
   h' = u h + (1 - u) c. The injected bias is how a higher level of a
-  hierarchical RNN steers the level below it.
+  hierarchical RNN steers the level below it. The gradient is written out
+  (``_gru_core_bwd``): backprop keeps per step the inputs, r, u and c.
   """
-  n_in = x.shape[-1]
-  w_g, w_c = params["w_gates"], params["w_cand"]
-  gates = x @ w_g[:n_in] + h @ w_g[n_in:] + params["b_gates"]
-  b_r = b_u = b_c = 0.0
-  if bias is not None:
-    b_r, b_u, b_c = jnp.split(bias, 3, axis=-1)
-  r_lin, u_lin = jnp.split(gates, 2, axis=-1)
-  r, u = jax.nn.sigmoid(r_lin + b_r), jax.nn.sigmoid(u_lin + b_u)
-  c = jnp.tanh(x @ w_c[:n_in] + (r * h) @ w_c[n_in:] + params["b_cand"] + b_c)
-  return u * h + (1.0 - u) * c
+  full = h.shape[:-1] + (3 * h.shape[-1],)  # the core's bias has a row per row of h
+  bias = jnp.zeros(full, h.dtype) if bias is None else jnp.broadcast_to(bias, full)
+  return _gru_core(params["w_gates"], params["b_gates"], params["w_cand"], params["b_cand"],
+                   x, h, bias)
