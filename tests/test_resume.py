@@ -40,16 +40,22 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
+def _wait_for_episodes(workdir, n: int, timeout: float = 300):
+  """metrics.jsonl of a training subprocess, once it holds ``n`` episodes."""
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+      break
+    time.sleep(0.05)
+  return metrics
+
+
 def test_sigkill_during_training_resumes_to_the_same_theta(uninterrupted, tmp_path):
   workdir = tmp_path / "killed"
   proc = subprocess.Popen(_train_cmd(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
-      break
-    time.sleep(0.05)
+  metrics = _wait_for_episodes(workdir, 10)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   done = len(metrics.read_text().splitlines())
@@ -70,12 +76,7 @@ def test_sigterm_pauses_after_the_episode_under_way_and_resumes_to_the_same_thet
   workdir = tmp_path / "terminated"
   proc = subprocess.Popen(_train_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
-      break
-    time.sleep(0.05)
+  metrics = _wait_for_episodes(workdir, 6)
   proc.send_signal(signal.SIGTERM)
   stdout, _ = proc.communicate(timeout=300)
   assert proc.returncode == 75, stdout[-2000:]  # paused, not killed
