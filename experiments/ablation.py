@@ -40,7 +40,6 @@ from l2ojax import evaluation, plots
 from l2ojax.meta import trainer
 
 FAMILIES = {"dm": dm_mnist, "rnnprop": rnnprop_mnist, "scale": scale_mnist}
-EXIT_PAUSED = 75  # sysexits' EX_TEMPFAIL: not done, run again
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "Output folder.")
 _FAMILY = flags.DEFINE_enum("family", "dm", list(FAMILIES), "Learned optimizer family.")
@@ -160,8 +159,8 @@ def status_table(workdir: str, module, variants) -> str:
 
 def train_variants(module, configs: dict, optimizee, keys, steps: int, started: float,
                    should_stop) -> tuple:
-  """Trains (or resumes) each variant and evaluates it; exits with EXIT_PAUSED when
-  --max_minutes or SIGTERM stops a training."""
+  """Trains (or resumes) each variant and evaluates it; exits with
+  trainer.EXIT_PAUSED when --max_minutes or SIGTERM stops a training."""
   results, curves = {}, {}
   for v, config in configs.items():
     t0 = time.perf_counter()
@@ -174,10 +173,9 @@ def train_variants(module, configs: dict, optimizee, keys, steps: int, started: 
     if not res.finished:
       print(f"{module.NAMES[v]}: paused at episode {res.episodes}; run the same command "
             f"again to go on", flush=True)
-      sys.exit(EXIT_PAUSED)
-    rows = [json.loads(l) for l in open(os.path.join(res.workdir, "metrics.jsonl"))]
-    calls_path = os.path.join(res.workdir, "calls.jsonl")  # absent in runs made before it
-    calls = [json.loads(l) for l in open(calls_path)] if os.path.exists(calls_path) else []
+      sys.exit(trainer.EXIT_PAUSED)
+    rows = _jsonl(os.path.join(res.workdir, "metrics.jsonl"))
+    calls = _jsonl(os.path.join(res.workdir, "calls.jsonl"))  # absent in runs made before it
     learned = cached_curves(os.path.join(_WORKDIR.value, f"curves_{v}"), res, optimizee, keys,
                             steps)
     name = module.NAMES[v]

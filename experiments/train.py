@@ -34,7 +34,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.name>).")
 _MAX_MINUTES = flags.DEFINE_float("max_minutes", None,
                                   "Pause (checkpoint, exit 75) after this many minutes.")
-EXIT_PAUSED = 75  # sysexits' EX_TEMPFAIL: not done, run again
 
 
 def evaluate_against_adam(config, result) -> dict:
@@ -71,7 +70,7 @@ def main(argv):
   with trainer.sigterm_requests_stop() as should_stop:
     result = trainer.train(config, workdir, max_seconds=max_seconds, should_stop=should_stop)
   if not result.finished:
-    sys.exit(EXIT_PAUSED)
+    sys.exit(trainer.EXIT_PAUSED)
   s = evaluate_against_adam(config, result)
   print(f"mean loss after {s['steps']} steps on {s['num_optimizees']} fresh optimizees: "
         f"learned {s['learned_final_loss']:.6g}, "

@@ -25,6 +25,10 @@ from l2ojax.meta import sharding
 from l2ojax.meta import step as step_lib
 
 
+# The launchers' exit status when ``train`` paused: sysexits' EX_TEMPFAIL, "run again".
+EXIT_PAUSED = 75
+
+
 class TrainResult(NamedTuple):
   lopt: Any
   theta: Any             # the final model: the best-validated theta

@@ -35,17 +35,16 @@ def lstm_zero_state(n: int, hidden: int, dtype=jnp.float32) -> LSTMState:
 
 
 def _gate_affine(hidden: int, forget_bias: float):
-  """Column constants that turn one tanh over all four gate blocks into
-  sigmoid(i), tanh(j), sigmoid(f + forget_bias), sigmoid(o).
+  """Column constants (scale, add) for the weights so that one tanh over all
+  four gate blocks gives sigmoid(i), tanh(j), sigmoid(f + forget_bias), sigmoid(o).
 
-  sigmoid(z) = 0.5 * tanh(z / 2) + 0.5, so with per-column (scale, add,
-  shift): act = tanh(scale * (z + add)) * scale + shift.
+  sigmoid(z) = 0.5 * tanh(z / 2) + 0.5: with t = tanh(scale * (z + add)),
+  i, f, o = (1 + t) / 2 and j = t (``_lstm_core``).
   """
   half, one, zero = np.full(hidden, 0.5), np.ones(hidden), np.zeros(hidden)
   scale = np.concatenate([half, one, half, half])                # i, j, f, o
   add = np.concatenate([zero, zero, np.full(hidden, forget_bias), zero])
-  shift = np.concatenate([half, zero, half, half])
-  return scale, add, shift
+  return scale, add
 
 
 @jax.custom_vjp
@@ -102,7 +101,7 @@ def lstm_apply(params: dict, x: chex.Array, state: LSTMState,
   hidden = state.h.shape[-1]
   # A state stored in a narrower type than the weights (bfloat16) is computed on in theirs.
   dtype = jnp.promote_types(state.h.dtype, params["w"].dtype)
-  scale, add, _ = (jnp.asarray(a, dtype) for a in _gate_affine(hidden, forget_bias))
+  scale, add = (jnp.asarray(a, dtype) for a in _gate_affine(hidden, forget_bias))
   h, c = _lstm_core(params["w"] * scale, (params["b"] + add) * scale, x.astype(dtype),
                     state.h.astype(dtype), state.c.astype(dtype))
   return LSTMState(h, c)
