@@ -1,3 +1,4 @@
+import importlib
 import json
 
 import chex
@@ -80,6 +81,30 @@ def test_per_tensor_level_sees_the_pytree_structure():
   two = _steps(tx, {"a": jnp.zeros(3), "b": jnp.zeros(3)}, [{"a": g[:3], "b": g[3:]}], [1.0])[0][0]
   split = jnp.concatenate([two["a"], two["b"]])
   assert not np.allclose(np.asarray(one), np.asarray(split), rtol=1e-3)
+
+
+def test_per_tensor_means_and_broadcasts_match_segment_sums_without_a_scatter():
+  scale_lib = importlib.import_module("l2ojax.models.scale")
+  sizes = (3, 0, 1, 4)  # an empty leaf too
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 5))
+  seg = np.repeat(np.arange(len(sizes)), sizes)
+  sums = jax.ops.segment_sum(x, seg, num_segments=len(sizes))
+  want = sums / np.maximum(np.array(sizes), 1)[:, None]
+  np.testing.assert_allclose(scale_lib._tensor_means(x, sizes), want, rtol=1e-6, atol=1e-7)
+  t = jax.random.normal(jax.random.PRNGKey(2), (4, 3))
+  np.testing.assert_array_equal(scale_lib._per_coordinate(t, sizes), t[seg])
+
+  # the whole update, and its meta-gradient, lower to no scatter or gather
+  _, theta, _ = _tx()
+  params = {"a": jnp.ones((3, 4)), "b": {"c": jnp.arange(5.0), "d": jnp.ones(())}}
+
+  def loss(theta):
+    tx = models.scale().transform(theta)
+    u, _ = tx.update(params, tx.init(params), params, value=jnp.asarray(1.0))
+    return sum(jnp.sum(jnp.sin(v)) for v in jax.tree_util.tree_leaves(u))
+
+  text = jax.jit(jax.grad(loss)).lower(theta).as_text()
+  assert "scatter" not in text and "gather" not in text
 
 
 def test_loss_value_arrives_through_extra_args():

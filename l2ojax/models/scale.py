@@ -38,8 +38,9 @@ that results can be read against it):
   it. The loss arrives the optax way: ``update(grads, state, params, value=loss)``.
 
 The per-tensor level is over the leaves of whatever pytree the optimizer is
-given; all coordinates are processed as one flat matrix (per-tensor sums
-are segment sums), so the cost is one batched GRU over all coordinates.
+given; all coordinates are processed as one flat matrix (per-tensor means
+are reductions over static slices of it), so the cost is one batched GRU over all
+coordinates.
 """
 from __future__ import annotations
 
@@ -88,20 +89,33 @@ def _affine_init(key: chex.PRNGKey, n_in: int, n_out: int, scale: float,
           "b": jnp.zeros((n_out,))}
 
 
-def _segment_mean(x: chex.Array, seg: chex.Array, counts: chex.Array) -> chex.Array:
-  """Mean over the coordinates of each tensor: [n, ...] -> [T, ...]."""
-  sums = jax.ops.segment_sum(x, seg, num_segments=counts.shape[0], indices_are_sorted=True)
-  return sums / counts.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+def _tensor_means(x: chex.Array, sizes: Tuple[int, ...]) -> chex.Array:
+  """Mean over the coordinates of each tensor: [n, ...] -> [T, ...] (0 for an empty tensor).
+
+  The tensors are contiguous runs of static length in the flat vector, so the means
+  are slices and reductions rather than a segment sum: a scatter-add of thousands of
+  rows onto a few contends on those rows on a GPU (and deterministic lowerings sort it).
+  """
+  rows, start = [], 0
+  for size in sizes:
+    rows.append(jnp.mean(x[start:start + size], axis=0) if size
+                else jnp.zeros(x.shape[1:], x.dtype))
+    start += size
+  return jnp.stack(rows)
 
 
-def _structure(tree: chex.ArrayTree, who: str) -> Tuple[np.ndarray, np.ndarray]:
-  """Static per-coordinate tensor ids and per-tensor sizes of a parameter pytree."""
-  sizes = np.array([int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(tree)],
-                   dtype=np.int64)
-  if sizes.size == 0 or sizes.sum() == 0:
+def _per_coordinate(t: chex.Array, sizes: Tuple[int, ...]) -> chex.Array:
+  """Each tensor's row repeated over its coordinates: [T, ...] -> [n, ...] (no gather)."""
+  return jnp.concatenate([jnp.broadcast_to(t[i], (size,) + t.shape[1:])
+                          for i, size in enumerate(sizes) if size], axis=0)
+
+
+def _structure(tree: chex.ArrayTree, who: str) -> Tuple[int, ...]:
+  """Static number of coordinates of each leaf of a parameter pytree."""
+  sizes = tuple(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(tree))
+  if not sizes or sum(sizes) == 0:
     raise ValueError(f"scale.{who}: the parameter pytree has no coordinates")
-  seg = np.repeat(np.arange(sizes.size, dtype=np.int32), sizes)
-  return seg, np.maximum(sizes, 1)
+  return sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +184,14 @@ class Scale:
     }
 
   def init_state(self, theta: dict, params: chex.ArrayTree) -> ScaleState:
-    seg, counts = _structure(params, "init")
+    sizes = _structure(params, "init")
     flat, _ = ravel_pytree(params)
-    n, num_tensors, dtype = flat.shape[0], counts.shape[0], flat.dtype
+    n, num_tensors, dtype = flat.shape[0], len(sizes), flat.dtype
     lo, hi = np.log(self.init_lr_range[0]) / 2.0, np.log(self.init_lr_range[1]) / 2.0
     k_coord, k_tensor = jax.random.split(jax.random.PRNGKey(self.seed))
     log_lr = (jax.random.uniform(k_coord, (n,), minval=lo, maxval=hi)
-              + jax.random.uniform(k_tensor, (num_tensors,), minval=lo, maxval=hi)[seg])
+              + _per_coordinate(jax.random.uniform(k_tensor, (num_tensors,), minval=lo,
+                                                   maxval=hi), sizes))
     log_lr = jnp.clip(log_lr, _MIN_LOG_LR, self.max_log_lr)
     zeros_ns = jnp.zeros((n, self.num_scales), dtype)
     init = theta["init_state"]
@@ -227,22 +242,19 @@ class Scale:
     rel = jnp.log(jnp.abs(loss) + 1e-12) - jnp.log(jnp.abs(first) + 1e-12)
     return jnp.clip(rel, -30.0, 30.0)[None], first
 
-  def step(self, theta: dict, g: chex.Array, state: ScaleState, seg: np.ndarray,
-           counts: np.ndarray, value: Optional[chex.Array] = None
-           ) -> Tuple[chex.Array, ScaleState]:
-    """One step on the flat gradient ``g`` [n]; ``seg`` maps coordinates to tensors."""
-    seg = jnp.asarray(seg)
-    counts = jnp.asarray(counts)
+  def step(self, theta: dict, g: chex.Array, state: ScaleState, sizes: Tuple[int, ...],
+           value: Optional[chex.Array] = None) -> Tuple[chex.Array, ScaleState]:
+    """One step on the flat gradient ``g`` [n], made of tensors of ``sizes`` coordinates."""
     accum, ms, scaled = self._momenta(g, state)
     x = self._features(scaled, ms, state.log_lr)
 
     # per parameter, steered by the tensor and global states of the previous step
-    bias = (cells.linear_apply(theta["tensor_to_param"], state.tensor_h)[seg]
+    bias = (_per_coordinate(cells.linear_apply(theta["tensor_to_param"], state.tensor_h), sizes)
             + cells.linear_apply(theta["global_to_param"], state.global_h))
     param_h = cells.gru_apply(theta["param_gru"], x, state.param_h, bias)
 
     # per tensor: the mean of its coordinates' new states and inputs
-    tensor_in = _segment_mean(jnp.concatenate([param_h, x], axis=-1), seg, counts)
+    tensor_in = _tensor_means(jnp.concatenate([param_h, x], axis=-1), sizes)
     tensor_h = cells.gru_apply(theta["tensor_gru"], tensor_in, state.tensor_h,
                                cells.linear_apply(theta["global_to_tensor"], state.global_h))
 
@@ -253,8 +265,8 @@ class Scale:
 
     # read-outs: direction (unit RMS per tensor) x step size exp(log_lr - 1)
     direction = (param_h @ theta["direction"])[:, 0] + (scaled @ theta["shortcut"])[:, 0]
-    rms = jnp.sqrt(_segment_mean(jnp.square(direction), seg, counts) + 1e-16)
-    direction = direction / rms[seg]
+    rms = jnp.sqrt(_tensor_means(jnp.square(direction), sizes) + 1e-16)
+    direction = direction / _per_coordinate(rms, sizes)
     project = lambda p: (param_h @ p["w"])[:, 0] + p["b"][0]
     step_log_lr = state.log_lr + project(theta["lr"])
     # clip the value but pass the gradient of the unclipped one (as the original)
@@ -280,13 +292,13 @@ class Scale:
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
       del extra_args
       base.check_update_inputs(self.name, updates, params)
-      seg, counts = _structure(updates, "update")
+      sizes = _structure(updates, "update")
       flat_g, unravel = ravel_pytree(updates)
-      if state.param_h.shape[0] != flat_g.shape[0] or state.tensor_h.shape[0] != counts.shape[0]:
+      if state.param_h.shape[0] != flat_g.shape[0] or state.tensor_h.shape[0] != len(sizes):
         raise ValueError(f"scale.update: gradients have {flat_g.shape[0]} coordinates in "
-                         f"{counts.shape[0]} tensors, the optimizer state was made for "
+                         f"{len(sizes)} tensors, the optimizer state was made for "
                          f"{state.param_h.shape[0]} in {state.tensor_h.shape[0]}")
-      delta, new_state = self.step(theta, flat_g, state, seg, counts, value)
+      delta, new_state = self.step(theta, flat_g, state, sizes, value)
       # theta is float32: keep the state's dtypes whatever the gradients' dtype
       new_state = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_state, state)
       return unravel(delta.astype(flat_g.dtype)), new_state
