@@ -36,6 +36,34 @@ def _call_update(tx, grads, opt_state, params, loss):
   return tx.update(grads, opt_state, params)
 
 
+@jax.custom_vjp
+def _first_order_loss(params: chex.ArrayTree, loss: chex.Array,
+                      grads: chex.ArrayTree) -> chex.Array:
+  """``loss`` = f(params), differentiable in ``params`` through the known ``grads``.
+
+  In a first-order unroll the step already computed ``grads`` = df/dparams on the
+  same minibatch; backprop through the loss itself would recompute the
+  optimizee's backward pass and keep its activations (the minibatch images, the
+  hidden layers) for every step. The derivative is the same.
+  """
+  del params, grads
+  return loss
+
+
+def _first_order_loss_fwd(params, loss, grads):
+  del params
+  return loss, grads
+
+
+def _first_order_loss_bwd(grads, ct):
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, grads)
+  return (jax.tree_util.tree_map(lambda g: (ct * g).astype(g.dtype), grads),
+          jnp.zeros_like(ct), zeros)
+
+
+_first_order_loss.defvjp(_first_order_loss_fwd, _first_order_loss_bwd)
+
+
 def step_inputs(optimizee: Optimizee, step_keys: chex.Array) -> Tuple[Any, Any]:
   """(xs, loss_fn): what each step's loss takes, stacked over steps, and that loss.
 
@@ -76,6 +104,7 @@ def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: Un
     loss, grads = loss_and_grad(params, state.instance, x)
     if not second_order:
       grads = jax.lax.stop_gradient(grads)
+      loss = _first_order_loss(params, jax.lax.stop_gradient(loss), grads)
     updates, opt_state = _call_update(tx, grads, opt_state, params, loss)
     params = optax.apply_updates(params, updates)
     return (params, opt_state), loss
