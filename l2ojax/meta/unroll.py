@@ -7,6 +7,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from l2ojax.optimizees.base import Optimizee
 
@@ -99,21 +100,33 @@ def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: Un
   xs, loss_fn = step_inputs(optimizee, step_keys)
   loss_and_grad = jax.value_and_grad(loss_fn)
 
+  # The loop carries the parameters as one flat vector when they share a dtype:
+  # the update is then one elementwise add (and its transpose one), not one per leaf.
+  flat_params = len({jnp.result_type(p) for p in jax.tree_util.tree_leaves(state.params)}) == 1
+  if flat_params:
+    start, unravel = ravel_pytree(state.params)
+  else:
+    start, unravel = state.params, lambda p: p
+
   def body(carry, x):
-    params, opt_state = carry
+    carried, opt_state = carry
+    params = unravel(carried)
     loss, grads = loss_and_grad(params, state.instance, x)
     if not second_order:
       grads = jax.lax.stop_gradient(grads)
       loss = _first_order_loss(params, jax.lax.stop_gradient(loss), grads)
     updates, opt_state = _call_update(tx, grads, opt_state, params, loss)
-    params = optax.apply_updates(params, updates)
-    return (params, opt_state), loss
+    if flat_params:
+      carried = carried + ravel_pytree(updates)[0].astype(carried.dtype)
+    else:
+      carried = optax.apply_updates(carried, updates)
+    return (carried, opt_state), loss
 
   def scan(carry, xs):
     steps = jax.tree_util.tree_leaves(xs)[0].shape[0]
     return jax.lax.scan(body, carry, xs, unroll=min(unroll, max(steps, 1)))
 
-  carry = (state.params, state.opt_state)
+  carry = (start, state.opt_state)
   n = step_keys.shape[0]
   if 0 < remat_chunk < n:
     n_full = n - n % remat_chunk
@@ -127,7 +140,7 @@ def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: Un
   else:
     carry, losses = scan(carry, xs)
   params, opt_state = carry
-  new_state = state._replace(params=params, opt_state=opt_state, step=state.step + n)
+  new_state = state._replace(params=unravel(params), opt_state=opt_state, step=state.step + n)
   return new_state, losses
 
 
