@@ -114,7 +114,9 @@ def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: Un
     loss, grads = loss_and_grad(params, state.instance, x)
     if not second_order:
       grads = jax.lax.stop_gradient(grads)
-      loss = _first_order_loss(params, jax.lax.stop_gradient(loss), grads)
+      # one saved vector per step for the backward pass, not one per leaf
+      known = ravel_pytree(grads)[0] if flat_params else grads
+      loss = _first_order_loss(carried, jax.lax.stop_gradient(loss), known)
     updates, opt_state = _call_update(tx, grads, opt_state, params, loss)
     if flat_params:
       carried = carried + ravel_pytree(updates)[0].astype(carried.dtype)
