@@ -5,7 +5,7 @@ batched matmul over [num_coordinates, features].
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence, Tuple
 
 import chex
 import jax
@@ -47,27 +47,17 @@ def _gate_affine(hidden: int, forget_bias: float):
   return scale, add
 
 
-@jax.custom_vjp
-def _lstm_core(w: chex.Array, b: chex.Array, x: chex.Array, h: chex.Array,
-               c: chex.Array) -> tuple:
-  """h', c' of the LSTM whose gate columns (i, j, f, o) are pre-scaled so that
-  t = tanh([x, h] @ w + b) gives i, f, o = (1 + t) / 2 and j = t."""
-  return _lstm_core_fwd(w, b, x, h, c)[0]
-
-
-def _lstm_core_fwd(w, b, x, h, c):
+def _cell_forward(w, b, x, h, c):
+  """(h', c', t) of one pre-scaled cell: t = tanh([x, h] @ w + b) holds all four gates."""
   t = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ w + b)
   ti, j, tf, to = jnp.split(t, 4, axis=-1)
   c_new = (0.5 * tf + 0.5) * c + (0.5 * ti + 0.5) * j
   h_new = (0.5 * to + 0.5) * jnp.tanh(c_new)
-  # Saved for the backward pass: the inputs and t, nothing per gate (c' and
-  # tanh(c') are recomputed from them in one elementwise pass).
-  return (h_new, c_new), (w, x, h, c, t)
+  return h_new, c_new, t
 
 
-def _lstm_core_bwd(res, cotangents):
-  w, x, h, c, t = res
-  dh_new, dc_new = cotangents
+def _cell_backward(w, x, h, c, t, dh_new, dc_new):
+  """(dw, db, dx, dh, dc) of one cell from its inputs and t (c' and tanh(c') recomputed)."""
   ti, j, tf, to = jnp.split(t, 4, axis=-1)
   i, f, o = 0.5 * ti + 0.5, 0.5 * tf + 0.5, 0.5 * to + 0.5
   tc = jnp.tanh(f * c + i * j)
@@ -82,7 +72,74 @@ def _lstm_core_bwd(res, cotangents):
   return dw, db, dxh[..., :x.shape[-1]], dxh[..., x.shape[-1]:], dc * f
 
 
+def _h_new(t, c):
+  ti, j, tf, to = jnp.split(t, 4, axis=-1)
+  return (0.5 * to + 0.5) * jnp.tanh((0.5 * tf + 0.5) * c + (0.5 * ti + 0.5) * j)
+
+
+@jax.custom_vjp
+def _lstm_core(w: chex.Array, b: chex.Array, x: chex.Array, h: chex.Array,
+               c: chex.Array) -> tuple:
+  """h', c' of the LSTM whose gate columns (i, j, f, o) are pre-scaled so that
+  t = tanh([x, h] @ w + b) gives i, f, o = (1 + t) / 2 and j = t."""
+  return _lstm_core_fwd(w, b, x, h, c)[0]
+
+
+def _lstm_core_fwd(w, b, x, h, c):
+  h_new, c_new, t = _cell_forward(w, b, x, h, c)
+  # Saved for the backward pass: the inputs and t, nothing per gate (c' and
+  # tanh(c') are recomputed from them in one elementwise pass).
+  return (h_new, c_new), (w, x, h, c, t)
+
+
+def _lstm_core_bwd(res, cotangents):
+  return _cell_backward(*res, *cotangents)
+
+
 _lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
+
+
+@jax.custom_vjp
+def _stack_core(ws, bs, w_out, b_out, x, hs, cs):
+  """Stacked pre-scaled cells (layer l's h' is layer l + 1's x), then x @ w_out + b_out."""
+  return _stack_core_fwd(ws, bs, w_out, b_out, x, hs, cs)[0]
+
+
+def _stack_core_fwd(ws, bs, w_out, b_out, x, hs, cs):
+  x_in, h_news, c_news, ts = x, [], [], []
+  for w, b, h, c in zip(ws, bs, hs, cs):
+    x, c_new, t = _cell_forward(w, b, x, h, c)
+    h_news.append(x)
+    c_news.append(c_new)
+    ts.append(t)
+  out = x @ w_out + b_out
+  # Each layer's inputs and t, as ``_lstm_core``, but not the outputs h' that feed
+  # the next layer and the read-out: the step after saves them again as its h.
+  return (out, tuple(h_news), tuple(c_news)), (ws, w_out, x_in, hs, cs, tuple(ts))
+
+
+def _stack_core_bwd(res, cotangents):
+  ws, w_out, x_in, hs, cs, ts = res
+  d_out, dh_news, dc_news = cotangents
+  xs = [x_in] + [_h_new(t, c) for t, c in zip(ts[:-1], cs[:-1])]
+  top = _h_new(ts[-1], cs[-1])
+  d_out2 = d_out.reshape(-1, d_out.shape[-1])
+  dw_out = top.reshape(-1, top.shape[-1]).T @ d_out2
+  db_out = d_out2.sum(axis=0)
+  dx = d_out @ w_out.T  # reaches the top layer's h'
+  dws, dbs, dhs, dcs = [], [], [], []
+  for l in reversed(range(len(ws))):
+    dw, db, dx, dh, dc = _cell_backward(ws[l], xs[l], hs[l], cs[l], ts[l],
+                                        dh_news[l] + dx, dc_news[l])
+    dws.append(dw)
+    dbs.append(db)
+    dhs.append(dh)
+    dcs.append(dc)
+  return (tuple(dws[::-1]), tuple(dbs[::-1]), dw_out, db_out, dx, tuple(dhs[::-1]),
+          tuple(dcs[::-1]))
+
+
+_stack_core.defvjp(_stack_core_fwd, _stack_core_bwd)
 
 
 def lstm_apply(params: dict, x: chex.Array, state: LSTMState,
@@ -105,6 +162,30 @@ def lstm_apply(params: dict, x: chex.Array, state: LSTMState,
   h, c = _lstm_core(params["w"] * scale, (params["b"] + add) * scale, x.astype(dtype),
                     state.h.astype(dtype), state.c.astype(dtype))
   return LSTMState(h, c)
+
+
+def lstm_stack_apply(layers: Sequence[dict], x: chex.Array, states: Sequence[LSTMState],
+                     readout: dict, forget_bias: float = 1.0
+                     ) -> Tuple[chex.Array, Tuple[LSTMState, ...]]:
+  """Stacked LSTMs (each layer's h is the next one's input), then a linear read-out.
+
+  The same function as ``lstm_apply`` layer by layer and ``linear_apply`` on the
+  last h, with one written-out gradient for the whole stack: per step, backprop
+  keeps each layer's inputs and [rows, 4 x hidden] tanh, and recomputes the new
+  h's that feed the next layer and the read-out instead of keeping them too
+  (the following step keeps them as its recurrent state). Returns
+  (read-out [rows, n_out], new states).
+  """
+  dtype = jnp.promote_types(states[0].h.dtype, readout["w"].dtype)
+  ws, bs = [], []
+  for p, s in zip(layers, states):
+    scale, add = (jnp.asarray(a, dtype) for a in _gate_affine(s.h.shape[-1], forget_bias))
+    ws.append(p["w"] * scale)
+    bs.append((p["b"] + add) * scale)
+  out, hs, cs = _stack_core(tuple(ws), tuple(bs), readout["w"], readout["b"], x.astype(dtype),
+                            tuple(s.h.astype(dtype) for s in states),
+                            tuple(s.c.astype(dtype) for s in states))
+  return out, tuple(LSTMState(h, c) for h, c in zip(hs, cs))
 
 
 def linear_init(key: chex.PRNGKey, input_size: int, output_size: int) -> dict:

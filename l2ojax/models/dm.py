@@ -72,14 +72,10 @@ class DM:
 
   def step(self, theta: dict, g: chex.Array, state: DMState) -> Tuple[chex.Array, DMState]:
     """One coordinatewise step on a flat gradient vector ``g`` [n] -> update [n]."""
-    x = self._features(g)
-    new_states = []
-    for i, s in enumerate(state.lstm):
-      s = cells.lstm_apply(theta[f"lstm_{i}"], x, s, self.forget_bias)
-      new_states.append(s)
-      x = s.h
-    out = cells.linear_apply(theta["linear"], x)[:, 0]
-    return self.scale * out, DMState(tuple(new_states))
+    layers = [theta[f"lstm_{i}"] for i in range(len(state.lstm))]
+    out, new_states = cells.lstm_stack_apply(layers, self._features(g), state.lstm,
+                                             theta["linear"], self.forget_bias)
+    return self.scale * out[:, 0], DMState(new_states)
 
   def init_state(self, params: chex.ArrayTree) -> DMState:
     flat, _ = ravel_pytree(params)

@@ -98,13 +98,10 @@ class RNNProp:
     """One coordinatewise step on a flat gradient ``g`` [n] -> update [n]."""
     x, (count, mu, nu) = self.features(g, state)
     x = jax.nn.elu(cells.linear_apply(theta["input"], x))
-    new_lstm = []
-    for i, s in enumerate(state.lstm):
-      s = cells.lstm_apply(theta[f"lstm_{i}"], x, s, self.forget_bias)
-      new_lstm.append(s)
-      x = s.h
-    out = jnp.tanh(cells.linear_apply(theta["linear"], x)[:, 0])
-    return self.scale * out, RNNPropState(count, mu, nu, tuple(new_lstm))
+    layers = [theta[f"lstm_{i}"] for i in range(len(state.lstm))]
+    out, new_lstm = cells.lstm_stack_apply(layers, x, state.lstm, theta["linear"],
+                                           self.forget_bias)
+    return self.scale * jnp.tanh(out[:, 0]), RNNPropState(count, mu, nu, new_lstm)
 
   def transform(self, theta: dict) -> optax.GradientTransformationExtraArgs:
     base.check_theta(self, theta)
