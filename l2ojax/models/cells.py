@@ -47,13 +47,17 @@ def _gate_affine(hidden: int, forget_bias: float):
   return scale, add
 
 
+def _next_state(t, c):
+  """(h', c') from the gates' tanh t and the cell state c."""
+  ti, j, tf, to = jnp.split(t, 4, axis=-1)
+  c_new = (0.5 * tf + 0.5) * c + (0.5 * ti + 0.5) * j
+  return (0.5 * to + 0.5) * jnp.tanh(c_new), c_new
+
+
 def _cell_forward(w, b, x, h, c):
   """(h', c', t) of one pre-scaled cell: t = tanh([x, h] @ w + b) holds all four gates."""
   t = jnp.tanh(jnp.concatenate([x, h], axis=-1) @ w + b)
-  ti, j, tf, to = jnp.split(t, 4, axis=-1)
-  c_new = (0.5 * tf + 0.5) * c + (0.5 * ti + 0.5) * j
-  h_new = (0.5 * to + 0.5) * jnp.tanh(c_new)
-  return h_new, c_new, t
+  return (*_next_state(t, c), t)
 
 
 def _cell_backward(w, x, h, c, t, dh_new, dc_new):
@@ -72,9 +76,10 @@ def _cell_backward(w, x, h, c, t, dh_new, dc_new):
   return dw, db, dxh[..., :x.shape[-1]], dxh[..., x.shape[-1]:], dc * f
 
 
-def _h_new(t, c):
-  ti, j, tf, to = jnp.split(t, 4, axis=-1)
-  return (0.5 * to + 0.5) * jnp.tanh((0.5 * tf + 0.5) * c + (0.5 * ti + 0.5) * j)
+def _prescaled(params: dict, hidden: int, forget_bias: float, dtype) -> tuple:
+  """(w, b) with ``_gate_affine``'s column constants folded in, in ``dtype``."""
+  scale, add = (jnp.asarray(a, dtype) for a in _gate_affine(hidden, forget_bias))
+  return params["w"] * scale, (params["b"] + add) * scale
 
 
 @jax.custom_vjp
@@ -121,8 +126,8 @@ def _stack_core_fwd(ws, bs, w_out, b_out, x, hs, cs):
 def _stack_core_bwd(res, cotangents):
   ws, w_out, x_in, hs, cs, ts = res
   d_out, dh_news, dc_news = cotangents
-  xs = [x_in] + [_h_new(t, c) for t, c in zip(ts[:-1], cs[:-1])]
-  top = _h_new(ts[-1], cs[-1])
+  xs = [x_in] + [_next_state(t, c)[0] for t, c in zip(ts[:-1], cs[:-1])]
+  top = _next_state(ts[-1], cs[-1])[0]
   d_out2 = d_out.reshape(-1, d_out.shape[-1])
   dw_out = top.reshape(-1, top.shape[-1]).T @ d_out2
   db_out = d_out2.sum(axis=0)
@@ -155,12 +160,10 @@ def lstm_apply(params: dict, x: chex.Array, state: LSTMState,
   the [rows, 4 x hidden] tanh, not each gate and product that autodiff would
   save, and runs as two GEMMs and two elementwise passes.
   """
-  hidden = state.h.shape[-1]
   # A state stored in a narrower type than the weights (bfloat16) is computed on in theirs.
   dtype = jnp.promote_types(state.h.dtype, params["w"].dtype)
-  scale, add = (jnp.asarray(a, dtype) for a in _gate_affine(hidden, forget_bias))
-  h, c = _lstm_core(params["w"] * scale, (params["b"] + add) * scale, x.astype(dtype),
-                    state.h.astype(dtype), state.c.astype(dtype))
+  w, b = _prescaled(params, state.h.shape[-1], forget_bias, dtype)
+  h, c = _lstm_core(w, b, x.astype(dtype), state.h.astype(dtype), state.c.astype(dtype))
   return LSTMState(h, c)
 
 
@@ -177,12 +180,9 @@ def lstm_stack_apply(layers: Sequence[dict], x: chex.Array, states: Sequence[LST
   (read-out [rows, n_out], new states).
   """
   dtype = jnp.promote_types(states[0].h.dtype, readout["w"].dtype)
-  ws, bs = [], []
-  for p, s in zip(layers, states):
-    scale, add = (jnp.asarray(a, dtype) for a in _gate_affine(s.h.shape[-1], forget_bias))
-    ws.append(p["w"] * scale)
-    bs.append((p["b"] + add) * scale)
-  out, hs, cs = _stack_core(tuple(ws), tuple(bs), readout["w"], readout["b"], x.astype(dtype),
+  ws, bs = zip(*(_prescaled(p, st.h.shape[-1], forget_bias, dtype)
+                 for p, st in zip(layers, states)))
+  out, hs, cs = _stack_core(ws, bs, readout["w"], readout["b"], x.astype(dtype),
                             tuple(s.h.astype(dtype) for s in states),
                             tuple(s.c.astype(dtype) for s in states))
   return out, tuple(LSTMState(h, c) for h, c in zip(hs, cs))
