@@ -7,8 +7,10 @@ W1, one meta-iteration: the MNIST MLP optimizee (784-20-10 sigmoid, minibatch
 128, data on the device), a segment of T steps for B optimizees, backprop
 through the segment, Adam on theta. Reported: median seconds per iteration
 after warm-up, optimizee-steps per second (B x T / seconds), compile time of
-the meta-step, its compiled memory footprint and the device's peak memory
-(where the backend reports it).
+the meta-step, its compiled memory footprint, the device's peak memory
+(where the backend reports it), and the instructions in the compiled loop
+bodies per optimizee step (``loop_ops``: about the kernels a GPU launches per
+step, what bounds small B there).
 
 W2, evaluation: a learned optimizer (at its initial theta: the cost does not
 depend on the values) for N steps on 10 vmapped optimizees, against
@@ -136,6 +138,44 @@ def compiled_bytes(compiled) -> Optional[int]:
              - m.alias_size_in_bytes)
 
 
+_BOOKKEEPING = frozenset(["parameter", "get-tuple-element", "tuple", "constant", "bitcast",
+                          "async-done", "copy-done", "all-reduce-done", "all-gather-done",
+                          "collective-permute-done", "send-done", "recv-done"])
+
+
+def loop_ops(compiled) -> Optional[List[int]]:
+  """Instructions in each loop body of a compiled program that holds a matrix
+  product (the optimizee steps, not the random-number loops), bookkeeping left out.
+
+  Each fusion, GEMM, copy or async launch counts one: at small B a GPU runs
+  one kernel per such instruction per step, and their number, not their size,
+  bounds the step (see BENCHMARKS.md). None where the program text is not
+  available.
+  """
+  try:
+    text = compiled.as_text()
+  except Exception:  # some backends do not expose it
+    return None
+  comps: Dict[str, List[str]] = {}
+  name = None
+  for line in text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      head = line.split()
+      name = head[1] if head[0] == "ENTRY" else head[0]
+      comps[name] = []
+    elif line.startswith("}"):
+      name = None
+    elif name is not None:
+      comps[name].append(line)
+  counts = []
+  for body in re.findall(r"\swhile\(.*?body=(%?[\w.\-]+)", text):
+    ops = [m.group(1) for m in (re.search(r"=\s*(?:\([^=]*?\)|\S+)\s([a-z][\w-]*)\(", l)
+                                for l in comps.get(body, [])) if m]
+    if any(("dot(" in l or "gemm" in l or "custom-call(" in l) for l in comps.get(body, [])):
+      counts.append(sum(op not in _BOOKKEEPING for op in ops))
+  return counts
+
+
 def minor_faults() -> Optional[int]:
   """This process's minor page faults so far (first touches of fresh host memory)."""
   try:
@@ -205,6 +245,7 @@ class W1Run:
     self._compiled = meta_step.lower(theta, outer_state, states, self._key, optimizee).compile()
     self.compile_s = time.perf_counter() - t0
     self.compiled_bytes = compiled_bytes(self._compiled)
+    self.loop_ops = loop_ops(self._compiled)
 
   def _step(self, key):
     theta, outer_state, states = self._carry
@@ -304,6 +345,10 @@ def run_w1(names: List[str], optimizee, with_torch: bool, rows: List[Dict[str, A
         row["steps_per_s"] = b * _SEGMENT.value / row["median_s"]
         row["compile_s"] = row["runs"][0]["compile_s"]
         row["compiled_bytes"] = row["runs"][0]["compiled_bytes"]
+        if w1 is not None and w1.loop_ops is not None:
+          # summed over the program's loop bodies (forward, backward, recomputation)
+          row["loop_ops"] = w1.loop_ops
+          row["loop_ops_per_step"] = sum(w1.loop_ops) / _UNROLL.value
         faults = [r["minor_faults_per_iter"] for r in row["runs"]
                   if r["minor_faults_per_iter"] is not None]
         row["minor_faults_per_iter"] = statistics.median(faults) if faults else None
@@ -340,7 +385,9 @@ def run_w2(names: List[str], optimizee, rows: List[Dict[str, Any]], save) -> Non
       t = time.perf_counter()
       jax.block_until_ready(compiled(*args))
       seconds.append(time.perf_counter() - t)
-    return {"seconds": seconds, "median_s": statistics.median(seconds), "compile_s": compile_s}
+    ops = loop_ops(compiled)
+    return {"seconds": seconds, "median_s": statistics.median(seconds), "compile_s": compile_s,
+            "loop_ops_per_step": sum(ops) / _UNROLL.value if ops is not None else None}
 
   unroll = _UNROLL.value
   adam = timed(lambda ks, opt: batch_rollout(optax.adam(1e-3), opt, ks, steps, unroll),
@@ -388,26 +435,28 @@ def markdown(result: Dict[str, Any]) -> str:
   if w1:
     lines += ["", "## W1: one meta-iteration (T = %d), optimizee-steps per second" % w1[0]["T"], "",
               "| model | B | remat | median s/iter | steps/s | compile s | compiled MiB | "
-              "peak MiB | page faults/iter | torch steps/s | x torch |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "peak MiB | page faults/iter | loop ops/step | torch steps/s | x torch |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     if any(r.get("unroll", 1) > 1 for r in w1 + w2):
       lines += ["", f"scan unroll: {(w1 + w2)[0].get('unroll', 1)} steps per loop iteration"]
     for r in w1:
       remat = str(r["remat"]) + (f", chunk {r['remat_chunk']}" if r.get("remat_chunk") else "")
       if "error" in r:
-        lines.append(f"| {r['model']} | {r['B']} | {remat} | {r['error']} ||||||||")
+        lines.append(f"| {r['model']} | {r['B']} | {remat} | {r['error']} |||||||||")
         continue
       torch = (f"{r['torch_steps_per_s']:,.0f} | {r['speedup_vs_torch']:.2f}"
                if "torch_steps_per_s" in r else "skipped | -")
       lines.append(f"| {r['model']} | {r['B']} | {remat} | {r['median_s']:.4f} | "
                    f"{r['steps_per_s']:,.0f} | {r['compile_s']:.1f} | {_mib(r['compiled_bytes'])} | "
-                   f"{_mib(r['peak_bytes'])} | {_count(r.get('minor_faults_per_iter'))} | {torch} |")
+                   f"{_mib(r['peak_bytes'])} | {_count(r.get('minor_faults_per_iter'))} | "
+                   f"{_count(r.get('loop_ops_per_step'))} | {torch} |")
   if w2:
     lines += ["", f"## W2: evaluation, {w2[0]['steps']} steps x {w2[0]['optimizees']} optimizees",
-              "", "| optimizer | median s | compile s | x adam |", "|---|---|---|---|"]
+              "", "| optimizer | median s | compile s | loop ops/step | x adam |",
+              "|---|---|---|---|---|"]
     for r in w2:
       lines.append(f"| {r['model']} | {r['median_s']:.3f} | {r['compile_s']:.1f} | "
-                   f"{r.get('ratio_vs_adam', 1.0):.2f} |")
+                   f"{_count(r.get('loop_ops_per_step'))} | {r.get('ratio_vs_adam', 1.0):.2f} |")
   return "\n".join(lines)
 
 

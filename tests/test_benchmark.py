@@ -58,3 +58,35 @@ def test_records_page_faults_and_the_huge_page_setting(result):
   applies = hugepages.why_not(os.environ) is None or hugepages.tunable_set(os.environ)
   assert ("glibc.malloc.hugetlb" in data["machine"]["glibc_tunables"]) == applies
   assert "GLIBC_TUNABLES=" in stdout and "page faults/iter" in stdout
+
+
+def test_counts_the_operations_of_each_optimizee_step(result, tiny_image_npz):
+  data, stdout, _ = result
+  w1 = [r for r in data["rows"] if r["workload"] == "W1"]
+  assert all(r["loop_ops_per_step"] == sum(r["loop_ops"]) > 0 for r in w1)
+  assert all(r["loop_ops_per_step"] > 0 for r in data["rows"] if r["workload"] == "W2")
+  assert "loop ops/step" in stdout
+
+  # the count sees what a change does to a step: a first-order meta-step (each
+  # step's loss differentiated through the gradient it computed) runs fewer
+  # operations per step than one that keeps d(grad)/d(params)
+  import jax
+  import optax
+  from experiments import benchmark
+  from l2ojax import models, optimizees
+  from l2ojax.meta import step as step_lib
+  mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
+  lopt = models.dm()
+  theta = lopt.init(jax.random.PRNGKey(0))
+  outer = optax.adam(1e-3)
+  states = step_lib.make_init_states(lopt, 2)(theta, jax.random.PRNGKey(1), mlp)
+
+  def ops(second_order):
+    meta_step = step_lib.make_meta_step(lopt, outer, 4, second_order=second_order)
+    compiled = meta_step.lower(theta, outer.init(theta), states, jax.random.PRNGKey(2),
+                               mlp).compile()
+    return benchmark.loop_ops(compiled)
+
+  first, second = ops(False), ops(True)
+  assert len(first) == 2 and all(n > 0 for n in first)  # the forward and backward loops
+  assert sum(first) < sum(second)
