@@ -245,8 +245,14 @@ class Scale:
   def step(self, theta: dict, g: chex.Array, state: ScaleState, sizes: Tuple[int, ...],
            value: Optional[chex.Array] = None) -> Tuple[chex.Array, ScaleState]:
     """One step on the flat gradient ``g`` [n], made of tensors of ``sizes`` coordinates."""
-    accum, ms, scaled = self._momenta(g, state)
-    x = self._features(scaled, ms, state.log_lr)
+    # elementwise from the step's inputs: recomputed in the backward pass rather than
+    # a dozen [n, S] intermediates kept per step
+    @jax.checkpoint
+    def inputs(g, state):
+      accum, ms, scaled = self._momenta(g, state)
+      return accum, ms, scaled, self._features(scaled, ms, state.log_lr)
+
+    accum, ms, scaled, x = inputs(g, state)
 
     # per parameter, steered by the tensor and global states of the previous step
     bias = (_per_coordinate(cells.linear_apply(theta["tensor_to_param"], state.tensor_h), sizes)
@@ -264,19 +270,21 @@ class Scale:
     global_h = cells.gru_apply(theta["global_gru"], global_in[None], state.global_h[None])[0]
 
     # read-outs: direction (unit RMS per tensor) x step size exp(log_lr - 1)
-    direction = (param_h @ theta["direction"])[:, 0] + (scaled @ theta["shortcut"])[:, 0]
+    # the four read-outs of the per-parameter state as one product
+    readouts = param_h @ jnp.concatenate(
+        [theta["direction"]] + [theta[k]["w"] for k in ("lr", "scl_decay", "inp_decay")], axis=1)
+    direction = readouts[:, 0] + (scaled @ theta["shortcut"])[:, 0]
     rms = jnp.sqrt(_tensor_means(jnp.square(direction), sizes) + 1e-16)
     direction = direction / _per_coordinate(rms, sizes)
-    project = lambda p: (param_h @ p["w"])[:, 0] + p["b"][0]
-    step_log_lr = state.log_lr + project(theta["lr"])
+    step_log_lr = state.log_lr + readouts[:, 1] + theta["lr"]["b"][0]
     # clip the value but pass the gradient of the unclipped one (as the original)
     step_log_lr = step_log_lr + jax.lax.stop_gradient(
         jnp.clip(step_log_lr, _MIN_LOG_LR, self.max_log_lr) - step_log_lr)
     lrm = jax.nn.sigmoid(theta["lr_momentum_logit"])
     new_state = ScaleState(
         param_h=param_h, tensor_h=tensor_h, global_h=global_h, grad_accum=accum, ms=ms,
-        scl_decay=jax.nn.sigmoid(project(theta["scl_decay"])),
-        inp_decay=jax.nn.sigmoid(project(theta["inp_decay"])),
+        scl_decay=jax.nn.sigmoid(readouts[:, 2] + theta["scl_decay"]["b"][0]),
+        inp_decay=jax.nn.sigmoid(readouts[:, 3] + theta["inp_decay"]["b"][0]),
         log_lr=lrm * state.log_lr + (1.0 - lrm) * step_log_lr,
         first_loss=first_loss, count=state.count + 1)
     update = -jnp.exp(step_log_lr + theta["stepsize_offset"]) * direction
