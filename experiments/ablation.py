@@ -20,12 +20,15 @@ last variant writes the table. ``--status`` prints how far each variant got.
 scaled-down run: --override=meta.num_episodes=40 --override='curriculum.schedule=(100, 200)'
 --override=dm_aug:meta.num_episodes=8. Learned curves are cached per variant
 (curves_<variant>.npy), so variants may be trained by separate processes
-(--variants=dm,dm_cl) and a last call with all of them writes the table.
+(--variants=dm,dm_cl) and a last call with all of them writes the table;
+``--processes=N`` does that by itself, N variants at a time sharing the device.
 """
 import ast
 import json
 import os
 import platform
+import signal
+import subprocess
 import sys
 import time
 
@@ -54,6 +57,12 @@ _EVAL_STEPS = flags.DEFINE_integer("eval_steps", 0, "Evaluation steps (0: config
 _EVAL_N = flags.DEFINE_integer("eval_optimizees", 0, "Fresh optimizees (0: config eval).")
 _LABEL = flags.DEFINE_string("label", "", "Run description for the table's caption.")
 _STATUS = flags.DEFINE_bool("status", False, "Print each variant's training progress and exit.")
+_PROCESSES = flags.DEFINE_integer(
+    "processes", 1, "Train up to this many variants at once, each in its own process sharing "
+    "the device (XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 / processes unless set); logs in "
+    "WORKDIR/<variant>.log. Then this process evaluates and writes the table.")
+_TABLE = flags.DEFINE_bool("table", True, "Write WORKDIR/ablation.{md,json,png} (the processes "
+                           "--processes starts leave it to their parent).")
 
 REPORT_STEPS = (100, 1000, 10000)
 
@@ -193,11 +202,65 @@ def train_variants(module, configs: dict, optimizee, keys, steps: int, started: 
   return results, curves
 
 
+def train_in_processes(variants, started: float) -> None:
+  """Trains the unfinished ``variants`` in up to --processes child processes at once.
+
+  One small meta-batch per process leaves most of an accelerator idle; several
+  processes sharing it keep it busy (on an H200, seven at B = 8 together moved
+  about as many optimizee-steps per second as one process at B = 64). Returns
+  when all have finished; exits with trainer.EXIT_PAUSED if any paused
+  (--max_minutes, or a SIGTERM, which is passed on to the children).
+  """
+  todo = [v for v in variants
+          if not os.path.exists(os.path.join(_WORKDIR.value, v, "theta.msgpack"))]
+  env = dict(os.environ)
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / _PROCESSES.value:.3f}")
+  running, paused, failed = {}, [], []
+
+  def forward_sigterm(signum, frame):
+    del frame
+    for proc in running.values():
+      proc.send_signal(signum)
+
+  previous = signal.signal(signal.SIGTERM, forward_sigterm)
+  try:
+    while todo or running:
+      while todo and len(running) < _PROCESSES.value:
+        v = todo.pop(0)
+        extra = [f"--variants={v}", "--processes=1", "--notable"]
+        if _MAX_MINUTES.value is not None:
+          left = _MAX_MINUTES.value - (time.perf_counter() - started) / 60.0
+          extra.append(f"--max_minutes={max(0.0, left)}")
+        with open(os.path.join(_WORKDIR.value, f"{v}.log"), "a") as log:
+          running[v] = subprocess.Popen(
+              [sys.executable, "-m", "experiments.ablation", *sys.argv[1:], *extra],
+              stdout=log, stderr=subprocess.STDOUT, env=env)
+        print(f"{v}: training in its own process, log {_WORKDIR.value}/{v}.log", flush=True)
+      time.sleep(0.5)
+      for v, proc in list(running.items()):
+        if proc.poll() is None:
+          continue
+        del running[v]
+        if proc.returncode == trainer.EXIT_PAUSED:
+          paused.append(v)
+        elif proc.returncode != 0:
+          failed.append(v)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  if failed:
+    sys.exit(f"ablation: training failed for {failed}; see their logs in {_WORKDIR.value}")
+  if paused:
+    print(f"paused: {paused}; run the same command again to go on", flush=True)
+    sys.exit(trainer.EXIT_PAUSED)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   started = time.perf_counter()
   os.makedirs(_WORKDIR.value, exist_ok=True)
+  if _PROCESSES.value < 1:
+    raise app.UsageError(f"--processes must be >= 1, got {_PROCESSES.value}")
   module = FAMILIES[_FAMILY.value]
   variants = _VARIANTS.value or list(module.PAPER_LN_LOSS_10K)
   configs = build_configs(_FAMILY.value, variants, _OVERRIDES.value)
@@ -213,9 +276,13 @@ def main(argv):
             f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
   print(f"ablation: {variants}, eval {n} optimizees x {steps} steps; {machine}")
 
+  if _PROCESSES.value > 1:
+    train_in_processes(variants, started)
   with trainer.sigterm_requests_stop() as should_stop:  # SIGTERM pauses like --max_minutes
     results, curves = train_variants(module, configs, optimizee, keys, steps, started,
                                      should_stop)
+  if not _TABLE.value:
+    return
 
   lrs = tuple(base.eval.adam_learning_rates)
   tuned = evaluation.tune_learning_rate(optax.adam, optimizee, keys, steps, lrs)

@@ -84,3 +84,31 @@ def test_ablation_of_another_family_pauses_resumes_and_writes_its_table(tmp_path
   result = json.load(open(tmp_path / "ablation.json"))["results"]
   assert result["RNNProp"]["train_calls"] == 2 and result["RNNProp-CL-IL"]["train_calls"] == 1
   assert all(np.isfinite(result[n]["ln_loss"]["30"]) for n in ("RNNProp", "RNNProp-CL-IL"))
+
+
+def test_ablation_trains_variants_in_parallel_processes_that_pause_and_resume(tmp_path,
+                                                                            tiny_image_npz):
+  args = ["experiments.ablation", "--variants=dm,dm_il", "--processes=2",
+          f"--workdir={tmp_path}", "--eval_steps=20", "--eval_optimizees=2",
+          f"--override=data.path={tiny_image_npz}", "--override=meta.num_episodes=2",
+          "--override=meta.batch_size=2", "--override=meta.episode_steps=20",
+          "--override=validation.period=1", "--override=validation.num_optimizees=2",
+          "--override=eval.adam_learning_rates=(0.01,)"]
+  out = _run([*args, "--max_minutes=0"])
+  assert out.returncode == 75, out.stdout[-2000:] + out.stderr[-2000:]
+  assert not (tmp_path / "ablation.md").exists()
+  for v in ("dm", "dm_il"):
+    assert "paused at episode 1" in (tmp_path / f"{v}.log").read_text()
+  out = _run(args)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  table = (tmp_path / "ablation.md").read_text()
+  assert "| DM | " in table and "| DM-IL | " in table
+  # the second calls of the two variants ran at the same time
+  spans = []
+  for v in ("dm", "dm_il"):
+    last = [json.loads(l) for l in open(tmp_path / v / "calls.jsonl")][-1]
+    assert last["episodes"] == [1, 2] and last["finished"]
+    spans.append((last["ended"] - last["seconds"], last["ended"]))
+  (start_a, end_a), (start_b, end_b) = spans
+  overlap = min(end_a, end_b) - max(start_a, start_b)
+  assert overlap > 0.5 * min(end_a - start_a, end_b - start_b) > 0, spans

@@ -99,7 +99,8 @@ def _log_call(workdir: str, first: int, last: int, seconds: float, finished: boo
   perhaps on different machines, keeps a record of which did what)."""
   row = {"episodes": [first, last], "seconds": round(seconds, 3), "finished": bool(finished),
          "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-         "jax": jax.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+         "jax": jax.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+         "ended": round(time.time(), 3)}  # unix seconds: the call ran from ended - seconds
   with open(os.path.join(workdir, "calls.jsonl"), "a") as f:
     f.write(json.dumps(row) + "\n")
 
