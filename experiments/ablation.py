@@ -267,6 +267,8 @@ def main(argv):
   if _STATUS.value:
     print(status_table(_WORKDIR.value, module, variants), end="")
     return
+  if _PROCESSES.value > 1:  # before this process touches the device: the children need it
+    train_in_processes(variants, started)
   base = configs[variants[0]]
   steps = _EVAL_STEPS.value or base.eval.steps
   n = _EVAL_N.value or base.eval.num_optimizees
@@ -276,8 +278,6 @@ def main(argv):
             f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
   print(f"ablation: {variants}, eval {n} optimizees x {steps} steps; {machine}")
 
-  if _PROCESSES.value > 1:
-    train_in_processes(variants, started)
   with trainer.sigterm_requests_stop() as should_stop:  # SIGTERM pauses like --max_minutes
     results, curves = train_variants(module, configs, optimizee, keys, steps, started,
                                      should_stop)
