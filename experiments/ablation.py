@@ -219,6 +219,8 @@ def train_in_processes(variants, started: float) -> None:
 
   def forward_sigterm(signum, frame):
     del frame
+    paused.extend(todo)  # not started: they stay for the next call
+    todo.clear()
     for proc in running.values():
       proc.send_signal(signum)
 
@@ -230,6 +232,9 @@ def train_in_processes(variants, started: float) -> None:
         extra = [f"--variants={v}", "--processes=1", "--notable"]
         if _MAX_MINUTES.value is not None:
           left = _MAX_MINUTES.value - (time.perf_counter() - started) / 60.0
+          if left <= 0 and _MAX_MINUTES.value > 0:  # the time is up before it started
+            paused.append(v)
+            continue
           extra.append(f"--max_minutes={max(0.0, left)}")
         with open(os.path.join(_WORKDIR.value, f"{v}.log"), "a") as log:
           running[v] = subprocess.Popen(
