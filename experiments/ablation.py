@@ -166,6 +166,13 @@ def status_table(workdir: str, module, variants) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _seconds_left(started: float):
+  """What is left of --max_minutes since ``started`` (None: no limit)."""
+  if _MAX_MINUTES.value is None:
+    return None
+  return max(0.0, 60.0 * _MAX_MINUTES.value - (time.perf_counter() - started))
+
+
 def train_variants(module, configs: dict, optimizee, keys, steps: int, started: float,
                    should_stop) -> tuple:
   """Trains (or resumes) each variant and evaluates it; exits with
@@ -173,11 +180,8 @@ def train_variants(module, configs: dict, optimizee, keys, steps: int, started: 
   results, curves = {}, {}
   for v, config in configs.items():
     t0 = time.perf_counter()
-    left = None
-    if _MAX_MINUTES.value is not None:
-      left = max(0.0, 60.0 * _MAX_MINUTES.value - (t0 - started))
     res = trainer.train(config, os.path.join(_WORKDIR.value, v), progress=False,
-                        max_seconds=left, should_stop=should_stop)
+                        max_seconds=_seconds_left(started), should_stop=should_stop)
     wall = time.perf_counter() - t0
     if not res.finished:
       print(f"{module.NAMES[v]}: paused at episode {res.episodes}; run the same command "
@@ -230,12 +234,12 @@ def train_in_processes(variants, started: float) -> None:
       while todo and len(running) < _PROCESSES.value:
         v = todo.pop(0)
         extra = [f"--variants={v}", "--processes=1", "--notable"]
-        if _MAX_MINUTES.value is not None:
-          left = _MAX_MINUTES.value - (time.perf_counter() - started) / 60.0
-          if left <= 0 and _MAX_MINUTES.value > 0:  # the time is up before it started
+        left = _seconds_left(started)
+        if left is not None:
+          if left == 0 and _MAX_MINUTES.value > 0:  # the time is up before it started
             paused.append(v)
             continue
-          extra.append(f"--max_minutes={max(0.0, left)}")
+          extra.append(f"--max_minutes={left / 60.0}")
         with open(os.path.join(_WORKDIR.value, f"{v}.log"), "a") as log:
           running[v] = subprocess.Popen(
               [sys.executable, "-m", "experiments.ablation", *sys.argv[1:], *extra],
