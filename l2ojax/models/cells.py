@@ -5,12 +5,16 @@ batched matmul over [num_coordinates, features].
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Tuple
+import dataclasses
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from l2ojax.models import lstm_kernel
 
 
 class LSTMState(NamedTuple):
@@ -104,27 +108,68 @@ def _lstm_core_bwd(res, cotangents):
 _lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
 
 
-@jax.custom_vjp
-def _stack_core(ws, bs, w_out, b_out, x, hs, cs):
-  """Stacked pre-scaled cells (layer l's h' is layer l + 1's x), then x @ w_out + b_out."""
-  return _stack_core_fwd(ws, bs, w_out, b_out, x, hs, cs)[0]
+KERNELS = ("xla", "pallas", "pallas_interpret")
 
 
-def _stack_core_fwd(ws, bs, w_out, b_out, x, hs, cs):
-  x_in, h_news, c_news, ts = x, [], [], []
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _stack_core(interpret, padded, ws, bs, w_out, b_out, x, hs, cs):
+  """Stacked pre-scaled cells (layer l's h' is layer l + 1's x), then x @ w_out + b_out.
+
+  With ``padded`` weights (``lstm_kernel.PaddedStack``) the forward pass runs
+  as one fused GPU kernel (which also writes the gates' tanh when the call is
+  differentiated); the backward pass is XLA's either way.
+  """
+  if padded is None:
+    return _xla_stack(ws, bs, w_out, b_out, x, hs, cs)[0]
+  return _fused_or_xla(interpret, padded, ws, bs, w_out, b_out, x, hs, cs, with_gates=False)
+
+
+def _fused_or_xla(interpret, padded, ws, bs, w_out, b_out, x, hs, cs, with_gates):
+  """The fused kernel where the program is lowered for a CUDA GPU (or interpreted, on
+  request), XLA's ops elsewhere: (out, h's, c's[, ts]) as ``_xla_stack``."""
+  def fused(x, hs, cs):
+    lead = x.shape[:-1]
+    flat = lambda a: a.reshape((-1, a.shape[-1]))
+    outs = lstm_kernel.stack_forward(padded, flat(x), [flat(h) for h in hs],
+                                     [flat(c) for c in cs], w_out.shape[1],
+                                     interpret=interpret, with_gates=with_gates)
+    unflat = lambda a: a.reshape(lead + a.shape[-1:])
+    return (unflat(outs[0]),) + tuple(tuple(unflat(a) for a in group) for group in outs[1:])
+
+  def xla(x, hs, cs):
+    outs, ts = _xla_stack(ws, bs, w_out, b_out, x, hs, cs)
+    return outs + ((ts,) if with_gates else ())
+
+  if interpret:
+    return fused(x, hs, cs)
+  return jax.lax.platform_dependent(x, hs, cs, cuda=fused, default=xla)
+
+
+def _xla_stack(ws, bs, w_out, b_out, x, hs, cs):
+  """((out, h's, c's), each layer's gate tanh t) by XLA's ops."""
+  h_news, c_news, ts = [], [], []
   for w, b, h, c in zip(ws, bs, hs, cs):
     x, c_new, t = _cell_forward(w, b, x, h, c)
     h_news.append(x)
     c_news.append(c_new)
     ts.append(t)
-  out = x @ w_out + b_out
+  return (x @ w_out + b_out, tuple(h_news), tuple(c_news)), tuple(ts)
+
+
+def _stack_core_fwd(interpret, padded, ws, bs, w_out, b_out, x, hs, cs):
+  if padded is None:
+    outs, ts = _xla_stack(ws, bs, w_out, b_out, x, hs, cs)
+  else:
+    *outs, ts = _fused_or_xla(interpret, padded, ws, bs, w_out, b_out, x, hs, cs,
+                              with_gates=True)
   # Each layer's inputs and t, as ``_lstm_core``, but not the outputs h' that feed
   # the next layer and the read-out: the step after saves them again as its h.
-  return (out, tuple(h_news), tuple(c_news)), (ws, w_out, x_in, hs, cs, tuple(ts))
+  return tuple(outs), (padded, ws, w_out, x, hs, cs, ts)
 
 
-def _stack_core_bwd(res, cotangents):
-  ws, w_out, x_in, hs, cs, ts = res
+def _stack_core_bwd(interpret, res, cotangents):
+  del interpret
+  padded, ws, w_out, x_in, hs, cs, ts = res
   d_out, dh_news, dc_news = cotangents
   xs = [x_in] + [_next_state(t, c)[0] for t, c in zip(ts[:-1], cs[:-1])]
   top = _next_state(ts[-1], cs[-1])[0]
@@ -140,8 +185,11 @@ def _stack_core_bwd(res, cotangents):
     dbs.append(db)
     dhs.append(dh)
     dcs.append(dc)
-  return (tuple(dws[::-1]), tuple(dbs[::-1]), dw_out, db_out, dx, tuple(dhs[::-1]),
-          tuple(dcs[::-1]))
+  # the padded copy of the weights only serves the primal: the gradient reaches
+  # them through ws and bs
+  d_padded = jax.tree_util.tree_map(jnp.zeros_like, padded)
+  return (d_padded, tuple(dws[::-1]), tuple(dbs[::-1]), dw_out, db_out, dx,
+          tuple(dhs[::-1]), tuple(dcs[::-1]))
 
 
 _stack_core.defvjp(_stack_core_fwd, _stack_core_bwd)
@@ -167,8 +215,61 @@ def lstm_apply(params: dict, x: chex.Array, state: LSTMState,
   return LSTMState(h, c)
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["ws", "bs", "w_out", "b_out", "padded"],
+                   meta_fields=["interpret"])
+@dataclasses.dataclass(frozen=True)
+class LSTMStack:
+  """Stacked LSTMs and their read-out, ready to run step after step (a pytree).
+
+  The gate columns are pre-scaled (``_gate_affine``) here, once, rather than
+  in every step; for the fused kernel the weights are also laid out as it
+  reads them (``padded``).
+  """
+  ws: Tuple[chex.Array, ...]
+  bs: Tuple[chex.Array, ...]
+  w_out: chex.Array
+  b_out: chex.Array
+  padded: Optional[lstm_kernel.PaddedStack]  # None: XLA's ops
+  interpret: bool = False                     # run the kernel's program interpreted
+
+
+def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float = 1.0,
+                       kernel: str = "xla") -> LSTMStack:
+  """``LSTMStack`` of Sonnet-v1 LSTM ``layers`` (``lstm_init``) and a ``readout`` (``linear_init``).
+
+  ``kernel``: how the forward pass runs, the same function either way:
+  "xla": XLA's ops; "pallas": where the program is compiled for a CUDA GPU, one
+  fused Pallas kernel per step for the whole stack (``lstm_kernel``), elsewhere
+  XLA's ops (``jax.lax.platform_dependent``); "pallas_interpret":
+  the fused kernel's program interpreted on any backend (slow: for checking
+  the kernel without a GPU). The backward pass is XLA's in all three.
+  """
+  if kernel not in KERNELS:
+    raise ValueError(f"lstm_stack_prepare: kernel={kernel!r}; allowed: {KERNELS}")
+  dtype = jnp.result_type(readout["w"])
+  ws, bs = zip(*(_prescaled(p, p["w"].shape[1] // 4, forget_bias, dtype) for p in layers))
+  padded, interpret = None, kernel == "pallas_interpret"
+  if kernel != "xla":
+    input_size = layers[0]["w"].shape[0] - layers[0]["w"].shape[1] // 4
+    padded = lstm_kernel.pad_stack(ws, bs, readout["w"], readout["b"], input_size)
+  return LSTMStack(tuple(ws), tuple(bs), readout["w"], readout["b"], padded, interpret)
+
+
+def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState]
+                   ) -> Tuple[chex.Array, Tuple[LSTMState, ...]]:
+  """One step of a prepared stack: (read-out [rows, n_out], new states)."""
+  dtype = jnp.promote_types(states[0].h.dtype, stack.w_out.dtype)
+  cast = lambda a: a.astype(dtype)
+  out, hs, cs = _stack_core(stack.interpret, stack.padded, tuple(map(cast, stack.ws)),
+                            tuple(map(cast, stack.bs)), cast(stack.w_out), cast(stack.b_out),
+                            cast(x), tuple(cast(s.h) for s in states),
+                            tuple(cast(s.c) for s in states))
+  return out, tuple(LSTMState(h, c) for h, c in zip(hs, cs))
+
+
 def lstm_stack_apply(layers: Sequence[dict], x: chex.Array, states: Sequence[LSTMState],
-                     readout: dict, forget_bias: float = 1.0
+                     readout: dict, forget_bias: float = 1.0, kernel: str = "xla"
                      ) -> Tuple[chex.Array, Tuple[LSTMState, ...]]:
   """Stacked LSTMs (each layer's h is the next one's input), then a linear read-out.
 
@@ -177,15 +278,10 @@ def lstm_stack_apply(layers: Sequence[dict], x: chex.Array, states: Sequence[LST
   keeps each layer's inputs and [rows, 4 x hidden] tanh, and recomputes the new
   h's that feed the next layer and the read-out instead of keeping them too
   (the following step keeps them as its recurrent state). Returns
-  (read-out [rows, n_out], new states).
+  (read-out [rows, n_out], new states). A loop of steps should prepare the
+  stack once (``lstm_stack_prepare``) and call ``lstm_stack_run`` per step.
   """
-  dtype = jnp.promote_types(states[0].h.dtype, readout["w"].dtype)
-  ws, bs = zip(*(_prescaled(p, st.h.shape[-1], forget_bias, dtype)
-                 for p, st in zip(layers, states)))
-  out, hs, cs = _stack_core(ws, bs, readout["w"], readout["b"], x.astype(dtype),
-                            tuple(s.h.astype(dtype) for s in states),
-                            tuple(s.c.astype(dtype) for s in states))
-  return out, tuple(LSTMState(h, c) for h, c in zip(hs, cs))
+  return lstm_stack_run(lstm_stack_prepare(layers, readout, forget_bias, kernel), x, states)
 
 
 def linear_init(key: chex.PRNGKey, input_size: int, output_size: int) -> dict:

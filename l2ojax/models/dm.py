@@ -34,10 +34,15 @@ class DM:
   k: float = 5.0
   scale: float = 0.01
   forget_bias: float = 1.0
+  # "pallas": on a GPU, the LSTM stack's forward pass as one fused kernel per step:
+  # the same function with fewer memory passes (cells.lstm_stack_prepare)
+  lstm_kernel: str = "xla"
   state_dtype: str = ""  # "" = the parameters' dtype; "bfloat16" halves the state's memory
   name: str = "dm"
 
   def __post_init__(self):
+    if self.lstm_kernel not in cells.KERNELS:
+      raise ValueError(f"dm: lstm_kernel={self.lstm_kernel!r}; allowed: {cells.KERNELS}")
     if self.preprocessing not in preprocess.PREPROCESSORS:
       raise ValueError(f"dm: preprocessing={self.preprocessing!r}; allowed: "
                        f"{sorted(preprocess.PREPROCESSORS)}")
@@ -70,11 +75,20 @@ class DM:
       return preprocess.log_and_sign(g, self.k)
     return preprocess.identity(g)
 
-  def step(self, theta: dict, g: chex.Array, state: DMState) -> Tuple[chex.Array, DMState]:
-    """One coordinatewise step on a flat gradient vector ``g`` [n] -> update [n]."""
-    layers = [theta[f"lstm_{i}"] for i in range(len(state.lstm))]
-    out, new_states = cells.lstm_stack_apply(layers, self._features(g), state.lstm,
-                                             theta["linear"], self.forget_bias)
+  def prepare(self, theta: dict) -> cells.LSTMStack:
+    """The network of ``theta`` ready to run step after step (``cells.lstm_stack_prepare``)."""
+    layers = [theta[f"lstm_{i}"] for i in range(len(self.hidden_sizes))]
+    return cells.lstm_stack_prepare(layers, theta["linear"], self.forget_bias, self.lstm_kernel)
+
+  def step(self, theta: dict | cells.LSTMStack, g: chex.Array, state: DMState
+           ) -> Tuple[chex.Array, DMState]:
+    """One coordinatewise step on a flat gradient vector ``g`` [n] -> update [n].
+
+    ``theta``: the meta-parameters, or ``prepare(theta)`` (what ``transform`` does,
+    once, rather than in every step).
+    """
+    stack = theta if isinstance(theta, cells.LSTMStack) else self.prepare(theta)
+    out, new_states = cells.lstm_stack_run(stack, self._features(g), state.lstm)
     return self.scale * out[:, 0], DMState(new_states)
 
   def init_state(self, params: chex.ArrayTree) -> DMState:
@@ -85,6 +99,7 @@ class DM:
 
   def transform(self, theta: dict) -> optax.GradientTransformationExtraArgs:
     base.check_theta(self, theta)
+    stack = self.prepare(theta)
 
     def init_fn(params):
       base.check_params(self.name, params)
@@ -97,7 +112,7 @@ class DM:
       if state.lstm[0].h.shape[0] != flat_g.shape[0]:
         raise ValueError(f"dm.update: gradients have {flat_g.shape[0]} coordinates, "
                          f"the optimizer state was made for {state.lstm[0].h.shape[0]}")
-      delta, new_state = self.step(theta, flat_g, state)
+      delta, new_state = self.step(stack, flat_g, state)
       # theta is float32: keep the params' and the state's dtypes whatever they are
       new_state = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_state, state)
       return unravel(delta.astype(flat_g.dtype)), new_state

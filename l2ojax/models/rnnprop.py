@@ -47,9 +47,14 @@ class RNNProp:
   eps: float = 1e-8
   scale: float = 0.01
   forget_bias: float = 1.0
+  # "pallas": on a GPU, the LSTM stack's forward pass as one fused kernel per step:
+  # the same function with fewer memory passes (cells.lstm_stack_prepare)
+  lstm_kernel: str = "xla"
   name: str = "rnnprop"
 
   def __post_init__(self):
+    if self.lstm_kernel not in cells.KERNELS:
+      raise ValueError(f"rnnprop: lstm_kernel={self.lstm_kernel!r}; allowed: {cells.KERNELS}")
     if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
       raise ValueError(f"rnnprop: hidden_sizes must be non-empty positive ints, "
                        f"got {self.hidden_sizes}")
@@ -93,18 +98,28 @@ class RNNProp:
     denom = jnp.sqrt(nu_hat) + self.eps
     return jnp.stack([mu_hat / denom, g / denom], axis=-1), (count, mu, nu)
 
-  def step(self, theta: dict, g: chex.Array, state: RNNPropState
-           ) -> Tuple[chex.Array, RNNPropState]:
-    """One coordinatewise step on a flat gradient ``g`` [n] -> update [n]."""
+  def prepare(self, theta: dict) -> Tuple[dict, cells.LSTMStack]:
+    """(input layer, LSTM stack) of ``theta`` ready to run step after step."""
+    layers = [theta[f"lstm_{i}"] for i in range(len(self.hidden_sizes))]
+    return theta["input"], cells.lstm_stack_prepare(layers, theta["linear"], self.forget_bias,
+                                                    self.lstm_kernel)
+
+  def step(self, theta: dict | Tuple[dict, cells.LSTMStack], g: chex.Array,
+           state: RNNPropState) -> Tuple[chex.Array, RNNPropState]:
+    """One coordinatewise step on a flat gradient ``g`` [n] -> update [n].
+
+    ``theta``: the meta-parameters, or ``prepare(theta)`` (what ``transform`` does,
+    once, rather than in every step).
+    """
+    input_layer, stack = theta if isinstance(theta, tuple) else self.prepare(theta)
     x, (count, mu, nu) = self.features(g, state)
-    x = jax.nn.elu(cells.linear_apply(theta["input"], x))
-    layers = [theta[f"lstm_{i}"] for i in range(len(state.lstm))]
-    out, new_lstm = cells.lstm_stack_apply(layers, x, state.lstm, theta["linear"],
-                                           self.forget_bias)
+    x = jax.nn.elu(cells.linear_apply(input_layer, x))
+    out, new_lstm = cells.lstm_stack_run(stack, x, state.lstm)
     return self.scale * jnp.tanh(out[:, 0]), RNNPropState(count, mu, nu, new_lstm)
 
   def transform(self, theta: dict) -> optax.GradientTransformationExtraArgs:
     base.check_theta(self, theta)
+    prepared = self.prepare(theta)
 
     def init_fn(params):
       base.check_params(self.name, params)
@@ -117,7 +132,7 @@ class RNNProp:
       if state.mu.shape[0] != flat_g.shape[0]:
         raise ValueError(f"rnnprop.update: gradients have {flat_g.shape[0]} coordinates, "
                          f"the optimizer state was made for {state.mu.shape[0]}")
-      delta, new_state = self.step(theta, flat_g, state)
+      delta, new_state = self.step(prepared, flat_g, state)
       # theta is float32: keep the state's dtypes whatever the gradients' dtype
       new_state = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_state, state)
       return unravel(delta.astype(flat_g.dtype)), new_state

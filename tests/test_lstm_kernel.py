@@ -1,0 +1,162 @@
+"""The fused LSTM-stack kernel (l2ojax/models/lstm_kernel.py) against XLA's ops.
+
+Off a GPU the kernel's program runs interpreted ("pallas_interpret"): the same
+program, so these tests check its indexing, masking, padding and gate
+algebra; ``test_kernel_lowers_for_gpu`` checks that it lowers to a Triton
+kernel; ``test_fused_kernel_on_gpu`` runs it compiled where a GPU exists.
+"""
+import importlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from l2ojax import models
+from l2ojax.meta.unroll import batch_rollout
+from l2ojax.optimizees import quadratic
+
+cells = importlib.import_module("l2ojax.models.cells")
+lstm_kernel = importlib.import_module("l2ojax.models.lstm_kernel")
+
+
+def _stack(key, n_in, sizes, n_out=1, lead=(300,), state_dtype=jnp.float32):
+  keys = iter(jax.random.split(key, 3 * len(sizes) + 3))
+  layers, size = [], n_in
+  for h in sizes:
+    layers.append(cells.lstm_init(next(keys), size, h))
+    layers[-1]["b"] = 0.1 * jax.random.normal(next(keys), layers[-1]["b"].shape)
+    size = h
+  readout = cells.linear_init(next(keys), size, n_out)
+  x = jax.random.normal(next(keys), lead + (n_in,))
+  states = tuple(cells.LSTMState(jax.random.normal(next(keys), lead + (h,)).astype(state_dtype),
+                                 jnp.asarray(2.0, state_dtype) * jnp.ones(lead + (h,), state_dtype))
+                 for h in sizes)
+  return layers, readout, x, states
+
+
+@pytest.mark.parametrize("n_in,sizes,n_out,lead", [
+    (2, (20, 20), 1, (300,)),      # L2O-DM: rows not a multiple of the block
+    (20, (20, 20), 1, (2, 70)),    # RNNProp's stack; leading dims
+    (3, (33,), 2, (129,)),         # a hidden size padded to 64, two read-outs
+])
+def test_kernel_matches_xla_stack(n_in, sizes, n_out, lead):
+  layers, readout, x, states = _stack(jax.random.PRNGKey(0), n_in, sizes, n_out, lead)
+  want = cells.lstm_stack_apply(layers, x, states, readout)
+  got = cells.lstm_stack_apply(layers, x, states, readout, kernel="pallas_interpret")
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+  chex.assert_trees_all_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+def test_kernel_with_bfloat16_state():
+  layers, readout, x, states = _stack(jax.random.PRNGKey(1), 2, (20, 20),
+                                      state_dtype=jnp.bfloat16)
+  want = cells.lstm_stack_apply(layers, x, states, readout)
+  got = cells.lstm_stack_apply(layers, x, states, readout, kernel="pallas_interpret")
+  chex.assert_trees_all_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+def test_kernel_under_vmap():
+  layers, readout, x, states = _stack(jax.random.PRNGKey(2), 2, (20, 20), lead=(3, 150))
+  stack = cells.lstm_stack_prepare(layers, readout, kernel="pallas_interpret")
+  batched = jax.vmap(lambda x, s: cells.lstm_stack_run(stack, x, s))(x, states)
+  chex.assert_trees_all_close(batched, cells.lstm_stack_apply(layers, x, states, readout),
+                              atol=2e-6, rtol=2e-6)
+
+
+def test_gradients_through_the_fused_forward():
+  """Differentiated, the kernel also writes the gates the XLA backward pass reads."""
+  layers, readout, x, states = _stack(jax.random.PRNGKey(3), 2, (20, 20), lead=(200,))
+
+  def loss(layers, readout, x, states, kernel):
+    out, new = cells.lstm_stack_apply(layers, x, states, readout, kernel=kernel)
+    return jnp.sum(out ** 2) + sum(jnp.sum(s.h ** 3) + jnp.sum(jnp.sin(s.c)) for s in new)
+
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+  chex.assert_trees_all_close(grad(layers, readout, x, states, "pallas_interpret"),
+                              grad(layers, readout, x, states, "xla"), atol=1e-5, rtol=1e-5)
+
+
+def test_stack_is_prepared_once_per_transform():
+  """The pre-scaled (and padded) weights are made in transform, not in every step."""
+  lopt = models.dm(lstm_kernel="pallas_interpret")
+  theta = lopt.init(jax.random.PRNGKey(0))
+  prepare = lopt.prepare
+  calls = []
+  object.__setattr__(lopt, "prepare", lambda th: calls.append(1) or prepare(th))
+  tx = lopt.transform(theta)
+  params = {"w": jnp.ones((5, 3)), "b": jnp.zeros((3,))}
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = tx.update(params, state, params)
+  assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["dm", "rnnprop"])
+def test_models_with_the_kernel_give_the_same_updates(name):
+  theta = models.get(name).init(jax.random.PRNGKey(0))
+  params = {"w": jax.random.normal(jax.random.PRNGKey(1), (40, 7)),
+            "b": {"bias": jnp.zeros((7,))}}
+
+  def updates(kernel):
+    tx = models.get(name, lstm_kernel=kernel).transform(theta)
+    state, out = tx.init(params), []
+    for i in range(3):
+      grads = jax.tree_util.tree_map(lambda p: jnp.cos(p + i), params)
+      u, state = jax.jit(tx.update)(grads, state, params)
+      out.append(u)
+    return out
+
+  chex.assert_trees_all_close(updates("pallas_interpret"), updates("xla"), atol=1e-7, rtol=1e-5)
+
+
+def test_unknown_kernel_names_the_field():
+  with pytest.raises(ValueError, match="lstm_kernel='cuda'"):
+    models.dm(lstm_kernel="cuda")
+  with pytest.raises(ValueError, match="kernel='tpu'"):
+    cells.lstm_stack_prepare([cells.lstm_init(jax.random.PRNGKey(0), 2, 4)],
+                             cells.linear_init(jax.random.PRNGKey(1), 4, 1), kernel="tpu")
+
+
+def test_kernel_lowers_for_gpu():
+  """The kernel lowers to one Triton custom call (block shapes, dot tiles, masks)."""
+  layers, readout, x, states = _stack(jax.random.PRNGKey(4), 2, (20, 20), lead=(15910,))
+  stack = cells.lstm_stack_prepare(layers, readout, kernel="pallas_interpret")
+
+  def forward(padded, x, hs, cs):
+    return lstm_kernel.stack_forward(padded, x, hs, cs, 1, interpret=False, with_gates=True)
+
+  lowered = jax.jit(forward).trace(stack.padded, x, [s.h for s in states],
+                                   [s.c for s in states]).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 1
+  assert "lstm_stack_forward" in text
+
+
+@pytest.mark.parametrize("name", ["dm", "rnnprop"])
+def test_pallas_option_picks_the_kernel_only_for_cuda(name):
+  """lstm_kernel="pallas": the kernel in a program lowered for CUDA, XLA's ops for the CPU."""
+  theta = models.get(name).init(jax.random.PRNGKey(0))
+  keys = jax.random.split(jax.random.PRNGKey(1), 2)
+  run = jax.jit(lambda th: batch_rollout(models.get(name, lstm_kernel="pallas").transform(th),
+                                         quadratic(dim=8), keys, 3))
+  traced = run.trace(theta)
+  assert traced.lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton") == 1
+  assert "triton" not in traced.lower(lowering_platforms=("cpu",)).as_text()
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernel: needs a GPU")
+@pytest.mark.parametrize("name", ["dm", "rnnprop"])
+def test_fused_kernel_on_gpu(name):
+  """Compiled on a GPU: the same loss curves as XLA's ops (both use TF32 products)."""
+  theta = models.get(name).init(jax.random.PRNGKey(0))
+  problem = quadratic(dim=64)
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  curves = {k: batch_rollout(models.get(name, lstm_kernel=k).transform(theta), problem, keys, 50)
+            for k in ("xla", "pallas")}
+  np.testing.assert_allclose(np.log(curves["pallas"]), np.log(curves["xla"]), atol=2e-2)
+  lowered = jax.jit(lambda th: batch_rollout(
+      models.get(name, lstm_kernel="pallas").transform(th), problem, keys, 5)).lower(theta)
+  assert "__gpu$xla.gpu.triton" in lowered.as_text()
