@@ -74,6 +74,9 @@ _UNROLL = flags.DEFINE_integer("unroll", 1, "Optimizee steps per iteration of th
                                "(W1 and W2).")
 _STATE_DTYPE = flags.DEFINE_enum("dm_state_dtype", "", ["", "float32", "bfloat16"],
                                  "L2O-DM's stored LSTM state type (default: the parameters').")
+_LSTM_KERNEL = flags.DEFINE_enum("lstm_kernel", "xla", ["xla", "pallas", "pallas_interpret"],
+                                  "L2O-DM's and RNNProp's LSTM forward pass: XLA's ops, or the "
+                                  "fused Pallas kernel (on a GPU; see cells.lstm_stack_prepare).")
 _SHARD = flags.DEFINE_bool("shard", False, "Shard the meta-batch over all devices.")
 _WORKLOADS = flags.DEFINE_list("workloads", ["w1", "w2"], "Which workloads to run.")
 _W2_STEPS = flags.DEFINE_integer("w2_steps", 10_000, "W2 optimizee steps.")
@@ -191,9 +194,12 @@ def is_out_of_memory(e: Exception) -> bool:
 
 
 def learned_optimizer(model: str):
+  options = {}
   if model == "dm" and _STATE_DTYPE.value:
-    return models.get(model, state_dtype=_STATE_DTYPE.value)
-  return models.get(model)
+    options["state_dtype"] = _STATE_DTYPE.value
+  if model in ("dm", "rnnprop"):
+    options["lstm_kernel"] = _LSTM_KERNEL.value
+  return models.get(model, **options)
 
 
 def remat_chunk_for(batch_size: int) -> int:
@@ -487,7 +493,7 @@ def main(argv):
   result = {"machine": machine(), "data": data, "notes": notes, "rows": [],
             "flags": {f: flags.FLAGS[f].value for f in
                       ("models", "batch_sizes", "segment", "iters", "warmup", "rounds", "remat",
-                       "remat_chunk", "unroll", "dm_state_dtype",
+                       "remat_chunk", "unroll", "dm_state_dtype", "lstm_kernel",
                        "shard", "workloads", "w2_steps", "w2_optimizees", "w2_repeats",
                        "torch_iters")}}
   for note in notes:

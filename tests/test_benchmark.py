@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from experiments import hugepages
@@ -90,3 +91,24 @@ def test_counts_the_operations_of_each_optimizee_step(result, tiny_image_npz):
   first, second = ops(False), ops(True)
   assert len(first) == 2 and all(n > 0 for n in first)  # the forward and backward loops
   assert sum(first) < sum(second)
+
+
+def test_gpu_kernels_counts_per_loop_body_by_kind(tiny_image_npz):
+  """experiments.gpu_kernels' parser: one Counter per loop body holding a product,
+  agreeing with benchmark.loop_ops on the same program (here compiled for the CPU)."""
+  import optax
+  from experiments import benchmark, gpu_kernels
+  from l2ojax import models, optimizees
+  from l2ojax.meta import step as step_lib
+  mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
+  lopt = models.dm()
+  theta = lopt.init(jax.random.PRNGKey(0))
+  outer = optax.adam(1e-3)
+  states = step_lib.make_init_states(lopt, 2)(theta, jax.random.PRNGKey(1), mlp)
+  meta_step = step_lib.make_meta_step(lopt, outer, 4)
+  compiled = meta_step.lower(theta, outer.init(theta), states, jax.random.PRNGKey(2),
+                             mlp).compile()
+  found = gpu_kernels.kernels_by_kind(compiled.as_text())
+  assert [sum(c.values()) for c in found] == benchmark.loop_ops(compiled)
+  assert len(found) == 2 and all(sum(c.values()) > 0 for c in found)
+  assert all(not set(c) & benchmark._BOOKKEEPING for c in found)

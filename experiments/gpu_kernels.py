@@ -1,0 +1,152 @@
+r"""Kernels per optimizee step of W1 and W2 as compiled for a GPU, without a GPU.
+
+At small B a GPU meta-step is bound by how many kernels each optimizee step
+launches (BENCHMARKS.md), and XLA decides that number when it compiles. This
+script compiles the benchmark's workloads for an NVIDIA H100 with XLA's GPU
+compiler on any machine (deviceless ahead-of-time compilation; Triton and
+ptxas run, so a Pallas kernel that would not compile fails here too) and
+prints the kernels of each loop body per optimizee step, by kind. It needs
+the CUDA plugin of the installed jax, not a GPU:
+
+  pip install "jax[cuda13]==$(python -c 'import jax; print(jax.__version__)')"
+  python -m experiments.gpu_kernels --models=dm,rnnprop --lstm_kernel=pallas
+  python -m experiments.gpu_kernels --workloads=w2 --dump=/tmp/w2_dm.txt
+
+Autotuning is off (no device to time candidates on), so a GEMM may be
+tiled differently than on the device; the counts match the device's within
+a few per step (L2O-DM, B = 1: 43 + 41 here, 43 + 39 in an H200's dump).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+
+if __name__ == "__main__":  # before jax is imported: compile for CUDA from the CPU client
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  os.environ.setdefault("XLA_FLAGS", "--xla_gpu_autotune_level=0")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments import benchmark  # noqa: E402
+from l2ojax import optimizees  # noqa: E402
+from l2ojax.meta import step as step_lib  # noqa: E402
+from l2ojax.meta.unroll import batch_rollout  # noqa: E402
+
+_WORKLOADS = flags.DEFINE_list("gpu_workloads", ["w1", "w2"], "Workloads to compile.")
+_DUMP = flags.DEFINE_string("dump", "", "Write the last compiled program's text here.")
+
+# An H100 SXM as XLA's GPU compiler sees it (xla/stream_executor device description).
+H100 = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 7 }
+runtime_version { major: 13 minor: 0 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+_BOOKKEEPING = benchmark._BOOKKEEPING
+
+
+def cuda_sharding() -> jax.sharding.NamedSharding:
+  from jax.experimental import topologies
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", target_config=H100,
+                                            topology="1x1x1")
+  except Exception as e:  # no plugin: say how to get it
+    raise SystemExit(f"gpu_kernels: cannot describe a CUDA device ({e}).\n  pip install "
+                     f"\"jax[cuda13]=={jax.__version__}\"  (the plugin, no GPU needed)") from e
+  mesh = topologies.make_mesh(topology, (1,), ("d",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def kernels_by_kind(text: str) -> list:
+  """Per loop body with a matrix product: Counter of the kernel-launching instructions."""
+  comps, name = {}, None
+  for line in text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      head = line.split()
+      name = head[1] if head[0] == "ENTRY" else head[0]
+      comps[name] = []
+    elif line.startswith("}"):
+      name = None
+    elif name is not None:
+      comps[name].append(line)
+  found = []
+  for body in re.findall(r"\swhile\(.*?body=(%?[\w.\-]+)", text):
+    lines = comps.get(body, [])
+    if not any(("dot(" in l or "gemm" in l or "custom-call(" in l) for l in lines):
+      continue
+    ops = [m.group(1) for m in (re.search(r"\s([a-z][\w-]*)\(%", l) for l in lines) if m]
+    found.append(collections.Counter(op for op in ops if op not in _BOOKKEEPING))
+  return found
+
+
+def compile_text(fn, *args) -> str:
+  sharding = cuda_sharding()
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding), args)
+  text = jax.jit(fn).lower(*abstract).compile().as_text()
+  if _DUMP.value:
+    with open(_DUMP.value, "w") as f:
+      f.write(text)
+  return text
+
+
+def report(label: str, text: str, steps_per_iteration: int) -> None:
+  bodies = kernels_by_kind(text)
+  total = sum(sum(c.values()) for c in bodies) / steps_per_iteration
+  parts = " + ".join(f"{sum(c.values())} ({', '.join(f'{k} {v}' for k, v in sorted(c.items()))})"
+                     for c in bodies)
+  print(f"{label}: {total:g} kernels per optimizee step = {parts}", flush=True)
+
+
+def main(argv):
+  del argv
+  optimizee = optimizees.get("mnist_mlp", path=benchmark.random_mnist_npz("/tmp", n=1000))
+  unroll = benchmark._UNROLL.value
+  names = [m for m in benchmark._MODELS.value]
+  print(f"jax {jax.__version__}, target {H100.split('device_description_str: ')[1].strip()}, "
+        f"lstm_kernel={benchmark._LSTM_KERNEL.value}, unroll={unroll}", flush=True)
+  if "w1" in _WORKLOADS.value:
+    for model in names:
+      lopt = benchmark.learned_optimizer(model)
+      outer = optax.adam(1e-3)
+      theta = lopt.init(jax.random.PRNGKey(0))
+      for b in [int(x) for x in benchmark._BATCH_SIZES.value]:
+        remat = None if benchmark._REMAT.value in ("auto", "none") else benchmark._REMAT.value
+        states = step_lib.make_init_states(lopt, b)(theta, jax.random.PRNGKey(1), optimizee)
+        meta_step = step_lib.make_meta_step(lopt, outer, benchmark._SEGMENT.value,
+                                            meta_loss="mean", remat=remat,
+                                            remat_chunk=benchmark.remat_chunk_for(b),
+                                            scan_unroll=unroll)
+        text = compile_text(meta_step, theta, outer.init(theta), states,
+                            jax.random.PRNGKey(2), optimizee)
+        report(f"W1 {model} B={b}", text, unroll)
+  if "w2" in _WORKLOADS.value:
+    keys = jax.random.split(jax.random.PRNGKey(1), benchmark._W2_OPTIMIZEES.value)
+    text = compile_text(lambda ks, o: batch_rollout(optax.adam(1e-3), o, ks, 100, unroll),
+                        keys, optimizee)
+    report("W2 adam", text, unroll)
+    for model in names:
+      lopt = benchmark.learned_optimizer(model)
+      text = compile_text(lambda th, ks, o: batch_rollout(lopt.transform(th), o, ks, 100, unroll),
+                          lopt.init(jax.random.PRNGKey(0)), keys, optimizee)
+      report(f"W2 {model}", text, unroll)
+
+
+if __name__ == "__main__":
+  app.run(main)
