@@ -73,10 +73,12 @@ def _cell_backward(w, x, h, c, t, dh_new, dc_new):
   dt = jnp.concatenate([0.5 * dc * j, dc * i, 0.5 * dc * c, 0.5 * dh_new * tc], axis=-1)
   dz = dt * (1.0 - t * t)
   dxh = dz @ w.T
-  xh = jnp.concatenate([x, h], axis=-1)
+  # [x, h, 1]: the weights' and the bias's gradients as one product, one kernel
+  # fewer per layer and step on a GPU than a product and a row sum
+  xh1 = jnp.concatenate([x, h, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
   dz2 = dz.reshape(-1, dz.shape[-1])  # rows of any leading shape share w and b
-  dw = xh.reshape(-1, xh.shape[-1]).T @ dz2
-  db = dz2.sum(axis=0)
+  dwb = xh1.reshape(-1, xh1.shape[-1]).T @ dz2
+  dw, db = dwb[:-1], dwb[-1]
   return dw, db, dxh[..., :x.shape[-1]], dxh[..., x.shape[-1]:], dc * f
 
 
