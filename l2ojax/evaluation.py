@@ -67,7 +67,7 @@ def _run(make_tx: Callable[[Any], optax.GradientTransformation], hypers: chex.Ar
     return init_state(make_tx(h), optimizee, k_init), jax.random.split(k_steps, num_steps + 1)
 
   def advance(h, state: UnrollState, step_keys):
-    return scan_steps(make_tx(h), optimizee, state, step_keys)
+    return scan_steps(make_tx(h), optimizee, state, step_keys, flat_carry=False)
 
   def finish(state: UnrollState, key):
     return optimizee.loss(state.params, state.instance, key)

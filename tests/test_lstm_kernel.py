@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from l2ojax import models
+from l2ojax import models, optimizees
 from l2ojax.meta.unroll import batch_rollout
 from l2ojax.optimizees import quadratic
 
@@ -149,14 +149,14 @@ def test_pallas_option_picks_the_kernel_only_for_cuda(name):
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernel: needs a GPU")
 @pytest.mark.parametrize("name", ["dm", "rnnprop"])
-def test_fused_kernel_on_gpu(name):
+def test_fused_kernel_on_gpu(name, tiny_image_npz):
   """Compiled on a GPU: the same loss curves as XLA's ops (both use TF32 products)."""
   theta = models.get(name).init(jax.random.PRNGKey(0))
-  problem = quadratic(dim=64)
+  mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
   keys = jax.random.split(jax.random.PRNGKey(1), 4)
-  curves = {k: batch_rollout(models.get(name, lstm_kernel=k).transform(theta), problem, keys, 50)
+  curves = {k: batch_rollout(models.get(name, lstm_kernel=k).transform(theta), mlp, keys, 50)
             for k in ("xla", "pallas")}
   np.testing.assert_allclose(np.log(curves["pallas"]), np.log(curves["xla"]), atol=2e-2)
   lowered = jax.jit(lambda th: batch_rollout(
-      models.get(name, lstm_kernel="pallas").transform(th), problem, keys, 5)).lower(theta)
+      models.get(name, lstm_kernel="pallas").transform(th), mlp, keys, 5)).lower(theta)
   assert "__gpu$xla.gpu.triton" in lowered.as_text()

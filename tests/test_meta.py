@@ -157,3 +157,28 @@ def test_minibatches_drawn_before_the_loop_are_the_ones_each_step_would_draw(tin
     np.testing.assert_array_equal(l_a, l_b)
     chex.assert_trees_all_equal(s_a.params, s_b.params)
   assert not np.allclose(runs["drawn before", 0][1][1:], runs["drawn before", 0][1][:-1])
+
+
+def test_flat_carry_gives_the_same_curves(tiny_image_npz):
+  """Carrying the params as one flat vector or leaf by leaf: the same losses (up to
+  the rounding of differently fused adds)."""
+  mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
+  keys = jax.random.split(jax.random.PRNGKey(1), 2)
+  curves = [meta.batch_rollout(optax.adam(1e-2), mlp, keys, 6, flat_carry=f)
+            for f in (True, False)]
+  np.testing.assert_allclose(curves[0], curves[1], rtol=1e-6)
+
+
+def test_flat_carry_gives_the_same_meta_loss_and_gradient(tiny_image_npz):
+  mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
+  lopt = models.dm()
+  theta = lopt.init(jax.random.PRNGKey(0))
+  state = meta.init_state(lopt.transform(theta), mlp, jax.random.PRNGKey(2))
+
+  def loss(theta, flat):
+    _, fs = meta.unroll(lopt.transform(theta), mlp, state, jax.random.PRNGKey(3), 5,
+                        flat_carry=flat)
+    return jnp.mean(jnp.log(fs))
+
+  grad = jax.value_and_grad(loss)
+  chex.assert_trees_all_close(grad(theta, True), grad(theta, False), rtol=1e-5, atol=1e-7)
