@@ -25,7 +25,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-BLOCK_ROWS = 128
+# Rows per program and warps per program (read when a program is traced).
+BLOCK_ROWS = 64  # at 128 the variant writing the gates spills registers (ptxas, sm_90a)
+NUM_WARPS = 4
 
 
 def _padded(size: int) -> int:
@@ -129,7 +131,7 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
                              n_out=n_out, with_gates=with_gates)
   out, *new = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(pl.cdiv(n, BLOCK_ROWS),),
-      compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+      compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       # Each program reads its rows' h and c before it writes them: updating them in
       # place saves a loop carrying the state a copy of it per step. (Not when the
       # backward pass keeps the old state: XLA would copy it first.)
