@@ -133,8 +133,8 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
       kernel, out_shape=out_shape, grid=(pl.cdiv(n, BLOCK_ROWS),),
       compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       # Each program reads its rows' h and c before it writes them: updating them in
-      # place saves a loop carrying the state a copy of it per step. (Not when the
-      # backward pass keeps the old state: XLA would copy it first.)
+      # place saves a loop carrying the state a copy of it per step. (Differentiated,
+      # XLA stacks the old state for the backward pass before the call: no copy either.)
       input_output_aliases={i: i for i in range(1, 2 * len(sizes) + 1)},
       interpret=interpret, name="lstm_stack_forward",
   )(x, *hs, *cs, *padded.wx, *padded.wh, *padded.b, padded.w_out, padded.b_out)
