@@ -34,6 +34,7 @@ Writes a markdown table to stdout and <out>/benchmark.json.
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import importlib.util
 import json
@@ -146,19 +147,10 @@ _BOOKKEEPING = frozenset(["parameter", "get-tuple-element", "tuple", "constant",
                           "collective-permute-done", "send-done", "recv-done"])
 
 
-def loop_ops(compiled) -> Optional[List[int]]:
-  """Instructions in each loop body of a compiled program that holds a matrix
-  product (the optimizee steps, not the random-number loops), bookkeeping left out.
-
-  Each fusion, GEMM, copy or async launch counts one: at small B a GPU runs
-  one kernel per such instruction per step, and their number, not their size,
-  bounds the step (see BENCHMARKS.md). None where the program text is not
-  available.
-  """
-  try:
-    text = compiled.as_text()
-  except Exception:  # some backends do not expose it
-    return None
+def loop_ops_by_kind(text: str) -> List[collections.Counter]:
+  """Per loop body of a compiled program's text that holds a matrix product (the
+  optimizee steps, not the random-number loops): its instructions by opcode,
+  bookkeeping left out."""
   comps: Dict[str, List[str]] = {}
   name = None
   for line in text.splitlines():
@@ -170,13 +162,30 @@ def loop_ops(compiled) -> Optional[List[int]]:
       name = None
     elif name is not None:
       comps[name].append(line)
-  counts = []
+  found = []
   for body in re.findall(r"\swhile\(.*?body=(%?[\w.\-]+)", text):
-    ops = [m.group(1) for m in (re.search(r"=\s*(?:\([^=]*?\)|\S+)\s([a-z][\w-]*)\(", l)
-                                for l in comps.get(body, [])) if m]
-    if any(("dot(" in l or "gemm" in l or "custom-call(" in l) for l in comps.get(body, [])):
-      counts.append(sum(op not in _BOOKKEEPING for op in ops))
-  return counts
+    lines = comps.get(body, [])
+    if not any(("dot(" in l or "gemm" in l or "custom-call(" in l) for l in lines):
+      continue
+    ops = [m.group(1) for m in (re.search(r"\s([a-z][\w-]*)\(%", l) for l in lines) if m]
+    found.append(collections.Counter(op for op in ops if op not in _BOOKKEEPING))
+  return found
+
+
+def loop_ops(compiled) -> Optional[List[int]]:
+  """Instructions in each loop body of a compiled program that holds a matrix
+  product (``loop_ops_by_kind``), per body.
+
+  Each fusion, GEMM, copy or async launch counts one: at small B a GPU runs
+  one kernel per such instruction per step, and their number, not their size,
+  bounds the step (see BENCHMARKS.md). None where the program text is not
+  available.
+  """
+  try:
+    text = compiled.as_text()
+  except Exception:  # some backends do not expose it
+    return None
+  return [sum(c.values()) for c in loop_ops_by_kind(text)]
 
 
 def minor_faults() -> Optional[int]:

@@ -18,9 +18,7 @@ a few per step (L2O-DM, B = 1: 43 + 41 here, 43 + 39 in an H200's dump).
 """
 from __future__ import annotations
 
-import collections
 import os
-import re
 
 if __name__ == "__main__":  # before jax is imported: compile for CUDA from the CPU client
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -58,9 +56,6 @@ runtime_version { major: 13 minor: 0 patch: 0 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
-_BOOKKEEPING = benchmark._BOOKKEEPING
-
-
 def cuda_sharding() -> jax.sharding.NamedSharding:
   from jax.experimental import topologies
   try:
@@ -71,28 +66,6 @@ def cuda_sharding() -> jax.sharding.NamedSharding:
                      f"\"jax[cuda13]=={jax.__version__}\"  (the plugin, no GPU needed)") from e
   mesh = topologies.make_mesh(topology, (1,), ("d",))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def kernels_by_kind(text: str) -> list:
-  """Per loop body with a matrix product: Counter of the kernel-launching instructions."""
-  comps, name = {}, None
-  for line in text.splitlines():
-    if line and not line[0].isspace() and line.rstrip().endswith("{"):
-      head = line.split()
-      name = head[1] if head[0] == "ENTRY" else head[0]
-      comps[name] = []
-    elif line.startswith("}"):
-      name = None
-    elif name is not None:
-      comps[name].append(line)
-  found = []
-  for body in re.findall(r"\swhile\(.*?body=(%?[\w.\-]+)", text):
-    lines = comps.get(body, [])
-    if not any(("dot(" in l or "gemm" in l or "custom-call(" in l) for l in lines):
-      continue
-    ops = [m.group(1) for m in (re.search(r"\s([a-z][\w-]*)\(%", l) for l in lines) if m]
-    found.append(collections.Counter(op for op in ops if op not in _BOOKKEEPING))
-  return found
 
 
 def compile_text(fn, *args) -> str:
@@ -107,7 +80,7 @@ def compile_text(fn, *args) -> str:
 
 
 def report(label: str, text: str, steps_per_iteration: int) -> None:
-  bodies = kernels_by_kind(text)
+  bodies = benchmark.loop_ops_by_kind(text)
   total = sum(sum(c.values()) for c in bodies) / steps_per_iteration
   parts = " + ".join(f"{sum(c.values())} ({', '.join(f'{k} {v}' for k, v in sorted(c.items()))})"
                      for c in bodies)

@@ -93,11 +93,11 @@ def test_counts_the_operations_of_each_optimizee_step(result, tiny_image_npz):
   assert sum(first) < sum(second)
 
 
-def test_gpu_kernels_counts_per_loop_body_by_kind(tiny_image_npz):
-  """experiments.gpu_kernels' parser: one Counter per loop body holding a product,
-  agreeing with benchmark.loop_ops on the same program (here compiled for the CPU)."""
+def test_loop_ops_by_kind_counts_per_loop_body(tiny_image_npz):
+  """What experiments.gpu_kernels prints: one Counter per loop body holding a product
+  (here of a program compiled for the CPU), summing to benchmark.loop_ops."""
   import optax
-  from experiments import benchmark, gpu_kernels
+  from experiments import benchmark
   from l2ojax import models, optimizees
   from l2ojax.meta import step as step_lib
   mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
@@ -108,7 +108,8 @@ def test_gpu_kernels_counts_per_loop_body_by_kind(tiny_image_npz):
   meta_step = step_lib.make_meta_step(lopt, outer, 4)
   compiled = meta_step.lower(theta, outer.init(theta), states, jax.random.PRNGKey(2),
                              mlp).compile()
-  found = gpu_kernels.kernels_by_kind(compiled.as_text())
+  found = benchmark.loop_ops_by_kind(compiled.as_text())
   assert [sum(c.values()) for c in found] == benchmark.loop_ops(compiled)
   assert len(found) == 2 and all(sum(c.values()) > 0 for c in found)
   assert all(not set(c) & benchmark._BOOKKEEPING for c in found)
+  assert all("fusion" in c for c in found)
