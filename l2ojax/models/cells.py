@@ -187,8 +187,8 @@ def _stack_core_bwd(interpret, res, cotangents):
     dbs.append(db)
     dhs.append(dh)
     dcs.append(dc)
-  # the padded copy of the weights only serves the primal: the gradient reaches
-  # them through ws and bs
+  # padded is the kernel's layout of ws and bs (lstm_stack_prepare): the same
+  # weights, whose gradient is returned once, through ws and bs
   d_padded = jax.tree_util.tree_map(jnp.zeros_like, padded)
   return (d_padded, tuple(dws[::-1]), tuple(dbs[::-1]), dw_out, db_out, dx,
           tuple(dhs[::-1]), tuple(dcs[::-1]))
