@@ -22,8 +22,6 @@ from typing import NamedTuple, Sequence, Tuple
 import chex
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 # Rows per program and warps per program (read when a program is traced).
 BLOCK_ROWS = 64  # at 128 the variant writing the gates spills registers (ptxas, sm_90a)
@@ -31,7 +29,15 @@ NUM_WARPS = 4
 
 
 def _padded(size: int) -> int:
-  return max(16, pl.next_power_of_2(size))
+  return max(16, 1 << (size - 1).bit_length())
+
+
+def _pallas():
+  """(pallas, its Triton backend), imported when a kernel is built: an experimental
+  API whose changes should break the fused kernel, not the import of l2ojax."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plt
+  return pl, plt
 
 
 class PaddedStack(NamedTuple):
@@ -74,6 +80,7 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
   h_out_refs = refs[5 * num_layers + 3:6 * num_layers + 3]
   c_out_refs = refs[6 * num_layers + 3:7 * num_layers + 3]
   t_refs = refs[7 * num_layers + 3:]
+  pl, plt = _pallas()
 
   n = x_ref.shape[0]
   rows = pl.program_id(0) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS)
@@ -117,6 +124,7 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
   ``interpret``: run the kernel's program on the current backend (any platform;
   slow) instead of compiling it for a GPU.
   """
+  pl, plt = _pallas()
   if x.ndim != 2:
     raise ValueError(f"lstm_kernel.stack_forward: x must be [rows, features], got {x.shape}")
   n, n_in = x.shape
