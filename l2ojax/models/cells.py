@@ -64,8 +64,16 @@ def _cell_forward(w, b, x, h, c):
   return (*_next_state(t, c), t)
 
 
+def _with_ones(a: chex.Array) -> chex.Array:
+  """[a, 1] as rows: the operand whose product with a cotangent gives a weight
+  matrix's and its bias's gradients at once (one kernel, not a product and a row sum)."""
+  a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+  return a.reshape(-1, a.shape[-1])
+
+
 def _cell_backward(w, x, h, c, t, dh_new, dc_new):
-  """(dw, db, dx, dh, dc) of one cell from its inputs and t (c' and tanh(c') recomputed)."""
+  """(d[w; b], dx, dh, dc) of one cell from its inputs and t (c' and tanh(c')
+  recomputed); the weights' and the bias's gradients are one product (``_with_ones``)."""
   ti, j, tf, to = jnp.split(t, 4, axis=-1)
   i, f, o = 0.5 * ti + 0.5, 0.5 * tf + 0.5, 0.5 * to + 0.5
   tc = jnp.tanh(f * c + i * j)
@@ -73,13 +81,8 @@ def _cell_backward(w, x, h, c, t, dh_new, dc_new):
   dt = jnp.concatenate([0.5 * dc * j, dc * i, 0.5 * dc * c, 0.5 * dh_new * tc], axis=-1)
   dz = dt * (1.0 - t * t)
   dxh = dz @ w.T
-  # [x, h, 1]: the weights' and the bias's gradients as one product, one kernel
-  # fewer per layer and step on a GPU than a product and a row sum
-  xh1 = jnp.concatenate([x, h, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
-  dz2 = dz.reshape(-1, dz.shape[-1])  # rows of any leading shape share w and b
-  dwb = xh1.reshape(-1, xh1.shape[-1]).T @ dz2
-  dw, db = dwb[:-1], dwb[-1]
-  return dw, db, dxh[..., :x.shape[-1]], dxh[..., x.shape[-1]:], dc * f
+  dwb = _with_ones(jnp.concatenate([x, h], axis=-1)).T @ dz.reshape(-1, dz.shape[-1])
+  return dwb, dxh[..., :x.shape[-1]], dxh[..., x.shape[-1]:], dc * f
 
 
 def _prescaled(params: dict, hidden: int, forget_bias: float, dtype) -> tuple:
@@ -104,7 +107,8 @@ def _lstm_core_fwd(w, b, x, h, c):
 
 
 def _lstm_core_bwd(res, cotangents):
-  return _cell_backward(*res, *cotangents)
+  dwb, dx, dh, dc = _cell_backward(*res, *cotangents)
+  return (*_split_bias(dwb), dx, dh, dc)
 
 
 _lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
@@ -113,33 +117,40 @@ _lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
 KERNELS = ("xla", "pallas", "pallas_interpret")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stack_core(interpret, padded, ws, bs, w_out, b_out, x, hs, cs):
-  """Stacked pre-scaled cells (layer l's h' is layer l + 1's x), then x @ w_out + b_out.
+def _split_bias(wb: chex.Array) -> Tuple[chex.Array, chex.Array]:
+  """(w, b) of a weight matrix whose last row is the bias."""
+  return wb[:-1], wb[-1]
 
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _stack_core(interpret, padded, wbs, wb_out, x, hs, cs):
+  """Stacked pre-scaled cells (layer l's h' is layer l + 1's x), then the read-out.
+
+  Each weight matrix carries its bias as its last row (``wbs``, ``wb_out``),
+  so that a loop of steps accumulates one gradient per layer, not two.
   With ``padded`` weights (``lstm_kernel.PaddedStack``) the forward pass runs
   as one fused GPU kernel (which also writes the gates' tanh when the call is
   differentiated); the backward pass is XLA's either way.
   """
   if padded is None:
-    return _xla_stack(ws, bs, w_out, b_out, x, hs, cs)[0]
-  return _fused_or_xla(interpret, padded, ws, bs, w_out, b_out, x, hs, cs, with_gates=False)
+    return _xla_stack(wbs, wb_out, x, hs, cs)[0]
+  return _fused_or_xla(interpret, padded, wbs, wb_out, x, hs, cs, with_gates=False)
 
 
-def _fused_or_xla(interpret, padded, ws, bs, w_out, b_out, x, hs, cs, with_gates):
+def _fused_or_xla(interpret, padded, wbs, wb_out, x, hs, cs, with_gates):
   """The fused kernel where the program is lowered for a CUDA GPU (or interpreted, on
   request), XLA's ops elsewhere: (out, h's, c's[, ts]) as ``_xla_stack``."""
   def fused(x, hs, cs):
     lead = x.shape[:-1]
     flat = lambda a: a.reshape((-1, a.shape[-1]))
     outs = lstm_kernel.stack_forward(padded, flat(x), [flat(h) for h in hs],
-                                     [flat(c) for c in cs], w_out.shape[1],
+                                     [flat(c) for c in cs], wb_out.shape[1],
                                      interpret=interpret, with_gates=with_gates)
     unflat = lambda a: a.reshape(lead + a.shape[-1:])
     return (unflat(outs[0]),) + tuple(tuple(unflat(a) for a in group) for group in outs[1:])
 
   def xla(x, hs, cs):
-    outs, ts = _xla_stack(ws, bs, w_out, b_out, x, hs, cs)
+    outs, ts = _xla_stack(wbs, wb_out, x, hs, cs)
     return outs + ((ts,) if with_gates else ())
 
   if interpret:
@@ -147,51 +158,47 @@ def _fused_or_xla(interpret, padded, ws, bs, w_out, b_out, x, hs, cs, with_gates
   return jax.lax.platform_dependent(x, hs, cs, cuda=fused, default=xla)
 
 
-def _xla_stack(ws, bs, w_out, b_out, x, hs, cs):
+def _xla_stack(wbs, wb_out, x, hs, cs):
   """((out, h's, c's), each layer's gate tanh t) by XLA's ops."""
   h_news, c_news, ts = [], [], []
-  for w, b, h, c in zip(ws, bs, hs, cs):
-    x, c_new, t = _cell_forward(w, b, x, h, c)
+  for wb, h, c in zip(wbs, hs, cs):
+    x, c_new, t = _cell_forward(*_split_bias(wb), x, h, c)
     h_news.append(x)
     c_news.append(c_new)
     ts.append(t)
+  w_out, b_out = _split_bias(wb_out)
   return (x @ w_out + b_out, tuple(h_news), tuple(c_news)), tuple(ts)
 
 
-def _stack_core_fwd(interpret, padded, ws, bs, w_out, b_out, x, hs, cs):
+def _stack_core_fwd(interpret, padded, wbs, wb_out, x, hs, cs):
   if padded is None:
-    outs, ts = _xla_stack(ws, bs, w_out, b_out, x, hs, cs)
+    outs, ts = _xla_stack(wbs, wb_out, x, hs, cs)
   else:
-    *outs, ts = _fused_or_xla(interpret, padded, ws, bs, w_out, b_out, x, hs, cs,
-                              with_gates=True)
+    *outs, ts = _fused_or_xla(interpret, padded, wbs, wb_out, x, hs, cs, with_gates=True)
   # Each layer's inputs and t, as ``_lstm_core``, but not the outputs h' that feed
   # the next layer and the read-out: the step after saves them again as its h.
-  return tuple(outs), (padded, ws, w_out, x, hs, cs, ts)
+  return tuple(outs), (padded, wbs, wb_out, x, hs, cs, ts)
 
 
 def _stack_core_bwd(interpret, res, cotangents):
   del interpret
-  padded, ws, w_out, x_in, hs, cs, ts = res
+  padded, wbs, wb_out, x_in, hs, cs, ts = res
   d_out, dh_news, dc_news = cotangents
   xs = [x_in] + [_next_state(t, c)[0] for t, c in zip(ts[:-1], cs[:-1])]
   top = _next_state(ts[-1], cs[-1])[0]
-  d_out2 = d_out.reshape(-1, d_out.shape[-1])
-  dw_out = top.reshape(-1, top.shape[-1]).T @ d_out2
-  db_out = d_out2.sum(axis=0)
-  dx = d_out @ w_out.T  # reaches the top layer's h'
-  dws, dbs, dhs, dcs = [], [], [], []
-  for l in reversed(range(len(ws))):
-    dw, db, dx, dh, dc = _cell_backward(ws[l], xs[l], hs[l], cs[l], ts[l],
-                                        dh_news[l] + dx, dc_news[l])
-    dws.append(dw)
-    dbs.append(db)
+  dwb_out = _with_ones(top).T @ d_out.reshape(-1, d_out.shape[-1])
+  dx = d_out @ wb_out[:-1].T  # reaches the top layer's h'
+  dwbs, dhs, dcs = [], [], []
+  for l in reversed(range(len(wbs))):
+    dwb, dx, dh, dc = _cell_backward(wbs[l][:-1], xs[l], hs[l], cs[l], ts[l],
+                                     dh_news[l] + dx, dc_news[l])
+    dwbs.append(dwb)
     dhs.append(dh)
     dcs.append(dc)
-  # padded is the kernel's layout of ws and bs (lstm_stack_prepare): the same
-  # weights, whose gradient is returned once, through ws and bs
+  # padded is the kernel's layout of wbs (lstm_stack_prepare): the same
+  # weights, whose gradient is returned once, through wbs
   d_padded = jax.tree_util.tree_map(jnp.zeros_like, padded)
-  return (d_padded, tuple(dws[::-1]), tuple(dbs[::-1]), dw_out, db_out, dx,
-          tuple(dhs[::-1]), tuple(dcs[::-1]))
+  return (d_padded, tuple(dwbs[::-1]), dwb_out, dx, tuple(dhs[::-1]), tuple(dcs[::-1]))
 
 
 _stack_core.defvjp(_stack_core_fwd, _stack_core_bwd)
@@ -218,22 +225,24 @@ def lstm_apply(params: dict, x: chex.Array, state: LSTMState,
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["ws", "bs", "w_out", "b_out", "padded"],
-                   meta_fields=["interpret"])
+                   data_fields=["wbs", "wb_out", "padded"], meta_fields=["interpret"])
 @dataclasses.dataclass(frozen=True)
 class LSTMStack:
   """Stacked LSTMs and their read-out, ready to run step after step (a pytree).
 
   The gate columns are pre-scaled (``_gate_affine``) here, once, rather than
-  in every step; for the fused kernel the weights are also laid out as it
-  reads them (``padded``).
+  in every step, and each weight matrix carries its bias as its last row (a
+  loop of steps then accumulates one gradient per layer); for the fused
+  kernel the weights are also laid out as it reads them (``padded``).
   """
-  ws: Tuple[chex.Array, ...]
-  bs: Tuple[chex.Array, ...]
-  w_out: chex.Array
-  b_out: chex.Array
+  wbs: Tuple[chex.Array, ...]  # per layer [fan_in + 1, 4 x hidden], pre-scaled
+  wb_out: chex.Array           # [hidden + 1, n_out]
   padded: Optional[lstm_kernel.PaddedStack]  # None: XLA's ops
   interpret: bool = False                     # run the kernel's program interpreted
+
+
+def _stacked_bias(w: chex.Array, b: chex.Array) -> chex.Array:
+  return jnp.concatenate([w, b[None]], axis=0)
 
 
 def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float = 1.0,
@@ -255,17 +264,17 @@ def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float
   if kernel != "xla":
     input_size = layers[0]["w"].shape[0] - layers[0]["w"].shape[1] // 4
     padded = lstm_kernel.pad_stack(ws, bs, readout["w"], readout["b"], input_size)
-  return LSTMStack(tuple(ws), tuple(bs), readout["w"], readout["b"], padded, interpret)
+  return LSTMStack(tuple(map(_stacked_bias, ws, bs)), _stacked_bias(readout["w"], readout["b"]),
+                   padded, interpret)
 
 
 def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState]
                    ) -> Tuple[chex.Array, Tuple[LSTMState, ...]]:
   """One step of a prepared stack: (read-out [rows, n_out], new states)."""
-  dtype = jnp.promote_types(states[0].h.dtype, stack.w_out.dtype)
+  dtype = jnp.promote_types(states[0].h.dtype, stack.wb_out.dtype)
   cast = lambda a: a.astype(dtype)
-  out, hs, cs = _stack_core(stack.interpret, stack.padded, tuple(map(cast, stack.ws)),
-                            tuple(map(cast, stack.bs)), cast(stack.w_out), cast(stack.b_out),
-                            cast(x), tuple(cast(s.h) for s in states),
+  out, hs, cs = _stack_core(stack.interpret, stack.padded, tuple(map(cast, stack.wbs)),
+                            cast(stack.wb_out), cast(x), tuple(cast(s.h) for s in states),
                             tuple(cast(s.c) for s in states))
   return out, tuple(LSTMState(h, c) for h, c in zip(hs, cs))
 
