@@ -78,6 +78,9 @@ _STATE_DTYPE = flags.DEFINE_enum("dm_state_dtype", "", ["", "float32", "bfloat16
 _LSTM_KERNEL = flags.DEFINE_enum("lstm_kernel", "xla", ["xla", "pallas", "pallas_interpret"],
                                   "L2O-DM's and RNNProp's LSTM forward pass: XLA's ops, or the "
                                   "fused Pallas kernel (on a GPU; see cells.lstm_stack_prepare).")
+_GRADIENT_CHUNKS = flags.DEFINE_integer(
+    "gradient_chunks", 0, "L2O-DM's and RNNProp's partial sums of the LSTM weights' gradient "
+    "in a loop of steps (0: 64 on a GPU, 1 elsewhere; see cells.lstm_stack_prepare).")
 _SHARD = flags.DEFINE_bool("shard", False, "Shard the meta-batch over all devices.")
 _WORKLOADS = flags.DEFINE_list("workloads", ["w1", "w2"], "Which workloads to run.")
 _W2_STEPS = flags.DEFINE_integer("w2_steps", 10_000, "W2 optimizee steps.")
@@ -202,12 +205,15 @@ def is_out_of_memory(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def learned_optimizer(model: str):
+def learned_optimizer(model: str, gradient_chunks: int | None = None):
+  """``model`` with the flags' options; ``gradient_chunks`` overrides its flag."""
   options = {}
   if model == "dm" and _STATE_DTYPE.value:
     options["state_dtype"] = _STATE_DTYPE.value
   if model in ("dm", "rnnprop"):
     options["lstm_kernel"] = _LSTM_KERNEL.value
+    options["gradient_chunks"] = (_GRADIENT_CHUNKS.value if gradient_chunks is None
+                                  else gradient_chunks)
   return models.get(model, **options)
 
 
@@ -502,7 +508,7 @@ def main(argv):
   result = {"machine": machine(), "data": data, "notes": notes, "rows": [],
             "flags": {f: flags.FLAGS[f].value for f in
                       ("models", "batch_sizes", "segment", "iters", "warmup", "rounds", "remat",
-                       "remat_chunk", "unroll", "dm_state_dtype", "lstm_kernel",
+                       "remat_chunk", "unroll", "dm_state_dtype", "lstm_kernel", "gradient_chunks",
                        "shard", "workloads", "w2_steps", "w2_optimizees", "w2_repeats",
                        "torch_iters")}}
   for note in notes:

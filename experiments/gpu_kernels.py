@@ -33,6 +33,7 @@ from absl import app, flags  # noqa: E402
 
 from experiments import benchmark  # noqa: E402
 from l2ojax import optimizees  # noqa: E402
+from l2ojax.models import cells  # noqa: E402
 from l2ojax.meta import step as step_lib  # noqa: E402
 from l2ojax.meta.unroll import batch_rollout  # noqa: E402
 
@@ -92,11 +93,14 @@ def main(argv):
   optimizee = optimizees.get("mnist_mlp", path=benchmark.random_mnist_npz("/tmp", n=1000))
   unroll = benchmark._UNROLL.value
   names = [m for m in benchmark._MODELS.value]
+  # the default backend here is the CPU: resolve "0 = the backend's default" for the GPU target
+  chunks = benchmark._GRADIENT_CHUNKS.value or cells.GRADIENT_CHUNKS
   print(f"jax {jax.__version__}, target {H100.split('device_description_str: ')[1].strip()}, "
-        f"lstm_kernel={benchmark._LSTM_KERNEL.value}, unroll={unroll}", flush=True)
+        f"lstm_kernel={benchmark._LSTM_KERNEL.value}, gradient_chunks={chunks}, "
+        f"unroll={unroll}", flush=True)
   if "w1" in _WORKLOADS.value:
     for model in names:
-      lopt = benchmark.learned_optimizer(model)
+      lopt = benchmark.learned_optimizer(model, chunks)
       outer = optax.adam(1e-3)
       theta = lopt.init(jax.random.PRNGKey(0))
       for b in [int(x) for x in benchmark._BATCH_SIZES.value]:
@@ -115,7 +119,7 @@ def main(argv):
                         keys, optimizee)
     report("W2 adam", text, unroll)
     for model in names:
-      lopt = benchmark.learned_optimizer(model)
+      lopt = benchmark.learned_optimizer(model, chunks)
       text = compile_text(lambda th, ks, o: batch_rollout(lopt.transform(th), o, ks, 100, unroll),
                           lopt.init(jax.random.PRNGKey(0)), keys, optimizee)
       report(f"W2 {model}", text, unroll)

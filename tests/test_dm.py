@@ -1,3 +1,5 @@
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -87,8 +89,7 @@ def _textbook_stack(layers, x, states, readout):
   return x @ readout["w"] + readout["b"], tuple(new)
 
 
-@pytest.mark.parametrize("rows", [(6,), (3, 6)])
-def test_lstm_stack_gradient_matches_autodiff_of_textbook_cells(rows):
+def _stack_args(rows):
   k = jax.random.split(jax.random.PRNGKey(7), 8)
   layers = [cells.lstm_init(k[0], 2, 3), cells.lstm_init(k[1], 3, 4)]
   for i, p in enumerate(layers):
@@ -98,25 +99,61 @@ def test_lstm_stack_gradient_matches_autodiff_of_textbook_cells(rows):
   states = tuple(cells.LSTMState(jax.random.normal(jax.random.fold_in(k[6], i), rows + (h,)),
                                  jax.random.normal(jax.random.fold_in(k[7], i), rows + (h,)))
                  for i, h in enumerate((3, 4)))
+  return layers, readout, x, states
 
-  def objective(stack):  # uses the read-out and every new state, nonlinearly
-    def f(layers, readout, x, states):
-      out, new = stack(layers, x, states, readout)
-      return (jnp.sum(jnp.sin(2.0 * out)) + sum(jnp.sum(jnp.cos(s.h)) + jnp.sum(s.c ** 2)
-                                                 for s in new))
-    return f
 
-  ours_out = cells.lstm_stack_apply(layers, x, states, readout)
+def _stack_objective(out, new):  # uses the read-out and every new state, nonlinearly
+  return (jnp.sum(jnp.sin(2.0 * out)) + sum(jnp.sum(jnp.cos(s.h)) + jnp.sum(s.c ** 2)
+                                             for s in new))
+
+
+# rows fewer than, not a multiple of, and a multiple of the gradient's partial sums
+@pytest.mark.parametrize("rows,chunks", [((6,), 1), ((3, 6), 1), ((6,), 64), ((3, 50), 64),
+                                         ((128,), 64), ((150,), 7)])
+def test_lstm_stack_gradient_matches_autodiff_of_textbook_cells(rows, chunks):
+  layers, readout, x, states = _stack_args(rows)
+  apply = functools.partial(cells.lstm_stack_apply, gradient_chunks=chunks)
+
+  def objective(stack):
+    return lambda layers, readout, x, states: _stack_objective(*stack(layers, x, states, readout))
+
+  ours_out = apply(layers, x, states, readout)
   ref_out = _textbook_stack(layers, x, states, readout)
   chex.assert_trees_all_close(ours_out, ref_out, atol=2e-6, rtol=1e-5)
   args = (layers, readout, x, states)
-  ours = jax.grad(objective(cells.lstm_stack_apply), argnums=(0, 1, 2, 3))(*args)
+  ours = jax.grad(objective(apply), argnums=(0, 1, 2, 3))(*args)
   ref = jax.grad(objective(_textbook_stack), argnums=(0, 1, 2, 3))(*args)
   chex.assert_trees_all_close(ours, ref, atol=5e-6, rtol=1e-5)
   second = lambda stack: jax.grad(
       lambda r: jnp.sum(jax.grad(objective(stack), argnums=2)(layers, r, x, states) ** 2))(readout)
-  chex.assert_trees_all_close(second(cells.lstm_stack_apply), second(_textbook_stack),
-                              atol=5e-6, rtol=1e-5)
+  chex.assert_trees_all_close(second(apply), second(_textbook_stack), atol=5e-6, rtol=1e-5)
+
+
+def test_lstm_stack_gradient_reaches_the_partial_sums_each_for_its_own_rows():
+  layers, readout, x, states = _stack_args((10,))  # 4 partial sums of 3 rows, the last 1 + 2 pad
+  f = lambda stack, x, states: _stack_objective(*cells.lstm_stack_run(stack, x, states))
+  prepare = lambda k: cells.lstm_stack_prepare(layers, readout, gradient_chunks=k)
+  grad = jax.grad(f)(prepare(4), x, states)
+  chex.assert_shape(grad.grad_wbs, [(4, 2 + 3 + 1, 12), (4, 3 + 4 + 1, 16)])
+  chex.assert_shape(grad.grad_wb_out, (4, 4 + 1, 1))
+  # the other layouts of the same weights get no gradient
+  assert all(not np.any(g) for g in jax.tree_util.tree_leaves(grad.layouts))
+  rows = lambda tree, lo, hi: jax.tree_util.tree_map(lambda a: a[lo:hi], tree)
+  for chunk, (lo, hi) in enumerate([(0, 3), (3, 6), (6, 9), (9, 10)]):
+    alone = jax.grad(f)(prepare(1), x[lo:hi], rows(states, lo, hi))
+    chex.assert_trees_all_close(
+        jax.tree_util.tree_map(lambda a: a[chunk], (grad.grad_wbs, grad.grad_wb_out)),
+        jax.tree_util.tree_map(lambda a: a[0], (alone.grad_wbs, alone.grad_wb_out)),
+        atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_chunks_option_is_checked_and_defaults_to_the_backend():
+  for name in ("dm", "rnnprop"):
+    with pytest.raises(ValueError, match="gradient_chunks=-1"):
+      models.get(name, gradient_chunks=-1)
+  layers, readout, _, _ = _stack_args((4,))
+  want = cells.GRADIENT_CHUNKS if jax.default_backend() == "gpu" else 1
+  assert cells.lstm_stack_prepare(layers, readout).grad_wb_out.shape[0] == want
 
 
 def test_backprop_through_a_scan_of_the_cell_keeps_far_less_than_autodiff_would():

@@ -128,7 +128,7 @@ def test_kernel_lowers_for_gpu():
   def forward(padded, x, hs, cs):
     return lstm_kernel.stack_forward(padded, x, hs, cs, 1, interpret=False, with_gates=True)
 
-  lowered = jax.jit(forward).trace(stack.padded, x, [s.h for s in states],
+  lowered = jax.jit(forward).trace(stack.layouts.padded, x, [s.h for s in states],
                                    [s.c for s in states]).lower(lowering_platforms=("cuda",))
   text = lowered.as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1

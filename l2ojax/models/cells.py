@@ -65,23 +65,48 @@ def _cell_forward(w, b, x, h, c):
 
 
 def _with_ones(a: chex.Array) -> chex.Array:
-  """[a, 1] as rows: the operand whose product with a cotangent gives a weight
-  matrix's and its bias's gradients at once (one kernel, not a product and a row sum)."""
-  a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
-  return a.reshape(-1, a.shape[-1])
+  """[a, 1]: the operand whose product with a cotangent gives a weight matrix's
+  and its bias's gradients at once (one kernel, not a product and a row sum)."""
+  return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
 
 
-def _cell_backward(w, x, h, c, t, dh_new, dc_new):
-  """(d[w; b], dx, dh, dc) of one cell from its inputs and t (c' and tanh(c')
-  recomputed); the weights' and the bias's gradients are one product (``_with_ones``)."""
+# On a GPU a loop of steps accumulates the weights' gradient in this many
+# partial sums over the coordinates (LSTMStack): each step's product then adds
+# into its accumulator in one kernel, where one sum takes a padded split-K
+# product, a reduction and an addition. On a CPU one product is faster.
+GRADIENT_CHUNKS = 64
+
+
+def default_gradient_chunks() -> int:
+  """``GRADIENT_CHUNKS`` where the default backend is a GPU, else 1."""
+  return GRADIENT_CHUNKS if jax.default_backend() == "gpu" else 1
+
+
+def _chunk_rows(m: chex.Array, k: int) -> chex.Array:
+  """[rows..., f] -> [k * ceil(rows / k), f], zero rows appended."""
+  m = m.reshape(-1, m.shape[-1])
+  return jnp.pad(m, ((0, -m.shape[0] % k), (0, 0)))
+
+
+def _chunked_outer(a: chex.Array, d: chex.Array, k: int) -> chex.Array:
+  """[k, fa, fd] partial sums over rows of a[r]^T d[r], rows as ``_chunk_rows``."""
+  per = a.shape[0] // k
+  return jnp.einsum("kri,krj->kij", a.reshape(k, per, -1), d.reshape(k, per, -1))
+
+
+def _cell_backward(wt, x, h, c, t, dh_new, dc_new, k=1):
+  """(d[w; b] in ``k`` partial sums, dx, dh, dc) of one cell from its inputs and t
+  (c' and tanh(c') recomputed); ``wt`` is w transposed."""
   ti, j, tf, to = jnp.split(t, 4, axis=-1)
   i, f, o = 0.5 * ti + 0.5, 0.5 * tf + 0.5, 0.5 * to + 0.5
   tc = jnp.tanh(f * c + i * j)
   dc = dc_new + dh_new * o * (1.0 - tc * tc)
   dt = jnp.concatenate([0.5 * dc * j, dc * i, 0.5 * dc * c, 0.5 * dh_new * tc], axis=-1)
-  dz = dt * (1.0 - t * t)
-  dxh = dz @ w.T
-  dwb = _with_ones(jnp.concatenate([x, h], axis=-1)).T @ dz.reshape(-1, dz.shape[-1])
+  # dz padded once, where it is computed, for both products that read it
+  dz = _chunk_rows(dt * (1.0 - t * t), k)
+  lead = x.shape[:-1]
+  dxh = (dz @ wt)[:int(np.prod(lead))].reshape(lead + wt.shape[-1:])
+  dwb = _chunked_outer(_chunk_rows(_with_ones(jnp.concatenate([x, h], axis=-1)), k), dz, k)
   return dwb, dxh[..., :x.shape[-1]], dxh[..., x.shape[-1]:], dc * f
 
 
@@ -103,12 +128,12 @@ def _lstm_core_fwd(w, b, x, h, c):
   h_new, c_new, t = _cell_forward(w, b, x, h, c)
   # Saved for the backward pass: the inputs and t, nothing per gate (c' and
   # tanh(c') are recomputed from them in one elementwise pass).
-  return (h_new, c_new), (w, x, h, c, t)
+  return (h_new, c_new), (w.T, x, h, c, t)
 
 
 def _lstm_core_bwd(res, cotangents):
   dwb, dx, dh, dc = _cell_backward(*res, *cotangents)
-  return (*_split_bias(dwb), dx, dh, dc)
+  return dwb[0, :-1], dwb[0, -1], dx, dh, dc
 
 
 _lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
@@ -117,40 +142,47 @@ _lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
 KERNELS = ("xla", "pallas", "pallas_interpret")
 
 
-def _split_bias(wb: chex.Array) -> Tuple[chex.Array, chex.Array]:
-  """(w, b) of a weight matrix whose last row is the bias."""
-  return wb[:-1], wb[-1]
+class _Layouts(NamedTuple):
+  """A stack's weights as the forward pass, the backward pass and the fused kernel
+  read them (``LSTMStack``)."""
+  ws: Tuple[chex.Array, ...]   # per layer [fan_in, 4 x hidden], pre-scaled
+  bs: Tuple[chex.Array, ...]   # per layer [4 x hidden]
+  w_out: chex.Array            # [hidden, n_out]
+  b_out: chex.Array            # [n_out]
+  wts: Tuple[chex.Array, ...]  # ws transposed
+  padded: Optional[lstm_kernel.PaddedStack]  # None: XLA's ops
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stack_core(interpret, padded, wbs, wb_out, x, hs, cs):
+def _stack_core(interpret, layouts, grad_wbs, grad_wb_out, x, hs, cs):
   """Stacked pre-scaled cells (layer l's h' is layer l + 1's x), then the read-out.
 
-  Each weight matrix carries its bias as its last row (``wbs``, ``wb_out``),
-  so that a loop of steps accumulates one gradient per layer, not two.
-  With ``padded`` weights (``lstm_kernel.PaddedStack``) the forward pass runs
-  as one fused GPU kernel (which also writes the gates' tanh when the call is
+  Computed from ``layouts``; the weights' gradient flows to ``grad_wbs`` and
+  ``grad_wb_out`` (``LSTMStack``: the same weights, in partial sums), the
+  layouts get none. With padded weights the forward pass runs as one fused
+  GPU kernel (which also writes the gates' tanh when the call is
   differentiated); the backward pass is XLA's either way.
   """
-  if padded is None:
-    return _xla_stack(wbs, wb_out, x, hs, cs)[0]
-  return _fused_or_xla(interpret, padded, wbs, wb_out, x, hs, cs, with_gates=False)
+  del grad_wbs, grad_wb_out
+  if layouts.padded is None:
+    return _xla_stack(layouts, x, hs, cs)[0]
+  return _fused_or_xla(interpret, layouts, x, hs, cs, with_gates=False)
 
 
-def _fused_or_xla(interpret, padded, wbs, wb_out, x, hs, cs, with_gates):
+def _fused_or_xla(interpret, layouts, x, hs, cs, with_gates):
   """The fused kernel where the program is lowered for a CUDA GPU (or interpreted, on
   request), XLA's ops elsewhere: (out, h's, c's[, ts]) as ``_xla_stack``."""
   def fused(x, hs, cs):
     lead = x.shape[:-1]
     flat = lambda a: a.reshape((-1, a.shape[-1]))
-    outs = lstm_kernel.stack_forward(padded, flat(x), [flat(h) for h in hs],
-                                     [flat(c) for c in cs], wb_out.shape[1],
+    outs = lstm_kernel.stack_forward(layouts.padded, flat(x), [flat(h) for h in hs],
+                                     [flat(c) for c in cs], layouts.w_out.shape[1],
                                      interpret=interpret, with_gates=with_gates)
     unflat = lambda a: a.reshape(lead + a.shape[-1:])
     return (unflat(outs[0]),) + tuple(tuple(unflat(a) for a in group) for group in outs[1:])
 
   def xla(x, hs, cs):
-    outs, ts = _xla_stack(wbs, wb_out, x, hs, cs)
+    outs, ts = _xla_stack(layouts, x, hs, cs)
     return outs + ((ts,) if with_gates else ())
 
   if interpret:
@@ -158,47 +190,45 @@ def _fused_or_xla(interpret, padded, wbs, wb_out, x, hs, cs, with_gates):
   return jax.lax.platform_dependent(x, hs, cs, cuda=fused, default=xla)
 
 
-def _xla_stack(wbs, wb_out, x, hs, cs):
+def _xla_stack(layouts, x, hs, cs):
   """((out, h's, c's), each layer's gate tanh t) by XLA's ops."""
   h_news, c_news, ts = [], [], []
-  for wb, h, c in zip(wbs, hs, cs):
-    x, c_new, t = _cell_forward(*_split_bias(wb), x, h, c)
+  for w, b, h, c in zip(layouts.ws, layouts.bs, hs, cs):
+    x, c_new, t = _cell_forward(w, b, x, h, c)
     h_news.append(x)
     c_news.append(c_new)
     ts.append(t)
-  w_out, b_out = _split_bias(wb_out)
-  return (x @ w_out + b_out, tuple(h_news), tuple(c_news)), tuple(ts)
+  return (x @ layouts.w_out + layouts.b_out, tuple(h_news), tuple(c_news)), tuple(ts)
 
 
-def _stack_core_fwd(interpret, padded, wbs, wb_out, x, hs, cs):
-  if padded is None:
-    outs, ts = _xla_stack(wbs, wb_out, x, hs, cs)
+def _stack_core_fwd(interpret, layouts, grad_wbs, grad_wb_out, x, hs, cs):
+  del grad_wbs
+  if layouts.padded is None:
+    outs, ts = _xla_stack(layouts, x, hs, cs)
   else:
-    *outs, ts = _fused_or_xla(interpret, padded, wbs, wb_out, x, hs, cs, with_gates=True)
+    *outs, ts = _fused_or_xla(interpret, layouts, x, hs, cs, with_gates=True)
   # Each layer's inputs and t, as ``_lstm_core``, but not the outputs h' that feed
   # the next layer and the read-out: the step after saves them again as its h.
-  return tuple(outs), (padded, wbs, wb_out, x, hs, cs, ts)
+  return tuple(outs), (layouts, grad_wb_out.shape[0], x, hs, cs, ts)
 
 
 def _stack_core_bwd(interpret, res, cotangents):
   del interpret
-  padded, wbs, wb_out, x_in, hs, cs, ts = res
+  layouts, k, x_in, hs, cs, ts = res
   d_out, dh_news, dc_news = cotangents
   xs = [x_in] + [_next_state(t, c)[0] for t, c in zip(ts[:-1], cs[:-1])]
   top = _next_state(ts[-1], cs[-1])[0]
-  dwb_out = _with_ones(top).T @ d_out.reshape(-1, d_out.shape[-1])
-  dx = d_out @ wb_out[:-1].T  # reaches the top layer's h'
+  dwb_out = _chunked_outer(_chunk_rows(_with_ones(top), k), _chunk_rows(d_out, k), k)
+  dx = d_out @ layouts.w_out.T  # reaches the top layer's h'
   dwbs, dhs, dcs = [], [], []
-  for l in reversed(range(len(wbs))):
-    dwb, dx, dh, dc = _cell_backward(wbs[l][:-1], xs[l], hs[l], cs[l], ts[l],
-                                     dh_news[l] + dx, dc_news[l])
+  for l in reversed(range(len(layouts.wts))):
+    dwb, dx, dh, dc = _cell_backward(layouts.wts[l], xs[l], hs[l], cs[l], ts[l],
+                                     dh_news[l] + dx, dc_news[l], k)
     dwbs.append(dwb)
     dhs.append(dh)
     dcs.append(dc)
-  # padded is the kernel's layout of wbs (lstm_stack_prepare): the same
-  # weights, whose gradient is returned once, through wbs
-  d_padded = jax.tree_util.tree_map(jnp.zeros_like, padded)
-  return (d_padded, tuple(dwbs[::-1]), dwb_out, dx, tuple(dhs[::-1]), tuple(dcs[::-1]))
+  d_layouts = jax.tree_util.tree_map(jnp.zeros_like, layouts)
+  return (d_layouts, tuple(dwbs[::-1]), dwb_out, dx, tuple(dhs[::-1]), tuple(dcs[::-1]))
 
 
 _stack_core.defvjp(_stack_core_fwd, _stack_core_bwd)
@@ -225,28 +255,28 @@ def lstm_apply(params: dict, x: chex.Array, state: LSTMState,
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["wbs", "wb_out", "padded"], meta_fields=["interpret"])
+                   data_fields=["layouts", "grad_wbs", "grad_wb_out"],
+                   meta_fields=["interpret"])
 @dataclasses.dataclass(frozen=True)
 class LSTMStack:
   """Stacked LSTMs and their read-out, ready to run step after step (a pytree).
 
   The gate columns are pre-scaled (``_gate_affine``) here, once, rather than
-  in every step, and each weight matrix carries its bias as its last row (a
-  loop of steps then accumulates one gradient per layer); for the fused
-  kernel the weights are also laid out as it reads them (``padded``).
+  in every step, and the weights are laid out as each pass reads them
+  (``layouts``). The gradient flows to other copies of the same weights:
+  each matrix with its bias as last row, k times (``gradient_chunks``), so
+  that in a loop of steps each copy collects the gradient of one share of the
+  coordinates (on a GPU one kernel per layer and step: product and
+  accumulation) and the copies' gradients are summed once, after the loop.
   """
-  wbs: Tuple[chex.Array, ...]  # per layer [fan_in + 1, 4 x hidden], pre-scaled
-  wb_out: chex.Array           # [hidden + 1, n_out]
-  padded: Optional[lstm_kernel.PaddedStack]  # None: XLA's ops
-  interpret: bool = False                     # run the kernel's program interpreted
-
-
-def _stacked_bias(w: chex.Array, b: chex.Array) -> chex.Array:
-  return jnp.concatenate([w, b[None]], axis=0)
+  layouts: _Layouts
+  grad_wbs: Tuple[chex.Array, ...]  # per layer [k, fan_in + 1, 4 x hidden]
+  grad_wb_out: chex.Array           # [k, hidden + 1, n_out]
+  interpret: bool = False           # run the fused kernel's program interpreted
 
 
 def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float = 1.0,
-                       kernel: str = "xla") -> LSTMStack:
+                       kernel: str = "xla", gradient_chunks: int = 0) -> LSTMStack:
   """``LSTMStack`` of Sonnet-v1 LSTM ``layers`` (``lstm_init``) and a ``readout`` (``linear_init``).
 
   ``kernel``: how the forward pass runs, the same function either way:
@@ -255,33 +285,45 @@ def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float
   XLA's ops (``jax.lax.platform_dependent``); "pallas_interpret":
   the fused kernel's program interpreted on any backend (slow: for checking
   the kernel without a GPU). The backward pass is XLA's in all three.
+  ``gradient_chunks``: partial sums of the weights' gradient (``LSTMStack``);
+  0: ``default_gradient_chunks()``. The same gradient, up to float rounding.
   """
   if kernel not in KERNELS:
     raise ValueError(f"lstm_stack_prepare: kernel={kernel!r}; allowed: {KERNELS}")
+  if not isinstance(gradient_chunks, int) or gradient_chunks < 0:
+    raise ValueError(f"lstm_stack_prepare: gradient_chunks={gradient_chunks!r}; "
+                     "a positive int, or 0 for the backend's default")
+  k = gradient_chunks or default_gradient_chunks()
   dtype = jnp.result_type(readout["w"])
   ws, bs = zip(*(_prescaled(p, p["w"].shape[1] // 4, forget_bias, dtype) for p in layers))
-  padded, interpret = None, kernel == "pallas_interpret"
+  w_out, b_out = readout["w"], readout["b"]
+  padded = None
   if kernel != "xla":
     input_size = layers[0]["w"].shape[0] - layers[0]["w"].shape[1] // 4
-    padded = lstm_kernel.pad_stack(ws, bs, readout["w"], readout["b"], input_size)
-  return LSTMStack(tuple(map(_stacked_bias, ws, bs)), _stacked_bias(readout["w"], readout["b"]),
-                   padded, interpret)
+    padded = lstm_kernel.pad_stack(ws, bs, w_out, b_out, input_size)
+  copies = lambda w, b: jnp.broadcast_to(jnp.concatenate([w, b[None]], axis=0),
+                                         (k, w.shape[0] + 1, w.shape[1]))
+  layouts = _Layouts(tuple(ws), tuple(bs), w_out, b_out, tuple(w.T for w in ws), padded)
+  return LSTMStack(layouts, tuple(map(copies, ws, bs)), copies(w_out, b_out),
+                   kernel == "pallas_interpret")
 
 
 def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState]
                    ) -> Tuple[chex.Array, Tuple[LSTMState, ...]]:
   """One step of a prepared stack: (read-out [rows, n_out], new states)."""
-  dtype = jnp.promote_types(states[0].h.dtype, stack.wb_out.dtype)
+  dtype = jnp.promote_types(states[0].h.dtype, stack.grad_wb_out.dtype)
   cast = lambda a: a.astype(dtype)
-  out, hs, cs = _stack_core(stack.interpret, stack.padded, tuple(map(cast, stack.wbs)),
-                            cast(stack.wb_out), cast(x), tuple(cast(s.h) for s in states),
+  layouts = stack.layouts._replace(**{f: jax.tree_util.tree_map(cast, getattr(stack.layouts, f))
+                                      for f in ("ws", "bs", "w_out", "b_out", "wts")})
+  out, hs, cs = _stack_core(stack.interpret, layouts, tuple(map(cast, stack.grad_wbs)),
+                            cast(stack.grad_wb_out), cast(x), tuple(cast(s.h) for s in states),
                             tuple(cast(s.c) for s in states))
   return out, tuple(LSTMState(h, c) for h, c in zip(hs, cs))
 
 
 def lstm_stack_apply(layers: Sequence[dict], x: chex.Array, states: Sequence[LSTMState],
-                     readout: dict, forget_bias: float = 1.0, kernel: str = "xla"
-                     ) -> Tuple[chex.Array, Tuple[LSTMState, ...]]:
+                     readout: dict, forget_bias: float = 1.0, kernel: str = "xla",
+                     gradient_chunks: int = 0) -> Tuple[chex.Array, Tuple[LSTMState, ...]]:
   """Stacked LSTMs (each layer's h is the next one's input), then a linear read-out.
 
   The same function as ``lstm_apply`` layer by layer and ``linear_apply`` on the
@@ -292,7 +334,8 @@ def lstm_stack_apply(layers: Sequence[dict], x: chex.Array, states: Sequence[LST
   (read-out [rows, n_out], new states). A loop of steps should prepare the
   stack once (``lstm_stack_prepare``) and call ``lstm_stack_run`` per step.
   """
-  return lstm_stack_run(lstm_stack_prepare(layers, readout, forget_bias, kernel), x, states)
+  return lstm_stack_run(lstm_stack_prepare(layers, readout, forget_bias, kernel,
+                                           gradient_chunks), x, states)
 
 
 def linear_init(key: chex.PRNGKey, input_size: int, output_size: int) -> dict:

@@ -37,12 +37,18 @@ class DM:
   # "pallas": on a GPU, the LSTM stack's forward pass as one fused kernel per step:
   # the same function with fewer memory passes (cells.lstm_stack_prepare)
   lstm_kernel: str = "xla"
+  # partial sums of the LSTM weights' gradient in a loop of steps; 0: 64 on a GPU,
+  # 1 elsewhere (cells.lstm_stack_prepare)
+  gradient_chunks: int = 0
   state_dtype: str = ""  # "" = the parameters' dtype; "bfloat16" halves the state's memory
   name: str = "dm"
 
   def __post_init__(self):
     if self.lstm_kernel not in cells.KERNELS:
       raise ValueError(f"dm: lstm_kernel={self.lstm_kernel!r}; allowed: {cells.KERNELS}")
+    if not isinstance(self.gradient_chunks, int) or self.gradient_chunks < 0:
+      raise ValueError(f"dm: gradient_chunks={self.gradient_chunks!r}; a positive int, "
+                       "or 0 for the backend's default")
     if self.preprocessing not in preprocess.PREPROCESSORS:
       raise ValueError(f"dm: preprocessing={self.preprocessing!r}; allowed: "
                        f"{sorted(preprocess.PREPROCESSORS)}")
@@ -78,7 +84,8 @@ class DM:
   def prepare(self, theta: dict) -> cells.LSTMStack:
     """The network of ``theta`` ready to run step after step (``cells.lstm_stack_prepare``)."""
     layers = [theta[f"lstm_{i}"] for i in range(len(self.hidden_sizes))]
-    return cells.lstm_stack_prepare(layers, theta["linear"], self.forget_bias, self.lstm_kernel)
+    return cells.lstm_stack_prepare(layers, theta["linear"], self.forget_bias, self.lstm_kernel,
+                                    self.gradient_chunks)
 
   def step(self, theta: dict | cells.LSTMStack, g: chex.Array, state: DMState
            ) -> Tuple[chex.Array, DMState]:

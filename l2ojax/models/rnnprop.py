@@ -50,11 +50,17 @@ class RNNProp:
   # "pallas": on a GPU, the LSTM stack's forward pass as one fused kernel per step:
   # the same function with fewer memory passes (cells.lstm_stack_prepare)
   lstm_kernel: str = "xla"
+  # partial sums of the LSTM weights' gradient in a loop of steps; 0: 64 on a GPU,
+  # 1 elsewhere (cells.lstm_stack_prepare)
+  gradient_chunks: int = 0
   name: str = "rnnprop"
 
   def __post_init__(self):
     if self.lstm_kernel not in cells.KERNELS:
       raise ValueError(f"rnnprop: lstm_kernel={self.lstm_kernel!r}; allowed: {cells.KERNELS}")
+    if not isinstance(self.gradient_chunks, int) or self.gradient_chunks < 0:
+      raise ValueError(f"rnnprop: gradient_chunks={self.gradient_chunks!r}; a positive int, "
+                       "or 0 for the backend's default")
     if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
       raise ValueError(f"rnnprop: hidden_sizes must be non-empty positive ints, "
                        f"got {self.hidden_sizes}")
@@ -102,7 +108,7 @@ class RNNProp:
     """(input layer, LSTM stack) of ``theta`` ready to run step after step."""
     layers = [theta[f"lstm_{i}"] for i in range(len(self.hidden_sizes))]
     return theta["input"], cells.lstm_stack_prepare(layers, theta["linear"], self.forget_bias,
-                                                    self.lstm_kernel)
+                                                    self.lstm_kernel, self.gradient_chunks)
 
   def step(self, theta: dict | Tuple[dict, cells.LSTMStack], g: chex.Array,
            state: RNNPropState) -> Tuple[chex.Array, RNNPropState]:
