@@ -209,12 +209,20 @@ def _stack_core_fwd(interpret, layouts, grad_wbs, grad_wb_out, x, hs, cs):
     *outs, ts = _fused_or_xla(interpret, layouts, x, hs, cs, with_gates=True)
   # Each layer's inputs and t, as ``_lstm_core``, but not the outputs h' that feed
   # the next layer and the read-out: the step after saves them again as its h.
-  return tuple(outs), (layouts, grad_wb_out.shape[0], x, hs, cs, ts)
+  # As two arrays, so that a loop of steps stacks them in two kernels per step, not
+  # one per array: the inputs (stacked before the step overwrites h and c in
+  # place) and the gates.
+  saved = (jnp.concatenate([x, *hs, *cs], axis=-1), jnp.concatenate(ts, axis=-1))
+  return tuple(outs), (layouts, grad_wb_out.shape[0], saved)
 
 
 def _stack_core_bwd(interpret, res, cotangents):
   del interpret
-  layouts, k, x_in, hs, cs, ts = res
+  layouts, k, saved = res
+  hidden = [wt.shape[0] // 4 for wt in layouts.wts]
+  split = lambda a, widths: jnp.split(a, np.cumsum(widths)[:-1], axis=-1)
+  x_in, *hcs = split(saved[0], [layouts.wts[0].shape[1] - hidden[0]] + hidden + hidden)
+  hs, cs, ts = hcs[:len(hidden)], hcs[len(hidden):], split(saved[1], [4 * h for h in hidden])
   d_out, dh_news, dc_news = cotangents
   xs = [x_in] + [_next_state(t, c)[0] for t, c in zip(ts[:-1], cs[:-1])]
   top = _next_state(ts[-1], cs[-1])[0]
