@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -150,28 +150,133 @@ _BOOKKEEPING = frozenset(["parameter", "get-tuple-element", "tuple", "constant",
                           "collective-permute-done", "send-done", "recv-done"])
 
 
-def loop_ops_by_kind(text: str) -> List[collections.Counter]:
-  """Per loop body of a compiled program's text that holds a matrix product (the
-  optimizee steps, not the random-number loops): its instructions by opcode,
-  bookkeeping left out."""
-  comps: Dict[str, List[str]] = {}
+def _computations(text: str) -> Dict[str, Tuple[str, List[str]]]:
+  """name -> (header line, instruction lines) of each computation in a program's text."""
+  comps: Dict[str, Tuple[str, List[str]]] = {}
   name = None
   for line in text.splitlines():
     if line and not line[0].isspace() and line.rstrip().endswith("{"):
       head = line.split()
       name = head[1] if head[0] == "ENTRY" else head[0]
-      comps[name] = []
+      comps[name] = (line, [])
     elif line.startswith("}"):
       name = None
     elif name is not None:
-      comps[name].append(line)
-  found = []
+      comps[name][1].append(line)
+  return comps
+
+
+def _loop_bodies(text: str, comps) -> List[List[str]]:
+  """Instruction lines of each loop body that holds a matrix product (the optimizee
+  steps, not the random-number loops)."""
+  def product(lines, depth=2):  # in the body or in what it calls
+    if any(("dot(" in l or "gemm" in l or "custom-call(" in l) for l in lines):
+      return True
+    called = [c for l in lines for c in re.findall(r"calls=(%[\w.\-]+)", l)]
+    return depth > 0 and any(product(comps.get(c, ("", []))[1], depth - 1) for c in called)
+
+  bodies = []
   for body in re.findall(r"\swhile\(.*?body=(%?[\w.\-]+)", text):
-    lines = comps.get(body, [])
-    if not any(("dot(" in l or "gemm" in l or "custom-call(" in l) for l in lines):
-      continue
+    lines = comps.get(body, ("", []))[1]
+    if product(lines):
+      bodies.append(lines)
+  return bodies
+
+
+def _instruction(line: str):
+  """(name, shape text, opcode, operand names) of one instruction line, or None."""
+  m = re.match(r"\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*(.*?)\s([a-z][\w-]*)\((.*)$", line)
+  if not m:
+    return None
+  name, shape, op, rest = m.groups()
+  depth, args = 0, ""
+  for ch in rest:  # the operand list ends at the parenthesis that closes it
+    if ch == "(":
+      depth += 1
+    elif ch == ")":
+      if depth == 0:
+        break
+      depth -= 1
+    args += ch
+  return name, shape, op, re.findall(r"%[\w.\-]+", args)
+
+
+def loop_ops_by_kind(text: str) -> List[collections.Counter]:
+  """Per loop body of a compiled program's text that holds a matrix product (the
+  optimizee steps, not the random-number loops): its instructions by opcode,
+  bookkeeping left out."""
+  found = []
+  for lines in _loop_bodies(text, _computations(text)):
     ops = [m.group(1) for m in (re.search(r"\s([a-z][\w-]*)\(%", l) for l in lines) if m]
     found.append(collections.Counter(op for op in ops if op not in _BOOKKEEPING))
+  return found
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                "c128": 16}
+
+
+def _bytes(shape: str) -> int:
+  """Bytes of a shape's text (all elements of a tuple)."""
+  total = 0
+  for dtype, dims in re.findall(r"\b(pred|[subfc]\d+|bf16)\[([\d,]*)\]", shape):
+    total += _DTYPE_BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+  return total
+
+
+def _fusion_bytes(comps, name: str) -> int:
+  """Bytes a fused kernel reads and writes: each parameter in full, or only what
+  its (dynamic-)slices and gathers take of it (followed through slices of
+  slices), nothing of a buffer it updates in place; the output in full, or
+  only the update of an in-place slice update."""
+  header, lines = comps[name]
+  params = dict(re.findall(r"([\w.\-]+): ((?:pred|[subfc]\d+|bf16)\[[\d,]*\])", header))
+  insts = [i for i in map(_instruction, lines) if i]
+  shapes = {n: shape for n, shape, _, _ in insts}
+  shapes.update({"%" + p: shape for p, shape in params.items()})
+  users: Dict[str, list] = collections.defaultdict(list)
+  for n, _, op, args in insts:
+    for position, a in enumerate(args):
+      users[a].append((n, op, position))
+
+  def read(value: str) -> int:
+    uses = users[value]
+    if uses and all(position == 0 and op in ("dynamic-slice", "slice", "gather", "bitcast",
+                                             "dynamic-update-slice")
+                    for _, op, position in uses):
+      return sum(read(n) for n, op, _ in uses if op != "dynamic-update-slice")
+    return _bytes(shapes[value])
+
+  total = sum(read("%" + p) for p in params)
+  root = next(_instruction(l) for l in lines if l.lstrip().startswith("ROOT"))
+  outs = [root] if root[2] != "tuple" else [next(i for i in insts if i[0] == a) for a in root[3]]
+  for _, shape, op, args in outs:
+    total += _bytes(shapes.get(args[1], "") if op == "dynamic-update-slice" else shape)
+  return total
+
+
+def loop_bytes(text: str) -> List[int]:
+  """Per loop body (as ``loop_ops_by_kind``): bytes its kernels read and write per
+  iteration, estimated from the shapes of the compiled program (``_fusion_bytes``;
+  other kernels: operands and output in full). Caches are ignored, so this is the
+  memory traffic of a step too large for them: what bounds large B."""
+  comps = _computations(text)
+  found = []
+  for lines in _loop_bodies(text, comps):
+    parsed = [(line, _instruction(line)) for line in lines]
+    shapes = {i[0]: i[1] for _, i in parsed if i}
+    total = 0
+    for line, inst in parsed:
+      if inst is None or inst[2] in _BOOKKEEPING:
+        continue
+      name, shape, op, args = inst
+      called = re.search(r"calls=(%[\w.\-]+)", line)
+      if op == "fusion" and called and called.group(1) in comps:
+        total += _fusion_bytes(comps, called.group(1))
+      else:
+        total += _bytes(shape) + sum(_bytes(shapes.get(a, "")) for a in args)
+    found.append(total)
   return found
 
 

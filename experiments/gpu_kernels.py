@@ -5,7 +5,9 @@ launches (BENCHMARKS.md), and XLA decides that number when it compiles. This
 script compiles the benchmark's workloads for an NVIDIA H100 with XLA's GPU
 compiler on any machine (deviceless ahead-of-time compilation; Triton and
 ptxas run, so a Pallas kernel that would not compile fails here too) and
-prints the kernels of each loop body per optimizee step, by kind. It needs
+prints the kernels of each loop body per optimizee step, by kind, and the
+bytes they read and write (``benchmark.loop_bytes``: what bounds a step at
+large B, where nothing stays in the caches). It needs
 the CUDA plugin of the installed jax, not a GPU:
 
   pip install "jax[cuda13]==$(python -c 'import jax; print(jax.__version__)')"
@@ -85,7 +87,10 @@ def report(label: str, text: str, steps_per_iteration: int) -> None:
   total = sum(sum(c.values()) for c in bodies) / steps_per_iteration
   parts = " + ".join(f"{sum(c.values())} ({', '.join(f'{k} {v}' for k, v in sorted(c.items()))})"
                      for c in bodies)
-  print(f"{label}: {total:g} kernels per optimizee step = {parts}", flush=True)
+  traffic = [b / steps_per_iteration / 1e6 for b in benchmark.loop_bytes(text)]
+  print(f"{label}: {total:g} kernels per optimizee step = {parts}; "
+        f"{sum(traffic):.1f} MB moved per step = {' + '.join(f'{t:.1f}' for t in traffic)}",
+        flush=True)
 
 
 def main(argv):

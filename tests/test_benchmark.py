@@ -113,3 +113,26 @@ def test_loop_ops_by_kind_counts_per_loop_body(tiny_image_npz):
   assert len(found) == 2 and all(sum(c.values()) > 0 for c in found)
   assert all(not set(c) & benchmark._BOOKKEEPING for c in found)
   assert all("fusion" in c for c in found)
+
+
+def test_loop_bytes_counts_the_slices_a_step_reads_and_writes_not_whole_buffers():
+  """benchmark.loop_bytes (gpu_kernels' traffic per step): a scan step reads its
+  slice of the stacked inputs and writes its slot of the stacked outputs; the
+  whole [T, ...] buffers are not traffic of every step."""
+  import jax.numpy as jnp
+  from experiments import benchmark
+  n, length, width = 4096, 16, 8
+  slice_bytes = n * width * 4
+
+  def run(w, h, xs):
+    def body(h, x):
+      h = jnp.tanh(h @ w + x)
+      return h, h
+    return jax.lax.scan(body, h, xs)
+
+  args = (jnp.ones((width, width)), jnp.ones((n, width)), jnp.ones((length, n, width)))
+  traffic = benchmark.loop_bytes(jax.jit(run).lower(*args).compile().as_text())
+  assert len(traffic) == 1
+  # read x_t and h, write h and the output slot: about 4 slices, at most 8
+  assert 3 * slice_bytes <= traffic[0] <= 8 * slice_bytes
+  assert traffic[0] < length * slice_bytes / 2
