@@ -376,15 +376,21 @@ def _gru_core(w_g, b_g, w_c, b_c, x, h, bias):
 def _gru_core_fwd(w_g, b_g, w_c, b_c, x, h, bias):
   hidden = h.shape[-1]
   gates = jnp.concatenate([x, h], axis=-1) @ w_g + b_g + bias[..., :2 * hidden]
-  r, u = jnp.split(jax.nn.sigmoid(gates), 2, axis=-1)
+  ru = jax.nn.sigmoid(gates)
+  r, u = jnp.split(ru, 2, axis=-1)
   c = jnp.tanh(jnp.concatenate([x, r * h], axis=-1) @ w_c + b_c + bias[..., 2 * hidden:])
-  # Saved for the backward pass: the inputs and the two gates and the candidate.
-  return u * h + (1.0 - u) * c, (w_g, w_c, x, h, r, u, c)
+  # Saved for the backward pass: the inputs, the two gates and the candidate, as
+  # two arrays (a loop of steps stacks each array in a kernel of its own, and
+  # the inputs' can run before the step overwrites h in place).
+  saved = (jnp.concatenate([x, h], axis=-1), jnp.concatenate([ru, c], axis=-1))
+  return u * h + (1.0 - u) * c, (w_g, w_c, saved)
 
 
 def _gru_core_bwd(res, dh_new):
-  w_g, w_c, x, h, r, u, c = res
-  n_in = x.shape[-1]
+  w_g, w_c, (xh, ruc) = res
+  n_in = w_g.shape[0] - dh_new.shape[-1]
+  x, h = xh[..., :n_in], xh[..., n_in:]
+  r, u, c = jnp.split(ruc, 3, axis=-1)
   dzc = dh_new * (1.0 - u) * (1.0 - c * c)
   dxrh = dzc @ w_c.T
   drh = dxrh[..., n_in:]
