@@ -54,7 +54,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from l2ojax.models import base, cells
+from l2ojax.models import base, cells, residuals
 
 # Initialisation constants of the original (its command-line defaults).
 _GRU_SCALE = 0.5          # GRU weights N(0, (0.5 / sqrt(fan_in))^2)
@@ -306,7 +306,8 @@ class Scale:
         raise ValueError(f"scale.update: gradients have {flat_g.shape[0]} coordinates in "
                          f"{len(sizes)} tensors, the optimizer state was made for "
                          f"{state.param_h.shape[0]} in {state.tensor_h.shape[0]}")
-      delta, new_state = self.step(theta, flat_g, state, sizes, value)
+      step = residuals.packed(lambda th, g, st, v: self.step(th, g, st, sizes, v))
+      delta, new_state = step(theta, flat_g, state, value)
       # theta is float32: keep the state's dtypes whatever the gradients' dtype
       new_state = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_state, state)
       return unravel(delta.astype(flat_g.dtype)), new_state
