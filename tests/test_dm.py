@@ -108,8 +108,7 @@ def _stack_objective(out, new):  # uses the read-out and every new state, nonlin
 
 
 # rows fewer than, not a multiple of, and a multiple of the gradient's partial sums
-@pytest.mark.parametrize("rows,chunks", [((6,), 1), ((3, 6), 1), ((6,), 64), ((3, 50), 64),
-                                         ((128,), 64), ((150,), 7)])
+@pytest.mark.parametrize("rows,chunks", [((6,), 1), ((3, 6), 64), ((3, 50), 64), ((128,), 64)])
 def test_lstm_stack_gradient_matches_autodiff_of_textbook_cells(rows, chunks):
   layers, readout, x, states = _stack_args(rows)
   apply = functools.partial(cells.lstm_stack_apply, gradient_chunks=chunks)
@@ -121,11 +120,11 @@ def test_lstm_stack_gradient_matches_autodiff_of_textbook_cells(rows, chunks):
   ref_out = _textbook_stack(layers, x, states, readout)
   chex.assert_trees_all_close(ours_out, ref_out, atol=2e-6, rtol=1e-5)
   args = (layers, readout, x, states)
-  ours = jax.grad(objective(apply), argnums=(0, 1, 2, 3))(*args)
-  ref = jax.grad(objective(_textbook_stack), argnums=(0, 1, 2, 3))(*args)
+  ours = jax.jit(jax.grad(objective(apply), argnums=(0, 1, 2, 3)))(*args)
+  ref = jax.jit(jax.grad(objective(_textbook_stack), argnums=(0, 1, 2, 3)))(*args)
   chex.assert_trees_all_close(ours, ref, atol=5e-6, rtol=1e-5)
-  second = lambda stack: jax.grad(
-      lambda r: jnp.sum(jax.grad(objective(stack), argnums=2)(layers, r, x, states) ** 2))(readout)
+  second = lambda stack: jax.jit(jax.grad(
+      lambda r: jnp.sum(jax.grad(objective(stack), argnums=2)(layers, r, x, states) ** 2)))(readout)
   chex.assert_trees_all_close(second(apply), second(_textbook_stack), atol=5e-6, rtol=1e-5)
 
 
@@ -133,14 +132,15 @@ def test_lstm_stack_gradient_reaches_the_partial_sums_each_for_its_own_rows():
   layers, readout, x, states = _stack_args((10,))  # 4 partial sums of 3 rows, the last 1 + 2 pad
   f = lambda stack, x, states: _stack_objective(*cells.lstm_stack_run(stack, x, states))
   prepare = lambda k: cells.lstm_stack_prepare(layers, readout, gradient_chunks=k)
-  grad = jax.grad(f)(prepare(4), x, states)
+  grad_f = jax.jit(jax.grad(f))
+  grad = grad_f(prepare(4), x, states)
   chex.assert_shape(grad.grad_wbs, [(4, 2 + 3 + 1, 12), (4, 3 + 4 + 1, 16)])
   chex.assert_shape(grad.grad_wb_out, (4, 4 + 1, 1))
   # the other layouts of the same weights get no gradient
   assert all(not np.any(g) for g in jax.tree_util.tree_leaves(grad.layouts))
   rows = lambda tree, lo, hi: jax.tree_util.tree_map(lambda a: a[lo:hi], tree)
   for chunk, (lo, hi) in enumerate([(0, 3), (3, 6), (6, 9), (9, 10)]):
-    alone = jax.grad(f)(prepare(1), x[lo:hi], rows(states, lo, hi))
+    alone = grad_f(prepare(1), x[lo:hi], rows(states, lo, hi))
     chex.assert_trees_all_close(
         jax.tree_util.tree_map(lambda a: a[chunk], (grad.grad_wbs, grad.grad_wb_out)),
         jax.tree_util.tree_map(lambda a: a[0], (alone.grad_wbs, alone.grad_wb_out)),
