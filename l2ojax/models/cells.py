@@ -294,7 +294,10 @@ def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float
   the fused kernel's program interpreted on any backend (slow: for checking
   the kernel without a GPU). The backward pass is XLA's in all three.
   ``gradient_chunks``: partial sums of the weights' gradient (``LSTMStack``);
-  0: ``default_gradient_chunks()``. The same gradient, up to float rounding.
+  0: ``default_gradient_chunks()``. The same gradient, up to float rounding; a
+  loop differentiated under ``vmap`` over B optimizees holds B x chunks
+  copies of the weights' gradient (L2O-DM: ~5,000 floats each), which for
+  very many small optimizees may call for 1.
   """
   if kernel not in KERNELS:
     raise ValueError(f"lstm_stack_prepare: kernel={kernel!r}; allowed: {KERNELS}")
