@@ -82,6 +82,13 @@ def default_gradient_chunks() -> int:
   return GRADIENT_CHUNKS if jax.default_backend() == "gpu" else 1
 
 
+def check_gradient_chunks(owner: str, value) -> None:
+  """A clear error unless ``value`` is a valid ``gradient_chunks`` (int >= 0)."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f"{owner}: gradient_chunks={value!r}; a positive int, "
+                     "or 0 for the backend's default")
+
+
 def _chunk_rows(m: chex.Array, k: int) -> chex.Array:
   """[rows..., f] -> [k * ceil(rows / k), f], zero rows appended."""
   m = m.reshape(-1, m.shape[-1])
@@ -301,9 +308,7 @@ def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float
   """
   if kernel not in KERNELS:
     raise ValueError(f"lstm_stack_prepare: kernel={kernel!r}; allowed: {KERNELS}")
-  if not isinstance(gradient_chunks, int) or gradient_chunks < 0:
-    raise ValueError(f"lstm_stack_prepare: gradient_chunks={gradient_chunks!r}; "
-                     "a positive int, or 0 for the backend's default")
+  check_gradient_chunks("lstm_stack_prepare", gradient_chunks)
   k = gradient_chunks or default_gradient_chunks()
   dtype = jnp.result_type(readout["w"])
   ws, bs = zip(*(_prescaled(p, p["w"].shape[1] // 4, forget_bias, dtype) for p in layers))

@@ -46,9 +46,7 @@ class DM:
   def __post_init__(self):
     if self.lstm_kernel not in cells.KERNELS:
       raise ValueError(f"dm: lstm_kernel={self.lstm_kernel!r}; allowed: {cells.KERNELS}")
-    if not isinstance(self.gradient_chunks, int) or self.gradient_chunks < 0:
-      raise ValueError(f"dm: gradient_chunks={self.gradient_chunks!r}; a positive int, "
-                       "or 0 for the backend's default")
+    cells.check_gradient_chunks("dm", self.gradient_chunks)
     if self.preprocessing not in preprocess.PREPROCESSORS:
       raise ValueError(f"dm: preprocessing={self.preprocessing!r}; allowed: "
                        f"{sorted(preprocess.PREPROCESSORS)}")

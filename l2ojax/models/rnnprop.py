@@ -58,9 +58,7 @@ class RNNProp:
   def __post_init__(self):
     if self.lstm_kernel not in cells.KERNELS:
       raise ValueError(f"rnnprop: lstm_kernel={self.lstm_kernel!r}; allowed: {cells.KERNELS}")
-    if not isinstance(self.gradient_chunks, int) or self.gradient_chunks < 0:
-      raise ValueError(f"rnnprop: gradient_chunks={self.gradient_chunks!r}; a positive int, "
-                       "or 0 for the backend's default")
+    cells.check_gradient_chunks("rnnprop", self.gradient_chunks)
     if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
       raise ValueError(f"rnnprop: hidden_sizes must be non-empty positive ints, "
                        f"got {self.hidden_sizes}")
