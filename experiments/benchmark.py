@@ -56,6 +56,7 @@ from absl import app, flags
 from experiments import hugepages
 from l2ojax import models, optimizees
 from l2ojax.meta import remat as remat_lib
+from l2ojax.models import cells
 from l2ojax.meta import sharding as sharding_lib
 from l2ojax.meta import step as step_lib
 from l2ojax.meta.unroll import batch_rollout
@@ -75,9 +76,9 @@ _UNROLL = flags.DEFINE_integer("unroll", 1, "Optimizee steps per iteration of th
                                "(W1 and W2).")
 _STATE_DTYPE = flags.DEFINE_enum("dm_state_dtype", "", ["", "float32", "bfloat16"],
                                  "L2O-DM's stored LSTM state type (default: the parameters').")
-_LSTM_KERNEL = flags.DEFINE_enum("lstm_kernel", "xla", ["xla", "pallas", "pallas_interpret"],
-                                  "L2O-DM's and RNNProp's LSTM forward pass: XLA's ops, or the "
-                                  "fused Pallas kernel (on a GPU; see cells.lstm_stack_prepare).")
+_LSTM_KERNEL = flags.DEFINE_enum("lstm_kernel", "xla", list(cells.KERNELS),
+                                  "L2O-DM's and RNNProp's LSTM stack: XLA's ops, or fused Pallas "
+                                  "kernels (on a GPU; see cells.lstm_stack_prepare).")
 _GRADIENT_CHUNKS = flags.DEFINE_integer(
     "gradient_chunks", 0, "L2O-DM's and RNNProp's partial sums of the LSTM weights' gradient "
     "in a loop of steps (0: 64 on a GPU, 1 elsewhere; see cells.lstm_stack_prepare).")

@@ -108,10 +108,12 @@ def _stack_objective(out, new):  # uses the read-out and every new state, nonlin
 
 
 # rows fewer than, not a multiple of, and a multiple of the gradient's partial sums
+# with XLA's ops and with the fused kernels (their programs interpreted)
 @pytest.mark.parametrize("rows,chunks", [((6,), 1), ((3, 6), 64), ((3, 50), 64), ((128,), 64)])
-def test_lstm_stack_gradient_matches_autodiff_of_textbook_cells(rows, chunks):
+@pytest.mark.parametrize("kernel", ["xla", "pallas_interpret"])
+def test_lstm_stack_gradient_matches_autodiff_of_textbook_cells(rows, chunks, kernel):
   layers, readout, x, states = _stack_args(rows)
-  apply = functools.partial(cells.lstm_stack_apply, gradient_chunks=chunks)
+  apply = functools.partial(cells.lstm_stack_apply, gradient_chunks=chunks, kernel=kernel)
 
   def objective(stack):
     return lambda layers, readout, x, states: _stack_objective(*stack(layers, x, states, readout))
@@ -128,10 +130,11 @@ def test_lstm_stack_gradient_matches_autodiff_of_textbook_cells(rows, chunks):
   chex.assert_trees_all_close(second(apply), second(_textbook_stack), atol=5e-6, rtol=1e-5)
 
 
-def test_lstm_stack_gradient_reaches_the_partial_sums_each_for_its_own_rows():
+@pytest.mark.parametrize("kernel", ["xla", "pallas_interpret"])
+def test_lstm_stack_gradient_reaches_the_partial_sums_each_for_its_own_rows(kernel):
   layers, readout, x, states = _stack_args((10,))  # 4 partial sums of 3 rows, the last 1 + 2 pad
   f = lambda stack, x, states: _stack_objective(*cells.lstm_stack_run(stack, x, states))
-  prepare = lambda k: cells.lstm_stack_prepare(layers, readout, gradient_chunks=k)
+  prepare = lambda k: cells.lstm_stack_prepare(layers, readout, kernel=kernel, gradient_chunks=k)
   grad_f = jax.jit(jax.grad(f))
   grad = grad_f(prepare(4), x, states)
   chex.assert_shape(grad.grad_wbs, [(4, 2 + 3 + 1, 12), (4, 3 + 4 + 1, 16)])

@@ -147,6 +147,45 @@ def test_pallas_option_picks_the_kernel_only_for_cuda(name):
   assert "triton" not in traced.lower(lowering_platforms=("cpu",)).as_text()
 
 
+@pytest.mark.parametrize("kernel,backward_kernels", [("pallas", 1), ("pallas_forward", 0)])
+def test_differentiated_stack_lowers_its_backward_pass_to_a_kernel(kernel, backward_kernels):
+  """A meta-gradient through the stack: "pallas" has a fused forward and backward
+  kernel where lowered for CUDA, "pallas_forward" the forward one; none for the CPU."""
+  theta = models.dm().init(jax.random.PRNGKey(0))
+  keys = jax.random.split(jax.random.PRNGKey(1), 2)
+
+  def loss(th):
+    return jnp.sum(batch_rollout(models.dm(lstm_kernel=kernel).transform(th),
+                                 quadratic(dim=8), keys, 3))
+
+  traced = jax.jit(jax.grad(loss)).trace(theta)
+  text = traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 1 + backward_kernels
+  assert ("lstm_stack_backward" in text) == bool(backward_kernels)
+  assert "triton" not in traced.lower(lowering_platforms=("cpu",)).as_text()
+
+
+def test_backward_kernel_under_vmap_and_scan():
+  """Interpreted: the meta-gradient of a loop of steps over a batch of optimizees,
+  the gradient in 4 partial sums per optimizee, equals XLA's."""
+  layers, readout, x, states = _stack(jax.random.PRNGKey(5), 2, (20, 20), lead=(3, 50))
+
+  def loss(layers, readout, kernel):
+    stack = cells.lstm_stack_prepare(layers, readout, kernel=kernel, gradient_chunks=4)
+
+    def step(states, i):
+      out, states = jax.vmap(lambda x, s: cells.lstm_stack_run(stack, x, s))(
+          x * jnp.cos(i), states)
+      return states, jnp.sum(jnp.sin(out))
+
+    states_t, outs = jax.lax.scan(step, states, jnp.arange(3.0))
+    return jnp.sum(outs) + sum(jnp.sum(s.c ** 2) for s in states_t)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  chex.assert_trees_all_close(grad(layers, readout, "pallas_interpret"),
+                              grad(layers, readout, "xla"), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernel: needs a GPU")
 @pytest.mark.parametrize("name", ["dm", "rnnprop"])
 def test_fused_kernel_on_gpu(name, tiny_image_npz):
@@ -157,6 +196,13 @@ def test_fused_kernel_on_gpu(name, tiny_image_npz):
   curves = {k: batch_rollout(models.get(name, lstm_kernel=k).transform(theta), mlp, keys, 50)
             for k in ("xla", "pallas")}
   np.testing.assert_allclose(np.log(curves["pallas"]), np.log(curves["xla"]), atol=2e-2)
+  # the meta-gradient through both fused kernels, as XLA's (TF32 products in both)
+  meta = {k: jax.jit(jax.grad(lambda th: jnp.sum(jnp.log(batch_rollout(
+      models.get(name, lstm_kernel=k).transform(th), mlp, keys, 20)))))(theta)
+      for k in ("xla", "pallas")}
+  for got, want in zip(jax.tree_util.tree_leaves(meta["pallas"]),
+                       jax.tree_util.tree_leaves(meta["xla"])):
+    np.testing.assert_allclose(got, want, atol=2e-2 * float(jnp.max(jnp.abs(want))))
   lowered = jax.jit(lambda th: batch_rollout(
       models.get(name, lstm_kernel="pallas").transform(th), mlp, keys, 5)).lower(theta)
   assert "__gpu$xla.gpu.triton" in lowered.as_text()

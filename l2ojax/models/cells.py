@@ -146,11 +146,11 @@ def _lstm_core_bwd(res, cotangents):
 _lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
 
 
-KERNELS = ("xla", "pallas", "pallas_interpret")
+KERNELS = ("xla", "pallas", "pallas_forward", "pallas_interpret")
 
 
 class _Layouts(NamedTuple):
-  """A stack's weights as the forward pass, the backward pass and the fused kernel
+  """A stack's weights as the forward pass, the backward pass and the fused kernels
   read them (``LSTMStack``)."""
   ws: Tuple[chex.Array, ...]   # per layer [fan_in, 4 x hidden], pre-scaled
   bs: Tuple[chex.Array, ...]   # per layer [4 x hidden]
@@ -161,40 +161,59 @@ class _Layouts(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stack_core(interpret, layouts, grad_wbs, grad_wb_out, x, hs, cs):
+def _stack_core(kernel, layouts, grad_wbs, grad_wb_out, x, hs, cs):
   """Stacked pre-scaled cells (layer l's h' is layer l + 1's x), then the read-out.
 
   Computed from ``layouts``; the weights' gradient flows to ``grad_wbs`` and
   ``grad_wb_out`` (``LSTMStack``: the same weights, in partial sums), the
-  layouts get none. With padded weights the forward pass runs as one fused
-  GPU kernel (which also writes the gates' tanh when the call is
-  differentiated); the backward pass is XLA's either way.
+  layouts get none. ``kernel`` (``lstm_stack_prepare``) says which passes run
+  as fused GPU kernels.
   """
   del grad_wbs, grad_wb_out
-  if layouts.padded is None:
+  if kernel == "xla":
     return _xla_stack(layouts, x, hs, cs)[0]
-  return _fused_or_xla(interpret, layouts, x, hs, cs, with_gates=False)
+  return _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=False)
 
 
-def _fused_or_xla(interpret, layouts, x, hs, cs, with_gates):
-  """The fused kernel where the program is lowered for a CUDA GPU (or interpreted, on
-  request), XLA's ops elsewhere: (out, h's, c's[, ts]) as ``_xla_stack``."""
-  def fused(x, hs, cs):
+def _on_gpu(kernel, fused, xla, *args):
+  """``fused(*args)`` where the program is lowered for a CUDA GPU (or interpreted, on
+  request), ``xla(*args)`` elsewhere: the same function.
+
+  A Pallas kernel has no derivative of its own, so the fused version takes
+  ``xla``'s: a gradient of the stack's gradient (or of the pass that keeps
+  its residuals) differentiates XLA's ops. Both take every differentiable
+  value as an argument (the stack's layouts first), closing over none.
+  """
+  kernel_only = fused
+  fused = jax.custom_jvp(kernel_only)
+  fused.defjvp(lambda primals, tangents: (kernel_only(*primals),
+                                           jax.jvp(xla, primals, tangents)[1]))
+  if kernel == "pallas_interpret":
+    return fused(*args)
+  return jax.lax.platform_dependent(*args, cuda=fused, default=xla)
+
+
+def _flat(a: chex.Array) -> chex.Array:
+  return a.reshape((-1, a.shape[-1]))
+
+
+def _fused_or_xla(kernel, layouts, x, hs, cs, with_gates):
+  """The fused forward kernel or XLA's ops (``_on_gpu``): (out, h's, c's[, ts]) as
+  ``_xla_stack``."""
+  def fused(layouts, x, hs, cs):
     lead = x.shape[:-1]
-    flat = lambda a: a.reshape((-1, a.shape[-1]))
-    outs = lstm_kernel.stack_forward(layouts.padded, flat(x), [flat(h) for h in hs],
-                                     [flat(c) for c in cs], layouts.w_out.shape[1],
-                                     interpret=interpret, with_gates=with_gates)
+    outs = lstm_kernel.stack_forward(layouts.padded, _flat(x), [_flat(h) for h in hs],
+                                     [_flat(c) for c in cs], layouts.w_out.shape[1],
+                                     interpret=kernel == "pallas_interpret",
+                                     with_gates=with_gates)
     unflat = lambda a: a.reshape(lead + a.shape[-1:])
     return (unflat(outs[0]),) + tuple(tuple(unflat(a) for a in group) for group in outs[1:])
 
-  def xla(x, hs, cs):
+  def xla(layouts, x, hs, cs):
     outs, ts = _xla_stack(layouts, x, hs, cs)
     return outs + ((ts,) if with_gates else ())
 
-  if interpret:
-    return fused(x, hs, cs)
-  return jax.lax.platform_dependent(x, hs, cs, cuda=fused, default=xla)
+  return _on_gpu(kernel, fused, xla, layouts, x, hs, cs)
 
 
 def _xla_stack(layouts, x, hs, cs):
@@ -208,29 +227,63 @@ def _xla_stack(layouts, x, hs, cs):
   return (x @ layouts.w_out + layouts.b_out, tuple(h_news), tuple(c_news)), tuple(ts)
 
 
-def _stack_core_fwd(interpret, layouts, grad_wbs, grad_wb_out, x, hs, cs):
+def _stack_core_fwd(kernel, layouts, grad_wbs, grad_wb_out, x, hs, cs):
   del grad_wbs
-  if layouts.padded is None:
+  # Each layer's inputs, as ``_lstm_core``, but not the outputs h' that feed the
+  # next layer and the read-out: the step after saves them again as its h. As
+  # one array per kind, so that a loop of steps stacks them in one kernel each
+  # per step, not one per array: the inputs (stacked before the step overwrites
+  # h and c in place) and, unless the backward pass is the fused kernel, which
+  # recomputes them, the gates' tanh.
+  inputs = jnp.concatenate([x, *hs, *cs], axis=-1)
+  if kernel in ("pallas", "pallas_interpret"):
+    outs = _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=False)
+    return outs, (layouts, grad_wb_out.shape[0], (inputs,))
+  if kernel == "xla":
     outs, ts = _xla_stack(layouts, x, hs, cs)
   else:
-    *outs, ts = _fused_or_xla(interpret, layouts, x, hs, cs, with_gates=True)
-  # Each layer's inputs and t, as ``_lstm_core``, but not the outputs h' that feed
-  # the next layer and the read-out: the step after saves them again as its h.
-  # As two arrays, so that a loop of steps stacks them in two kernels per step, not
-  # one per array: the inputs (stacked before the step overwrites h and c in
-  # place) and the gates.
-  saved = (jnp.concatenate([x, *hs, *cs], axis=-1), jnp.concatenate(ts, axis=-1))
-  return tuple(outs), (layouts, grad_wb_out.shape[0], saved)
+    *outs, ts = _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=True)
+  return tuple(outs), (layouts, grad_wb_out.shape[0], (inputs, jnp.concatenate(ts, axis=-1)))
 
 
-def _stack_core_bwd(interpret, res, cotangents):
-  del interpret
-  layouts, k, saved = res
+def _split_inputs(layouts, inputs):
+  """(x, h's, c's) of the saved inputs [x, h's, c's]."""
   hidden = [wt.shape[0] // 4 for wt in layouts.wts]
-  split = lambda a, widths: jnp.split(a, np.cumsum(widths)[:-1], axis=-1)
-  x_in, *hcs = split(saved[0], [layouts.wts[0].shape[1] - hidden[0]] + hidden + hidden)
-  hs, cs, ts = hcs[:len(hidden)], hcs[len(hidden):], split(saved[1], [4 * h for h in hidden])
-  d_out, dh_news, dc_news = cotangents
+  widths = [layouts.wts[0].shape[1] - hidden[0]] + hidden + hidden
+  x, *hcs = jnp.split(inputs, np.cumsum(widths)[:-1], axis=-1)
+  return x, hcs[:len(hidden)], hcs[len(hidden):]
+
+
+def _stack_core_bwd(kernel, res, cotangents):
+  layouts, k, saved = res
+  d_layouts = jax.tree_util.tree_map(jnp.zeros_like, layouts)
+  if len(saved) == 2:
+    return (d_layouts,) + _xla_stack_backward(layouts, k, *saved, *cotangents)
+
+  def xla(layouts, inputs, d_out, dh_news, dc_news):  # the gates recomputed by XLA's ops
+    ts = _xla_stack(layouts, *_split_inputs(layouts, inputs))[1]
+    return _xla_stack_backward(layouts, k, inputs, jnp.concatenate(ts, axis=-1), d_out,
+                               dh_news, dc_news)
+
+  def fused(layouts, inputs, d_out, dh_news, dc_news):
+    lead = inputs.shape[:-1]
+    dx, dhs, dcs, dwbs, dwb_out = lstm_kernel.stack_backward(
+        layouts.padded, _flat(inputs), _flat(d_out), [_flat(d) for d in dh_news],
+        [_flat(d) for d in dc_news], k, interpret=kernel == "pallas_interpret")
+    unflat = lambda a, like: a.reshape(lead + a.shape[-1:]).astype(like.dtype)
+    return (tuple(d.astype(g.dtype) for d, g in zip(dwbs, layouts.ws)),
+            dwb_out.astype(layouts.w_out.dtype), unflat(dx, inputs),
+            tuple(map(unflat, dhs, dh_news)), tuple(map(unflat, dcs, dc_news)))
+
+  return (d_layouts,) + _on_gpu(kernel, fused, xla, layouts, *saved, *cotangents)
+
+
+def _xla_stack_backward(layouts, k, inputs, gates, d_out, dh_news, dc_news):
+  """(d[w; b] per layer, d[w_out; b_out], dx, dh's, dc's) by XLA's ops, from the
+  saved inputs and gates' tanh."""
+  hidden = [wt.shape[0] // 4 for wt in layouts.wts]
+  x_in, hs, cs = _split_inputs(layouts, inputs)
+  ts = jnp.split(gates, np.cumsum([4 * h for h in hidden])[:-1], axis=-1)
   xs = [x_in] + [_next_state(t, c)[0] for t, c in zip(ts[:-1], cs[:-1])]
   top = _next_state(ts[-1], cs[-1])[0]
   dwb_out = _chunked_outer(_chunk_rows(_with_ones(top), k), _chunk_rows(d_out, k), k)
@@ -242,8 +295,7 @@ def _stack_core_bwd(interpret, res, cotangents):
     dwbs.append(dwb)
     dhs.append(dh)
     dcs.append(dc)
-  d_layouts = jax.tree_util.tree_map(jnp.zeros_like, layouts)
-  return (d_layouts, tuple(dwbs[::-1]), dwb_out, dx, tuple(dhs[::-1]), tuple(dcs[::-1]))
+  return tuple(dwbs[::-1]), dwb_out, dx, tuple(dhs[::-1]), tuple(dcs[::-1])
 
 
 _stack_core.defvjp(_stack_core_fwd, _stack_core_bwd)
@@ -271,7 +323,7 @@ def lstm_apply(params: dict, x: chex.Array, state: LSTMState,
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["layouts", "grad_wbs", "grad_wb_out"],
-                   meta_fields=["interpret"])
+                   meta_fields=["kernel"])
 @dataclasses.dataclass(frozen=True)
 class LSTMStack:
   """Stacked LSTMs and their read-out, ready to run step after step (a pytree).
@@ -287,19 +339,22 @@ class LSTMStack:
   layouts: _Layouts
   grad_wbs: Tuple[chex.Array, ...]  # per layer [k, fan_in + 1, 4 x hidden]
   grad_wb_out: chex.Array           # [k, hidden + 1, n_out]
-  interpret: bool = False           # run the fused kernel's program interpreted
+  kernel: str = "xla"               # lstm_stack_prepare's ``kernel``
 
 
 def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float = 1.0,
                        kernel: str = "xla", gradient_chunks: int = 0) -> LSTMStack:
   """``LSTMStack`` of Sonnet-v1 LSTM ``layers`` (``lstm_init``) and a ``readout`` (``linear_init``).
 
-  ``kernel``: how the forward pass runs, the same function either way:
-  "xla": XLA's ops; "pallas": where the program is compiled for a CUDA GPU, one
-  fused Pallas kernel per step for the whole stack (``lstm_kernel``), elsewhere
-  XLA's ops (``jax.lax.platform_dependent``); "pallas_interpret":
-  the fused kernel's program interpreted on any backend (slow: for checking
-  the kernel without a GPU). The backward pass is XLA's in all three.
+  ``kernel``: how the passes run, the same function and gradient in all:
+  "xla": XLA's ops; "pallas": where the program is compiled for a CUDA GPU,
+  one fused Pallas kernel per step for the whole stack's forward pass and one
+  for its backward pass (``lstm_kernel``; backprop then keeps only each
+  step's inputs and recomputes the gates), elsewhere XLA's ops
+  (``jax.lax.platform_dependent``); "pallas_forward": the fused forward
+  kernel only (it also writes the gates for XLA's backward pass);
+  "pallas_interpret": both fused kernels' programs interpreted on any backend
+  (slow: for checking the kernels without a GPU).
   ``gradient_chunks``: partial sums of the weights' gradient (``LSTMStack``);
   0: ``default_gradient_chunks()``. The same gradient, up to float rounding; a
   loop differentiated under ``vmap`` over B optimizees holds B x chunks
@@ -320,8 +375,7 @@ def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float
   copies = lambda w, b: jnp.broadcast_to(jnp.concatenate([w, b[None]], axis=0),
                                          (k, w.shape[0] + 1, w.shape[1]))
   layouts = _Layouts(tuple(ws), tuple(bs), w_out, b_out, tuple(w.T for w in ws), padded)
-  return LSTMStack(layouts, tuple(map(copies, ws, bs)), copies(w_out, b_out),
-                   kernel == "pallas_interpret")
+  return LSTMStack(layouts, tuple(map(copies, ws, bs)), copies(w_out, b_out), kernel)
 
 
 def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState]
@@ -331,7 +385,7 @@ def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState]
   cast = lambda a: a.astype(dtype)
   layouts = stack.layouts._replace(**{f: jax.tree_util.tree_map(cast, getattr(stack.layouts, f))
                                       for f in ("ws", "bs", "w_out", "b_out", "wts")})
-  out, hs, cs = _stack_core(stack.interpret, layouts, tuple(map(cast, stack.grad_wbs)),
+  out, hs, cs = _stack_core(stack.kernel, layouts, tuple(map(cast, stack.grad_wbs)),
                             cast(stack.grad_wb_out), cast(x), tuple(cast(s.h) for s in states),
                             tuple(cast(s.c) for s in states))
   return out, tuple(LSTMState(h, c) for h, c in zip(hs, cs))

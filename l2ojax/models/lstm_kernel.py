@@ -1,18 +1,27 @@
-"""A fused GPU kernel (Pallas, Triton backend) for the forward pass of an LSTM stack.
+"""Fused GPU kernels (Pallas, Triton backend) for the passes of an LSTM stack.
 
 ``cells.lstm_stack_apply`` as XLA compiles it writes each layer's gate
 pre-activations [rows, 4 x hidden] to memory and reads them back (a GEMM's
 output cannot be fused with the cell's mixing of its four gate blocks), plus a
 concatenation of [x, h] per layer: at hidden 20 that is ~340 floats moved per
-row and layer for ~100 that the cell needs. This kernel reads each row's x, h
-and c once, keeps the gates in registers, and writes only the new h and c and
-the read-out: one launch per step for the whole stack.
+row and layer for ~100 that the cell needs. ``stack_forward`` reads each
+row's x, h and c once, keeps the gates in registers, and writes only the new
+h and c and the read-out: one launch per step for the whole stack.
 
-It computes the same function as ``cells._stack_core`` in its primal (not
-differentiated) form, with TF32 matrix products like XLA's default for float32
-on GPUs. Hidden and input sizes are padded to powers of two >= 16 inside the
-kernel (Triton's matrix-product tiles) by zero weight rows and columns, which
-leave the padded lanes at exactly zero.
+Its backward pass as XLA compiles it is worse (~1,800 floats per row and
+step: each gate's tanh read by three kernels, the gate cotangents written
+and read twice, [x, h, 1] rebuilt). ``stack_backward`` reads a row's saved
+inputs [x, h's, c's] and the cotangents once, recomputes the gates, and
+writes the cotangents of x, h and c and the weights' gradient: each program
+owns a contiguous share of the rows and writes its partial sum once (the
+``gradient_chunks`` of ``cells.LSTMStack``), so no atomics and the same sums
+on every run.
+
+Both compute what ``cells._stack_core`` and its gradient compute, with TF32
+matrix products like XLA's default for float32 on GPUs. Hidden and input
+sizes are padded to powers of two >= 16 inside the kernels (Triton's
+matrix-product tiles) by zero weight rows and columns, which leave the padded
+lanes at exactly zero.
 """
 from __future__ import annotations
 
@@ -149,3 +158,166 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
   num = len(sizes)
   gates = (tuple(new[2 * num:]),) if with_gates else ()
   return (out, tuple(new[:num]), tuple(new[num:2 * num])) + gates
+
+
+# The backward kernel's rows per block and warps per program, and whether each
+# use of a weight matrix reads it again (a volatile load, which the compiler
+# neither merges with another nor hoists out of the loop: the weights' product
+# operands are copied into every warp, and held through the whole step they
+# overflow the registers). ptxas (sm_90a) for L2O-DM's stack: 255 registers
+# and ~2.3 KB of spills per thread at 32 rows, 8 warps, reloading; ~5 KB
+# without reloading; ~3 KB at 4 warps. Not yet timed on a GPU.
+BACKWARD_BLOCK_ROWS = 32
+BACKWARD_NUM_WARPS = 8
+RELOAD_WEIGHTS = True
+
+
+def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b.T as one product (Triton transposes an operand in the product's load)."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+
+
+def _t_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a.T @ b as one product."""
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
+
+
+def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
+                     chunks: int):
+  # refs: saved, d_out, dh_0.., dc_0.., wx_0.., wh_0.., b_0.., w_out
+  #       | dx, dh'_0.., dc'_0.., dwb_0.., dwb_out
+  num = len(sizes)
+  saved_ref, d_out_ref, refs = refs[0], refs[1], refs[2:]
+  dh_in, dc_in, refs = refs[:num], refs[num:2 * num], refs[2 * num:]
+  wx_refs, wh_refs, b_refs, refs = refs[:num], refs[num:2 * num], refs[2 * num:3 * num], refs[3 * num:]
+  w_out_ref, dx_ref, refs = refs[0], refs[1], refs[2:]
+  dh_out, dc_out, dwb_refs, dwb_out_ref = (refs[:num], refs[num:2 * num],
+                                           refs[2 * num:3 * num], refs[3 * num])
+  pl, plt = _pallas()
+
+  def w(ref, g=None):  # a weight matrix (of gate g), read where it is used (RELOAD_WEIGHTS)
+    shape = ref.shape if g is None else ref.shape[1:]
+    index = tuple(jnp.arange(d).reshape(tuple(d if j == i else 1 for j in range(len(shape))))
+                  for i, d in enumerate(shape))
+    return plt.load(ref.at[index if g is None else (g,) + index], volatile=RELOAD_WEIGHTS)
+
+  fan_ins = (n_in,) + sizes[:-1]
+  # column offsets of x, h_l, c_l in the saved inputs [x, h's, c's]
+  h_at = [n_in + sum(sizes[:l]) for l in range(num)]
+  c_at = [n_in + sum(sizes) + sum(sizes[:l]) for l in range(num)]
+
+  program = pl.program_id(0)
+  per = -(-n // chunks)  # rows of each program: one partial sum of the weights' gradient
+  first, end = program * per, jnp.minimum(program * per + per, n)
+
+  def body(block, partials):
+    rows = first + block * BACKWARD_BLOCK_ROWS + jnp.arange(BACKWARD_BLOCK_ROWS)
+    row_ok = (rows < end)[:, None]
+
+    def cols(width, offset=0):
+      c = jnp.arange(_padded(width))
+      return row_ok & (c < width)[None, :], offset + c[None, :]
+
+    def load(ref, width, offset=0):
+      mask, c = cols(width, offset)
+      return plt.load(ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
+
+    def store(ref, value, width):
+      mask, c = cols(width)
+      plt.store(ref.at[rows[:, None], c], value.astype(ref.dtype), mask=mask)
+
+    def gates(l, x):
+      h = load(saved_ref, sizes[l], h_at[l])
+      return h, [jnp.tanh(jnp.dot(x, w(wx_refs[l], g)) + jnp.dot(h, w(wh_refs[l], g))
+                          + w(b_refs[l], g)[None, :]) for g in range(4)]
+
+    # The forward pass again, keeping each layer's input (the gates are recomputed
+    # where the backward pass reaches their layer: registers, not memory).
+    xs = [load(saved_ref, n_in)]
+    for l in range(num):
+      _, t = gates(l, xs[l])
+      c = (0.5 * t[2] + 0.5) * load(saved_ref, sizes[l], c_at[l]) + (0.5 * t[0] + 0.5) * t[1]
+      xs.append((0.5 * t[3] + 0.5) * jnp.tanh(c))
+    d_out = load(d_out_ref, n_out)
+    dx = _dot_t(d_out, w(w_out_ref))
+    new = [None] * num + [(_t_dot(xs[num], d_out), jnp.sum(d_out, axis=0))]
+    for l in reversed(range(num)):
+      h, t = gates(l, xs[l])
+      c = load(saved_ref, sizes[l], c_at[l])
+      i, f, o = 0.5 * t[0] + 0.5, 0.5 * t[2] + 0.5, 0.5 * t[3] + 0.5
+      tc = jnp.tanh(f * c + i * t[1])
+      dh = load(dh_in[l], sizes[l]) + dx
+      dc = load(dc_in[l], sizes[l]) + dh * o * (1.0 - tc * tc)
+      dt = [0.5 * dc * t[1], dc * i, 0.5 * dc * c, 0.5 * dh * tc]
+      dz = [d * (1.0 - g * g) for d, g in zip(dt, t)]
+      dx = sum(_dot_t(dz[g], w(wx_refs[l], g)) for g in range(4))
+      store(dh_out[l], sum(_dot_t(dz[g], w(wh_refs[l], g)) for g in range(4)), sizes[l])
+      store(dc_out[l], dc * f, sizes[l])
+      new[l] = tuple((_t_dot(xs[l], dz[g]), _t_dot(h, dz[g]), jnp.sum(dz[g], axis=0))
+                     for g in range(4))
+    store(dx_ref, dx, n_in)
+    return jax.tree_util.tree_map(jnp.add, partials, tuple(new))
+
+  def zeros(*shape):
+    return jnp.zeros(shape, jnp.float32)
+
+  init = tuple(tuple((zeros(_padded(fan_ins[l]), _padded(s)), zeros(_padded(s), _padded(s)),
+                      zeros(_padded(s))) for _ in range(4)) for l, s in enumerate(sizes))
+  init += ((zeros(_padded(sizes[-1]), _padded(n_out)), zeros(_padded(n_out))),)
+  blocks = -(-per // BACKWARD_BLOCK_ROWS)
+  partials = jax.lax.fori_loop(0, blocks, body, init)
+
+  # This program's partial sums, in the layout of the weights with their bias as
+  # last row ([fan_in + 1, 4 x hidden], gate columns i, j, f, o).
+  def store_weights(ref, value, height, width, row=0, col=0):
+    r, c = jnp.arange(value.shape[0]), jnp.arange(value.shape[-1])
+    mask = (r < height)[:, None] & (c < width)[None, :]
+    plt.store(ref.at[program, row + r[:, None], col + c[None, :]], value, mask=mask)
+
+  for l, s in enumerate(sizes):
+    for g, (dwx, dwh, db) in enumerate(partials[l]):
+      store_weights(dwb_refs[l], dwx, fan_ins[l], s, col=g * s)
+      store_weights(dwb_refs[l], dwh, s, s, row=fan_ins[l], col=g * s)
+      store_weights(dwb_refs[l], db[None, :], 1, s, row=fan_ins[l] + s, col=g * s)
+  dw_out, db_out = partials[num]
+  store_weights(dwb_out_ref, dw_out, sizes[-1], n_out)
+  store_weights(dwb_out_ref, db_out[None, :], 1, n_out, row=sizes[-1])
+
+
+def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
+                   dh_news: Sequence[chex.Array], dc_news: Sequence[chex.Array],
+                   chunks: int, interpret: bool = False) -> Tuple:
+  """The stack's gradient from its saved inputs, in one kernel.
+
+  ``saved``: [n, n_in + 2 x sum(hidden)], the step's inputs [x, h's, c's] (the
+  only residual: the gates are recomputed); ``d_out`` [n, n_out], ``dh_news``,
+  ``dc_news``: cotangents of the read-out and the new states. Returns (dx, dh's,
+  dc's, per layer the weights' gradient [chunks, fan_in + 1, 4 x hidden], the
+  read-out's [chunks, hidden + 1, n_out]), each of the ``chunks`` a partial sum
+  over a contiguous share of the rows, written once by the program that owns
+  those rows: no atomics, the same sums on every run.
+  """
+  pl, plt = _pallas()
+  n, n_out = d_out.shape
+  sizes = tuple(d.shape[-1] for d in dh_news)
+  n_in = saved.shape[-1] - 2 * sum(sizes)
+  fan_ins = (n_in,) + sizes[:-1]
+  dtype = jnp.float32
+  out_shape = ([jax.ShapeDtypeStruct((n, n_in), dtype)]
+               + [jax.ShapeDtypeStruct((n, s), dtype) for s in sizes] * 2
+               + [jax.ShapeDtypeStruct((chunks, f + s + 1, 4 * s), dtype)
+                  for f, s in zip(fan_ins, sizes)]
+               + [jax.ShapeDtypeStruct((chunks, sizes[-1] + 1, n_out), dtype)])
+  kernel = functools.partial(_backward_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
+                             chunks=chunks)
+  num = len(sizes)
+  dx, *rest = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(chunks,),
+      compiler_params=plt.CompilerParams(num_warps=BACKWARD_NUM_WARPS, num_stages=1),
+      # dh and dc in place: each program reads its rows' cotangents before it writes them
+      input_output_aliases={2 + i: 1 + i for i in range(2 * num)},
+      interpret=interpret, name="lstm_stack_backward",
+  )(saved.astype(dtype), d_out.astype(dtype), *(d.astype(dtype) for d in dh_news),
+    *(d.astype(dtype) for d in dc_news), *padded.wx, *padded.wh, *padded.b, padded.w_out)
+  return (dx, tuple(rest[:num]), tuple(rest[num:2 * num]), tuple(rest[2 * num:3 * num]),
+          rest[3 * num])

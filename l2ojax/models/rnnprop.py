@@ -47,8 +47,9 @@ class RNNProp:
   eps: float = 1e-8
   scale: float = 0.01
   forget_bias: float = 1.0
-  # "pallas": on a GPU, the LSTM stack's forward pass as one fused kernel per step:
-  # the same function with fewer memory passes (cells.lstm_stack_prepare)
+  # "pallas": on a GPU, the LSTM stack's forward and backward passes as one fused
+  # kernel each per step: the same function and gradient with fewer kernels and
+  # memory passes; "pallas_forward": the forward kernel only (cells.lstm_stack_prepare)
   lstm_kernel: str = "xla"
   # partial sums of the LSTM weights' gradient in a loop of steps; 0: 64 on a GPU,
   # 1 elsewhere (cells.lstm_stack_prepare)
