@@ -206,3 +206,22 @@ def test_fused_kernel_on_gpu(name, tiny_image_npz):
   lowered = jax.jit(lambda th: batch_rollout(
       models.get(name, lstm_kernel="pallas").transform(th), mlp, keys, 5)).lower(theta)
   assert "__gpu$xla.gpu.triton" in lowered.as_text()
+
+
+def test_meta_step_with_the_kernels_and_remat():
+  """The interpreted kernels inside a meta-step recomputed by jax.checkpoint in
+  chunks of steps: the same meta-loss and meta-gradient (an SGD step of 1) as
+  XLA's ops."""
+  from l2ojax.meta import step as step_lib
+  q = optimizees.get("quadratic", dim=6, num_instances=4)
+  outs = {}
+  for kernel in ("xla", "pallas_interpret"):
+    lopt = models.dm(lstm_kernel=kernel)
+    theta = lopt.init(jax.random.PRNGKey(0))
+    states = step_lib.make_init_states(lopt, 2)(theta, jax.random.PRNGKey(1), q)
+    meta_step = step_lib.make_meta_step(lopt, optax.sgd(1.0), 4, remat="update",
+                                        remat_chunk=2)
+    theta, _, _, metrics = meta_step(theta, optax.sgd(1.0).init(theta), states,
+                                     jax.random.PRNGKey(2), q)
+    outs[kernel] = (theta, metrics["meta_loss"])
+  chex.assert_trees_all_close(outs["pallas_interpret"], outs["xla"], atol=1e-6, rtol=1e-5)
