@@ -231,19 +231,21 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
       return h, [jnp.tanh(jnp.dot(x, w(wx_refs[l], g)) + jnp.dot(h, w(wh_refs[l], g))
                           + w(b_refs[l], g)[None, :]) for g in range(4)]
 
-    # The forward pass again, keeping each layer's input (the gates are recomputed
-    # where the backward pass reaches their layer: registers, not memory).
+    # The forward pass again, keeping each layer's input; the gates of the layers
+    # below the top are recomputed where the backward pass reaches them (registers
+    # for products: holding them would spill).
     xs = [load(saved_ref, n_in)]
     for l in range(num):
-      _, t = gates(l, xs[l])
-      c = (0.5 * t[2] + 0.5) * load(saved_ref, sizes[l], c_at[l]) + (0.5 * t[0] + 0.5) * t[1]
-      xs.append((0.5 * t[3] + 0.5) * jnp.tanh(c))
+      h, t = gates(l, xs[l])
+      c = load(saved_ref, sizes[l], c_at[l])
+      xs.append((0.5 * t[3] + 0.5) * jnp.tanh((0.5 * t[2] + 0.5) * c + (0.5 * t[0] + 0.5) * t[1]))
     d_out = load(d_out_ref, n_out)
     dx = _dot_t(d_out, w(w_out_ref))
     new = [None] * num + [(_t_dot(xs[num], d_out), jnp.sum(d_out, axis=0))]
     for l in reversed(range(num)):
-      h, t = gates(l, xs[l])
-      c = load(saved_ref, sizes[l], c_at[l])
+      if l < num - 1:
+        h, t = gates(l, xs[l])
+        c = load(saved_ref, sizes[l], c_at[l])
       i, f, o = 0.5 * t[0] + 0.5, 0.5 * t[2] + 0.5, 0.5 * t[3] + 0.5
       tc = jnp.tanh(f * c + i * t[1])
       dh = load(dh_in[l], sizes[l]) + dx
