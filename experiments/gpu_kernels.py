@@ -13,6 +13,11 @@ the CUDA plugin of the installed jax, not a GPU:
   pip install "jax[cuda13]==$(python -c 'import jax; print(jax.__version__)')"
   python -m experiments.gpu_kernels --models=dm,rnnprop --lstm_kernel=pallas
   python -m experiments.gpu_kernels --workloads=w2 --dump=/tmp/w2_dm.txt
+  python -m experiments.gpu_kernels --models=dm --batch_sizes=1 --lstm_kernel=pallas --ptxas
+
+``--ptxas`` also assembles the fused kernels' PTX (sm_90a) and prints their
+registers and spills per thread: what decides a Triton kernel's tiling
+before it can be timed.
 
 Autotuning is off (no device to time candidates on), so a GEMM may be
 tiled differently than on the device; the counts match the device's within
@@ -22,10 +27,22 @@ from __future__ import annotations
 
 import os
 
+# Where XLA writes each kernel's PTX for --ptxas (set before jax is imported).
+PTX_DIR = "/tmp/l2ojax_gpu_kernels_ptx"
+
 if __name__ == "__main__":  # before jax is imported: compile for CUDA from the CPU client
+  import shutil
+  import sys
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   os.environ.setdefault("XLA_FLAGS", "--xla_gpu_autotune_level=0")
+  if any(a in ("--ptxas", "--ptxas=true") for a in sys.argv):
+    shutil.rmtree(PTX_DIR, ignore_errors=True)
+    os.environ["XLA_FLAGS"] += f" --xla_dump_to={PTX_DIR}"
+
+import glob  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -41,6 +58,8 @@ from l2ojax.meta.unroll import batch_rollout  # noqa: E402
 
 _WORKLOADS = flags.DEFINE_list("gpu_workloads", ["w1", "w2"], "Workloads to compile.")
 _DUMP = flags.DEFINE_string("dump", "", "Write the last compiled program's text here.")
+_PTXAS = flags.DEFINE_bool("ptxas", False, "Also assemble each fused Pallas kernel's PTX with "
+                           "the plugin's ptxas and print its registers and spills per thread.")
 
 # An H100 SXM as XLA's GPU compiler sees it (xla/stream_executor device description).
 H100 = """
@@ -128,6 +147,36 @@ def main(argv):
       text = compile_text(lambda th, ks, o: batch_rollout(lopt.transform(th), o, ks, 100, unroll),
                           lopt.init(jax.random.PRNGKey(0)), keys, optimizee)
       report(f"W2 {model}", text, unroll)
+  if _PTXAS.value:
+    ptxas_report()
+
+
+def ptxas_report(folder: str = PTX_DIR, arch: str = "sm_90a") -> None:
+  """Registers, stack frame and spills of each Pallas kernel XLA wrote PTX for in
+  ``folder``, in the order compiled (``ptxas -v`` of the CUDA plugin's nvidia package)."""
+  try:
+    import nvidia
+    ptxas = next(p for d in nvidia.__path__ for p in glob.glob(f"{d}/cu*/bin/ptxas"))
+  except (ImportError, StopIteration) as e:
+    raise SystemExit("gpu_kernels --ptxas: no ptxas in the nvidia packages of the CUDA "
+                     f"plugin ({e!r}); pip install \"jax[cuda13]=={jax.__version__}\"") from e
+  seen = set()
+  for path in sorted(glob.glob(f"{folder}/*.ptx")):
+    with open(path) as f:
+      text = f.read()
+    for name in re.findall(r"\.entry\s+(lstm_stack_\w+)\(", text):
+      info = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.devnull],
+                            capture_output=True, text=True).stderr
+      found = [re.search(pattern, info) for pattern in (
+          r"Used (\d+) registers", r"(\d+) bytes stack frame",
+          r"(\d+) bytes spill stores, (\d+) bytes spill loads")]
+      regs, stack, spill = (m.groups() if m else ("?", "?") for m in found)
+      line = (f"ptxas {arch} {name} ({os.path.basename(path)}): {regs[0]} registers and "
+              f"a {stack[0]}-byte stack frame per thread; spill instructions store "
+              f"{spill[0]}, load {spill[1]} bytes")
+      if line not in seen:
+        seen.add(line)
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

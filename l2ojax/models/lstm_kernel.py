@@ -165,8 +165,9 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
 # neither merges with another nor hoists out of the loop: the weights' product
 # operands are copied into every warp, and held through the whole step they
 # overflow the registers). ptxas (sm_90a) for L2O-DM's stack: 255 registers
-# and ~2.3 KB of spills per thread at 32 rows, 8 warps, reloading; ~5 KB
-# without reloading; ~3 KB at 4 warps. Not yet timed on a GPU.
+# and a ~2.3 KB stack frame of spills per thread at 32 rows, 8 warps,
+# reloading; ~5 KB without reloading; ~2.7 KB at 4 warps, ~3.6 KB at 64 rows
+# (``python -m experiments.gpu_kernels --ptxas``). Not yet timed on a GPU.
 BACKWARD_BLOCK_ROWS = 32
 BACKWARD_NUM_WARPS = 8
 RELOAD_WEIGHTS = True
