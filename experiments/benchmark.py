@@ -147,8 +147,9 @@ def compiled_bytes(compiled) -> Optional[int]:
 
 
 _BOOKKEEPING = frozenset(["parameter", "get-tuple-element", "tuple", "constant", "bitcast",
-                          "async-done", "copy-done", "all-reduce-done", "all-gather-done",
-                          "collective-permute-done", "send-done", "recv-done"])
+                          "async-done", "copy-done", "fusion-done", "all-reduce-done",
+                          "all-gather-done", "collective-permute-done", "send-done",
+                          "recv-done"])
 
 
 def _computations(text: str) -> Dict[str, Tuple[str, List[str]]]:
@@ -273,7 +274,8 @@ def loop_bytes(text: str) -> List[int]:
         continue
       name, shape, op, args = inst
       called = re.search(r"calls=(%[\w.\-]+)", line)
-      if op == "fusion" and called and called.group(1) in comps:
+      # an asynchronous fusion (fusion-start ... fusion-done) moves what its computation does
+      if op in ("fusion", "fusion-start") and called and called.group(1) in comps:
         total += _fusion_bytes(comps, called.group(1))
       else:
         total += _bytes(shape) + sum(_bytes(shapes.get(a, "")) for a in args)

@@ -40,6 +40,7 @@ if __name__ == "__main__":  # before jax is imported: compile for CUDA from the 
     shutil.rmtree(PTX_DIR, ignore_errors=True)
     os.environ["XLA_FLAGS"] += f" --xla_dump_to={PTX_DIR}"
 
+import contextlib  # noqa: E402
 import glob  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -90,11 +91,22 @@ def cuda_sharding() -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
+def _target_device(sharding: jax.sharding.NamedSharding):
+  """A context naming the target GPU to what lowers for it without one: jax >= 0.11's
+  Pallas Triton lowering asks the abstract mesh for the device kind."""
+  abstract = getattr(sharding.mesh, "abstract_mesh", None)
+  if abstract is None or getattr(abstract, "abstract_device", None) is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(abstract)
+
+
 def compile_text(fn, *args) -> str:
   sharding = cuda_sharding()
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding), args)
-  text = jax.jit(fn).lower(*abstract).compile().as_text()
+  with _target_device(sharding):
+    lowered = jax.jit(fn).lower(*abstract)
+  text = lowered.compile().as_text()
   if _DUMP.value:
     with open(_DUMP.value, "w") as f:
       f.write(text)
@@ -161,7 +173,11 @@ def ptxas_report(folder: str = PTX_DIR, arch: str = "sm_90a") -> None:
     raise SystemExit("gpu_kernels --ptxas: no ptxas in the nvidia packages of the CUDA "
                      f"plugin ({e!r}); pip install \"jax[cuda13]=={jax.__version__}\"") from e
   seen = set()
-  for path in sorted(glob.glob(f"{folder}/*.ptx")):
+  paths = sorted(glob.glob(f"{folder}/*.ptx"))
+  if not paths:
+    print(f"gpu_kernels --ptxas: XLA wrote no PTX to {folder} (jax {jax.__version__}'s "
+          "--xla_dump_to does not): nothing to assemble", flush=True)
+  for path in paths:
     with open(path) as f:
       text = f.read()
     for name in re.findall(r"\.entry\s+(lstm_stack_\w+)\(", text):

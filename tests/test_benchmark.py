@@ -136,3 +136,41 @@ def test_loop_bytes_counts_the_slices_a_step_reads_and_writes_not_whole_buffers(
   # read x_t and h, write h and the output slot: about 4 slices, at most 8
   assert 3 * slice_bytes <= traffic[0] <= 8 * slice_bytes
   assert traffic[0] < length * slice_bytes / 2
+
+
+_ASYNC_SLICE_LOOP = """
+%fused_slice (param_0: f32[20,100,8], param_1: s32[]) -> f32[1,100,8] {
+  %param_0 = f32[20,100,8]{2,1,0} parameter(0)
+  %param_1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %dynamic-slice = f32[1,100,8]{2,1,0} dynamic-slice(%param_0, %param_1, %zero, %zero), dynamic_slice_sizes={1,100,8}
+}
+
+%body (p: (f32[20,100,8], s32[], f32[8,8])) -> (f32[20,100,8], s32[], f32[8,8]) {
+  %p = (f32[20,100,8]{2,1,0}, s32[], f32[8,8]{1,0}) parameter(0)
+  %stacked = f32[20,100,8]{2,1,0} get-tuple-element(%p), index=0
+  %i = s32[] get-tuple-element(%p), index=1
+  %w = f32[8,8]{1,0} get-tuple-element(%p), index=2
+  %fusion-start = ((f32[20,100,8]{2,1,0}, s32[]), f32[1,100,8]{2,1,0}, u32[]) fusion-start(%stacked, %i), kind=kLoop, calls=%fused_slice
+  %fusion-done = f32[1,100,8]{2,1,0} fusion-done(%fusion-start)
+  %bitcast = f32[100,8]{1,0} bitcast(%fusion-done)
+  %dot = f32[100,8]{1,0} dot(%bitcast, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %tuple = (f32[20,100,8]{2,1,0}, s32[], f32[8,8]{1,0}) tuple(%stacked, %i, %w)
+}
+
+ENTRY %main (a: (f32[20,100,8], s32[], f32[8,8])) -> (f32[20,100,8], s32[], f32[8,8]) {
+  %a = (f32[20,100,8]{2,1,0}, s32[], f32[8,8]{1,0}) parameter(0)
+  ROOT %while = (f32[20,100,8]{2,1,0}, s32[], f32[8,8]{1,0}) while(%a), condition=%cond, body=%body
+}
+"""
+
+
+def test_loop_bytes_and_kernels_of_an_asynchronous_fusion():
+  """XLA may run a step's slice of the stacked residuals as fusion-start ... fusion-done:
+  one kernel that moves the slice, not the whole [T, ...] buffer."""
+  from experiments import benchmark
+  slice_bytes = 100 * 8 * 4
+  dot_bytes = 2 * slice_bytes + 8 * 8 * 4
+  index_bytes = 4
+  assert benchmark.loop_bytes(_ASYNC_SLICE_LOOP) == [2 * slice_bytes + index_bytes + dot_bytes]
+  assert benchmark.loop_ops_by_kind(_ASYNC_SLICE_LOOP) == [{"fusion-start": 1, "dot": 1}]
