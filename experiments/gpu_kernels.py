@@ -44,6 +44,7 @@ import contextlib  # noqa: E402
 import glob  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
+from typing import Optional, Tuple  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -100,28 +101,32 @@ def _target_device(sharding: jax.sharding.NamedSharding):
   return jax.sharding.use_abstract_mesh(abstract)
 
 
-def compile_text(fn, *args) -> str:
+def compile_program(fn, *args) -> Tuple[str, Optional[int]]:
+  """(program text, compiled memory in bytes: ``benchmark.compiled_bytes``) of ``fn``
+  compiled for the target GPU."""
   sharding = cuda_sharding()
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding), args)
   with _target_device(sharding):
     lowered = jax.jit(fn).lower(*abstract)
-  text = lowered.compile().as_text()
+  compiled = lowered.compile()
+  text = compiled.as_text()
   if _DUMP.value:
     with open(_DUMP.value, "w") as f:
       f.write(text)
-  return text
+  return text, benchmark.compiled_bytes(compiled)
 
 
-def report(label: str, text: str, steps_per_iteration: int) -> None:
+def report(label: str, program: Tuple[str, Optional[int]], steps_per_iteration: int) -> None:
+  text, memory = program
   bodies = benchmark.loop_ops_by_kind(text)
   total = sum(sum(c.values()) for c in bodies) / steps_per_iteration
   parts = " + ".join(f"{sum(c.values())} ({', '.join(f'{k} {v}' for k, v in sorted(c.items()))})"
                      for c in bodies)
   traffic = [b / steps_per_iteration / 1e6 for b in benchmark.loop_bytes(text)]
   print(f"{label}: {total:g} kernels per optimizee step = {parts}; "
-        f"{sum(traffic):.1f} MB moved per step = {' + '.join(f'{t:.1f}' for t in traffic)}",
-        flush=True)
+        f"{sum(traffic):.1f} MB moved per step = {' + '.join(f'{t:.1f}' for t in traffic)}"
+        + (f"; compiled memory {memory / 2**30:.2f} GiB" if memory else ""), flush=True)
 
 
 def main(argv):
@@ -146,19 +151,20 @@ def main(argv):
                                             meta_loss="mean", remat=remat,
                                             remat_chunk=benchmark.remat_chunk_for(b),
                                             scan_unroll=unroll)
-        text = compile_text(meta_step, theta, outer.init(theta), states,
-                            jax.random.PRNGKey(2), optimizee)
-        report(f"W1 {model} B={b}", text, unroll)
+        program = compile_program(meta_step, theta, outer.init(theta), states,
+                               jax.random.PRNGKey(2), optimizee)
+        report(f"W1 {model} B={b}", program, unroll)
   if "w2" in _WORKLOADS.value:
     keys = jax.random.split(jax.random.PRNGKey(1), benchmark._W2_OPTIMIZEES.value)
-    text = compile_text(lambda ks, o: batch_rollout(optax.adam(1e-3), o, ks, 100, unroll),
-                        keys, optimizee)
-    report("W2 adam", text, unroll)
+    program = compile_program(lambda ks, o: batch_rollout(optax.adam(1e-3), o, ks, 100, unroll),
+                           keys, optimizee)
+    report("W2 adam", program, unroll)
     for model in names:
       lopt = benchmark.learned_optimizer(model, chunks)
-      text = compile_text(lambda th, ks, o: batch_rollout(lopt.transform(th), o, ks, 100, unroll),
-                          lopt.init(jax.random.PRNGKey(0)), keys, optimizee)
-      report(f"W2 {model}", text, unroll)
+      program = compile_program(
+          lambda th, ks, o: batch_rollout(lopt.transform(th), o, ks, 100, unroll),
+          lopt.init(jax.random.PRNGKey(0)), keys, optimizee)
+      report(f"W2 {model}", program, unroll)
   if _PTXAS.value:
     ptxas_report()
 

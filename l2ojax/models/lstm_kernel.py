@@ -22,6 +22,10 @@ matrix products like XLA's default for float32 on GPUs. Hidden and input
 sizes are padded to powers of two >= 16 inside the kernels (Triton's
 matrix-product tiles) by zero weight rows and columns, which leave the padded
 lanes at exactly zero.
+
+jax 0.11 deprecates Pallas's Triton backend (a warning when a kernel is
+lowered; it is to be removed for Mosaic GPU): these kernels are opt-in, and
+XLA's ops remain the default path on every backend.
 """
 from __future__ import annotations
 
