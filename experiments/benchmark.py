@@ -56,10 +56,10 @@ from absl import app, flags
 from experiments import hugepages
 from l2ojax import models, optimizees
 from l2ojax.meta import remat as remat_lib
-from l2ojax.models import cells
 from l2ojax.meta import sharding as sharding_lib
 from l2ojax.meta import step as step_lib
 from l2ojax.meta.unroll import batch_rollout
+from l2ojax.models import cells
 
 _MODELS = flags.DEFINE_list("models", ["dm", "rnnprop", "scale"],
                             "Learned optimizers to run; names not registered are skipped.")

@@ -36,7 +36,7 @@ if __name__ == "__main__":  # before jax is imported: compile for CUDA from the 
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   os.environ.setdefault("XLA_FLAGS", "--xla_gpu_autotune_level=0")
-  if any(a in ("--ptxas", "--ptxas=true") for a in sys.argv):
+  if any(a == "--ptxas" or a.lower() in ("--ptxas=true", "--ptxas=1") for a in sys.argv):
     shutil.rmtree(PTX_DIR, ignore_errors=True)
     os.environ["XLA_FLAGS"] += f" --xla_dump_to={PTX_DIR}"
 
@@ -152,12 +152,12 @@ def main(argv):
                                             remat_chunk=benchmark.remat_chunk_for(b),
                                             scan_unroll=unroll)
         program = compile_program(meta_step, theta, outer.init(theta), states,
-                               jax.random.PRNGKey(2), optimizee)
+                                  jax.random.PRNGKey(2), optimizee)
         report(f"W1 {model} B={b}", program, unroll)
   if "w2" in _WORKLOADS.value:
     keys = jax.random.split(jax.random.PRNGKey(1), benchmark._W2_OPTIMIZEES.value)
-    program = compile_program(lambda ks, o: batch_rollout(optax.adam(1e-3), o, ks, 100, unroll),
-                           keys, optimizee)
+    program = compile_program(
+        lambda ks, o: batch_rollout(optax.adam(1e-3), o, ks, 100, unroll), keys, optimizee)
     report("W2 adam", program, unroll)
     for model in names:
       lopt = benchmark.learned_optimizer(model, chunks)

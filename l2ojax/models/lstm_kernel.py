@@ -236,9 +236,9 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
       return h, [jnp.tanh(jnp.dot(x, w(wx_refs[l], g)) + jnp.dot(h, w(wh_refs[l], g))
                           + w(b_refs[l], g)[None, :]) for g in range(4)]
 
-    # The forward pass again, keeping each layer's input; the gates of the layers
-    # below the top are recomputed where the backward pass reaches them (registers
-    # for products: holding them would spill).
+    # The forward pass again, keeping each layer's input. The top layer's gates
+    # serve its backward pass at once; those below are recomputed where the
+    # backward pass reaches them (held through the layers above, they would spill).
     xs = [load(saved_ref, n_in)]
     for l in range(num):
       h, t = gates(l, xs[l])
