@@ -79,17 +79,41 @@ def test_kernel_under_vmap():
                               atol=2e-6, rtol=2e-6)
 
 
-def test_gradients_through_the_fused_forward():
-  """Differentiated, the kernel also writes the gates the XLA backward pass reads."""
-  layers, readout, x, states = _stack(jax.random.PRNGKey(3), 2, (20, 20), lead=(200,))
+@pytest.mark.parametrize("n_in,sizes,n_out,state_dtype", [
+    (2, (20, 20), 1, jnp.float32),     # L2O-DM
+    (3, (33,), 2, jnp.float32),        # one layer (no layer below the top), padded to 64
+    (2, (20, 20), 1, jnp.bfloat16),    # a bfloat16 state, computed on in float32
+])
+def test_gradients_through_the_fused_kernels(n_in, sizes, n_out, state_dtype):
+  """Differentiated, the fused forward kernel keeps the inputs and the fused backward
+  kernel gives XLA's gradients for every input (a bfloat16 state's to its rounding)."""
+  layers, readout, x, states = _stack(jax.random.PRNGKey(3), n_in, sizes, n_out, (200,),
+                                      state_dtype)
 
   def loss(layers, readout, x, states, kernel):
-    out, new = cells.lstm_stack_apply(layers, x, states, readout, kernel=kernel)
-    return jnp.sum(out ** 2) + sum(jnp.sum(s.h ** 3) + jnp.sum(jnp.sin(s.c)) for s in new)
+    out, new = cells.lstm_stack_apply(layers, x, states, readout, kernel=kernel,
+                                      gradient_chunks=3)
+    return jnp.sum(out ** 2) + sum(jnp.sum(s.h.astype(jnp.float32) ** 3)
+                                   + jnp.sum(jnp.sin(s.c.astype(jnp.float32))) for s in new)
 
   grad = jax.grad(loss, argnums=(0, 1, 2, 3))
-  chex.assert_trees_all_close(grad(layers, readout, x, states, "pallas_interpret"),
-                              grad(layers, readout, x, states, "xla"), atol=1e-5, rtol=1e-5)
+  want = grad(layers, readout, x, states, "xla")
+  got = grad(layers, readout, x, states, "pallas_interpret")
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+  rtol = 1e-5 if state_dtype == jnp.float32 else 2 ** -6  # two bfloat16 ulps
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=rtol)
+
+
+def test_forward_kernel_writes_the_gates_for_xlas_backward_pass():
+  """"pallas_forward": the forward kernel also writes each layer's gate tanh, the
+  residual XLA's backward pass reads."""
+  layers, readout, x, states = _stack(jax.random.PRNGKey(6), 2, (20, 20), lead=(150,))
+  stack = cells.lstm_stack_prepare(layers, readout, kernel="pallas_interpret")
+  hs, cs = [s.h for s in states], [s.c for s in states]
+  got = lstm_kernel.stack_forward(stack.layouts.padded, x, hs, cs, 1, interpret=True,
+                                  with_gates=True)
+  (out, new_hs, new_cs), ts = cells._xla_stack(stack.layouts, x, hs, cs)
+  chex.assert_trees_all_close(got, (out, new_hs, new_cs, ts), atol=2e-6, rtol=2e-6)
 
 
 def test_stack_is_prepared_once_per_transform():
