@@ -361,10 +361,10 @@ class W1Run:
     theta = lopt.init(k_theta)
     outer_state = outer.init(theta)
     init_states = step_lib.make_init_states(lopt, batch_size)
+    mesh = sharding_lib.make_mesh() if shard else None
     meta_step = step_lib.make_meta_step(lopt, outer, segment, meta_loss="mean", remat=remat,
-                                        remat_chunk=remat_chunk, scan_unroll=unroll)
+                                        remat_chunk=remat_chunk, scan_unroll=unroll, mesh=mesh)
     if shard:
-      mesh = sharding_lib.make_mesh()
       init_states = sharding_lib.sharded_init_states(init_states, mesh)
       theta, outer_state, optimizee = sharding_lib.replicate((theta, outer_state, optimizee), mesh)
     states = init_states(theta, k_init, optimizee)

@@ -38,6 +38,16 @@ def test_sharded_meta_step_gives_the_unsharded_theta(report):
   np.testing.assert_allclose(*report["meta_loss"], rtol=1e-6)
 
 
+def test_per_device_programs_give_the_unsharded_theta(report):
+  """make_meta_step(mesh=): each device unrolls its own rows (shard_map), with XLA's
+  ops and with the fused kernels; an imitation step likewise."""
+  for kernel, diff in report["per_device_theta_max_abs_diff"].items():
+    assert diff <= 1e-6, (kernel, report)
+  assert report["per_device_out_devices"] == 4
+  assert report["imitation_theta_changed"] > 1e-4
+  assert report["imitation_theta_max_abs_diff"] <= 1e-6, report
+
+
 def test_states_live_on_all_devices(report):
   assert report["born_sharded"]
   assert report["moved_devices"] == 4

@@ -75,3 +75,21 @@ def test_mnist_config_trains_on_local_npz(tmp_path, tiny_image_npz):
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert len(rows) == 2 and np.isfinite(rows[-1]["val_loss"])
   assert np.isfinite(result.best_score)
+
+
+def test_sharded_training_on_one_device_gives_the_unsharded_theta(tmp_path):
+  """meta.shard: a mesh of the one CPU device, each device unrolling its rows in a
+  program of its own (meta-steps and imitation steps): the same theta."""
+  thetas = []
+  for shard in (False, True):
+    c = _small_quadratic(episodes=6)
+    c.meta.shard = shard
+    c.imitation.enabled = True
+    c.imitation.ratio = 0.5
+    trainer.train(c, str(tmp_path / str(shard)), progress=False)
+    thetas.append(checkpoints.load_theta(str(tmp_path / str(shard) / "theta.msgpack"))[1])
+  rows = [json.loads(l) for l in open(tmp_path / "True" / "metrics.jsonl")]
+  assert {r["mode"] for r in rows} == {"meta", "imitation"}
+  leaves = lambda t: __import__("jax").tree_util.tree_leaves(t)
+  for a, b in zip(leaves(thetas[0]), leaves(thetas[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -8,13 +8,14 @@ with the teacher's. Nothing here knows which learned optimizer it trains.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
 
+from l2ojax.meta import sharding as sharding_lib
 from l2ojax.meta import unroll as unroll_lib
 from l2ojax.meta.step import guarded_update, tree_all_finite
 from l2ojax.optimizees.base import Optimizee
@@ -130,34 +131,36 @@ def make_init_imitation_states(lopt: Any, teacher: optax.GradientTransformation,
 
 def make_imitation_step(lopt: Any, teacher: optax.GradientTransformation,
                         outer_tx: optax.GradientTransformation, segment_length: int,
-                        k: int = 1) -> Callable:
+                        k: int = 1, mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
   """Returns jit(imitation_step)(theta, outer_state, states, key, optimizee).
 
   One meta-update per segment: the imitation loss summed over the segment,
   averaged over the vmapped batch of optimizees, differentiated w.r.t. theta;
   a non-finite loss or gradient leaves theta and the outer state untouched.
   ``segment_length`` counts teacher steps, so it must be a multiple of ``k``.
+  ``mesh``: as ``step.make_meta_step``'s.
   """
   if segment_length % k:
     raise ValueError(f"meta.segment_length={segment_length} must be a multiple of "
                      f"imitation.k={k}")
   num_labels = segment_length // k
 
-  def segment_loss(theta, states, key, optimizee):
+  def one(theta, state, kk, optimizee):
     learner = lopt.transform(theta)
-    keys = jax.random.split(key, states.step.shape[0])
+    state, il, fs = imitation_unroll(teacher, learner, optimizee, state, kk, num_labels, k)
+    return jnp.sum(il), (state, fs)
 
-    def one(state, kk):
-      state, il, fs = imitation_unroll(teacher, learner, optimizee, state, kk, num_labels, k)
-      return jnp.sum(il), (state, fs)
-
-    per_optimizee, (states, fs) = jax.vmap(one)(states, keys)
-    return jnp.mean(per_optimizee), (states, fs)
+  # each optimizee's loss and gradient (per device, given a mesh), then their means
+  per_optimizee = sharding_lib.per_device(
+      jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(None, 0, 0, None)),
+      mesh, (False, True, True, False))
 
   def imitation_step(theta, outer_state, states: ImitationState, key, optimizee
                      ) -> Tuple[Any, Any, ImitationState, Dict[str, chex.Array]]:
-    (il, (states, fs)), grads = jax.value_and_grad(segment_loss, has_aux=True)(
-        theta, states, key, optimizee)
+    keys = jax.random.split(key, states.step.shape[0])
+    (ils, (states, fs)), grads = per_optimizee(theta, states, keys, optimizee)
+    il = jnp.mean(ils)
+    grads = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
     ok = tree_all_finite(grads) & jnp.isfinite(il)
     theta, outer_state = guarded_update(outer_tx, grads, outer_state, theta, ok)
     metrics = {"imitation_loss": il, "mean_loss": jnp.mean(fs), "last_loss": jnp.mean(fs[:, -1]),

@@ -1,7 +1,11 @@
 """The meta-batch of optimizees sharded over devices.
 
 The meta-step needs no change to run on many devices: its inputs say where
-they live and XLA (GSPMD) partitions the program accordingly. The batch of
+they live and XLA (GSPMD) partitions the program accordingly. Given the mesh
+(``make_meta_step(..., mesh=)``), each device instead runs the per-optimizee
+part on its own rows in a program of its own (``per_device``, ``shard_map``):
+what the fused Pallas kernels need, which XLA's partitioner cannot split
+(it would gather the whole batch onto every device around them). The batch of
 unroll states is split along its leading (optimizee) axis over a 1-D mesh;
 theta, the outer optimizer's state and the optimizee's data set are
 replicated. Each device then unrolls its own optimizees, and the only
@@ -18,7 +22,7 @@ else touches JAX. ``jax.devices()`` then lists every host's devices, so
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import chex
 import jax
@@ -73,3 +77,16 @@ def sharded_init_states(init_states: Callable, mesh: Mesh) -> Callable:
   """
   fn = getattr(init_states, "__wrapped__", init_states)
   return jax.jit(fn, out_shardings=batch_sharding(mesh))
+
+
+def per_device(fn: Callable, mesh: Optional[Mesh], batched: Tuple[bool, ...]) -> Callable:
+  """``fn``, a function of a batch of optimizees (``vmap``), run by each device of
+  ``mesh`` on its own rows of the batch (``jax.shard_map``); ``fn`` itself without a
+  mesh. ``batched[i]``: argument i has the optimizee batch as leading axis (split
+  over the mesh), else it is replicated; every output has the batch as leading axis.
+  """
+  if mesh is None:
+    return fn
+  spec = lambda b: PartitionSpec(BATCH_AXIS) if b else PartitionSpec()
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(spec, batched)),
+                       out_specs=PartitionSpec(BATCH_AXIS), check_vma=False)

@@ -10,6 +10,7 @@ import optax
 
 from l2ojax.meta import losses as losses_lib
 from l2ojax.meta import remat as remat_lib
+from l2ojax.meta import sharding as sharding_lib
 from l2ojax.meta.unroll import UnrollState, batch_rollout, init_state, unroll
 
 
@@ -60,7 +61,8 @@ def _select(mask: chex.Array, new: chex.ArrayTree, old: chex.ArrayTree) -> chex.
 def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_length: int,
                    meta_loss: str = "sum", second_order: bool = False,
                    divergence_bound: float = 1e3, remat: Optional[str] = None,
-                   remat_chunk: int = 0, scan_unroll: int = 1) -> Callable:
+                   remat_chunk: int = 0, scan_unroll: int = 1,
+                   mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
   """Returns jit(meta_step)(theta, outer_state, states, key, optimizee).
 
   ``states`` is an UnrollState batched over optimizees; the step unrolls each
@@ -84,7 +86,9 @@ def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_le
   keeping the recurrent state of the chunk boundaries only (what bounds the
   memory at large B); ``scan_unroll`` sets the steps per iteration of the
   compiled loop. Inputs placed on a mesh (``l2ojax.meta.sharding``) run
-  sharded with no other change.
+  sharded with no other change; with that ``mesh`` given too, each device
+  unrolls its optimizees in a program of its own (``sharding.per_device``),
+  which the fused Pallas kernels (``lstm_kernel="pallas"``) need.
   """
   loss_fn = losses_lib.get(meta_loss)
   remat_lib.check_policy(remat)
@@ -98,7 +102,9 @@ def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_le
                        scan_unroll=scan_unroll, remat_chunk=remat_chunk)
     return loss_fn(fs, state.initial_loss), (state, fs)
 
-  per_optimizee = jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(None, 0, 0, None))
+  per_optimizee = sharding_lib.per_device(
+      jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(None, 0, 0, None)),
+      mesh, (False, True, True, False))
 
   def meta_step(theta, outer_state, states: UnrollState, key, optimizee
                 ) -> Tuple[Any, Any, UnrollState, Dict[str, chex.Array]]:

@@ -205,17 +205,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), info["episode"])
   first_episode = info["episode"]
 
+  # the batch of optimizees split over every device, each unrolling its own rows
+  mesh = sharding.make_mesh() if meta.get("shard", False) else None
   init_states = step_lib.make_init_states(lopt, meta.batch_size)
   meta_step = step_lib.make_meta_step(lopt, outer_tx, meta.segment_length, meta.loss,
                                       meta.second_order, meta.get("divergence_bound", 1e3),
                                       meta.get("remat", None) or None,
-                                      meta.get("remat_chunk", 0), meta.get("scan_unroll", 1))
+                                      meta.get("remat_chunk", 0), meta.get("scan_unroll", 1),
+                                      mesh=mesh)
   validate = step_lib.make_validate(lopt, val.num_optimizees)
   if imitation is not None:
     init_il_states = imitation_lib.make_init_imitation_states(lopt, imitation.teacher,
                                                                meta.batch_size)
     il_step = imitation_lib.make_imitation_step(lopt, imitation.teacher, outer_tx,
-                                                meta.segment_length, imitation.k)
+                                                meta.segment_length, imitation.k, mesh=mesh)
 
   def val_steps(stage: int) -> int:
     if curriculum.min_num_eval is None and val.steps:
@@ -228,8 +231,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
 
   theta, outer_state, key = state["theta"], state["outer_state"], state["key"]
   il_outer_state, best_theta = state["il_outer_state"], state["best_theta"]
-  if meta.get("shard", False):  # the batch of optimizees split over every device
-    mesh = sharding.make_mesh()
+  if mesh is not None:
     init_states = sharding.sharded_init_states(init_states, mesh)
     if imitation is not None:
       init_il_states = sharding.sharded_init_states(init_il_states, mesh)
