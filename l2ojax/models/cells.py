@@ -210,10 +210,35 @@ def _fused_or_xla(kernel, layouts, x, hs, cs, with_gates):
     return (unflat(outs[0]),) + tuple(tuple(unflat(a) for a in group) for group in outs[1:])
 
   def xla(layouts, x, hs, cs):
-    outs, ts = _xla_stack(layouts, x, hs, cs)
+    (out, h_news, c_news), ts = _xla_stack(layouts, x, [h.astype(x.dtype) for h in hs],
+                                           [c.astype(x.dtype) for c in cs])
+    outs = (out, _cast_like(h_news, hs), _cast_like(c_news, cs))
     return outs + ((ts,) if with_gates else ())
 
   return _on_gpu(kernel, fused, xla, layouts, x, hs, cs)
+
+
+def _cast_like(arrays, likes):
+  return tuple(a.astype(like.dtype) for a, like in zip(arrays, likes))
+
+
+def _narrow(dtype, than) -> bool:
+  return jnp.finfo(dtype).bits < jnp.finfo(than).bits
+
+
+def _saved_inputs(x, hs, cs):
+  """The step's inputs [x, h's, c's] as one array: what backprop keeps of a step.
+
+  A state stored narrower than x (bfloat16) is kept in its own dtype, and x
+  beside it as two narrow columns each, [hi, lo] with hi + lo = x to ~2^-16
+  relative (``_split_inputs``; the fused backward kernel reads the same), so
+  that stacking and reading the residual moves half the bytes while the
+  backward pass recomputes the gates from the x the forward pass used.
+  """
+  if _narrow(hs[0].dtype, x.dtype):
+    hi = x.astype(hs[0].dtype)
+    x = jnp.concatenate([hi, (x - hi.astype(x.dtype)).astype(hi.dtype)], axis=-1)
+  return jnp.concatenate([x, *hs, *cs], axis=-1)
 
 
 def _xla_stack(layouts, x, hs, cs):
@@ -235,7 +260,7 @@ def _stack_core_fwd(kernel, layouts, grad_wbs, grad_wb_out, x, hs, cs):
   # per step, not one per array: the inputs (stacked before the step overwrites
   # h and c in place) and, unless the backward pass is the fused kernel, which
   # recomputes them, the gates' tanh.
-  inputs = jnp.concatenate([x, *hs, *cs], axis=-1)
+  inputs = _saved_inputs(x, hs, cs)
   if kernel in ("pallas", "pallas_interpret"):
     outs = _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=False)
     return outs, (layouts, grad_wb_out.shape[0], (inputs,))
@@ -247,10 +272,16 @@ def _stack_core_fwd(kernel, layouts, grad_wbs, grad_wb_out, x, hs, cs):
 
 
 def _split_inputs(layouts, inputs):
-  """(x, h's, c's) of the saved inputs [x, h's, c's]."""
+  """(x, h's, c's) of the saved inputs (``_saved_inputs``), in the weights' dtype."""
   hidden = [wt.shape[0] // 4 for wt in layouts.wts]
-  widths = [layouts.wts[0].shape[1] - hidden[0]] + hidden + hidden
-  x, *hcs = jnp.split(inputs, np.cumsum(widths)[:-1], axis=-1)
+  n_in = layouts.wts[0].shape[1] - hidden[0]
+  dtype = layouts.wts[0].dtype
+  split_x = _narrow(inputs.dtype, dtype)
+  widths = [n_in] * (2 if split_x else 1) + hidden + hidden
+  parts = [a.astype(dtype) for a in jnp.split(inputs, np.cumsum(widths)[:-1], axis=-1)]
+  if split_x:
+    parts = [parts[0] + parts[1]] + parts[2:]
+  x, *hcs = parts
   return x, hcs[:len(hidden)], hcs[len(hidden):]
 
 
@@ -272,7 +303,7 @@ def _stack_core_bwd(kernel, res, cotangents):
         [_flat(d) for d in dc_news], k, interpret=kernel == "pallas_interpret")
     unflat = lambda a, like: a.reshape(lead + a.shape[-1:]).astype(like.dtype)
     return (tuple(d.astype(g.dtype) for d, g in zip(dwbs, layouts.ws)),
-            dwb_out.astype(layouts.w_out.dtype), unflat(dx, inputs),
+            dwb_out.astype(layouts.w_out.dtype), unflat(dx, layouts.ws[0]),
             tuple(map(unflat, dhs, dh_news)), tuple(map(unflat, dcs, dc_news)))
 
   return (d_layouts,) + _on_gpu(kernel, fused, xla, layouts, *saved, *cotangents)
@@ -280,7 +311,7 @@ def _stack_core_bwd(kernel, res, cotangents):
 
 def _xla_stack_backward(layouts, k, inputs, gates, d_out, dh_news, dc_news):
   """(d[w; b] per layer, d[w_out; b_out], dx, dh's, dc's) by XLA's ops, from the
-  saved inputs and gates' tanh."""
+  saved inputs and gates' tanh; dh's and dc's in their cotangents' dtypes."""
   hidden = [wt.shape[0] // 4 for wt in layouts.wts]
   x_in, hs, cs = _split_inputs(layouts, inputs)
   ts = jnp.split(gates, np.cumsum([4 * h for h in hidden])[:-1], axis=-1)
@@ -295,7 +326,8 @@ def _xla_stack_backward(layouts, k, inputs, gates, d_out, dh_news, dc_news):
     dwbs.append(dwb)
     dhs.append(dh)
     dcs.append(dc)
-  return tuple(dwbs[::-1]), dwb_out, dx, tuple(dhs[::-1]), tuple(dcs[::-1])
+  return (tuple(dwbs[::-1]), dwb_out, dx, _cast_like(dhs[::-1], dh_news),
+          _cast_like(dcs[::-1], dc_news))
 
 
 _stack_core.defvjp(_stack_core_fwd, _stack_core_bwd)
@@ -380,15 +412,26 @@ def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float
 
 def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState]
                    ) -> Tuple[chex.Array, Tuple[LSTMState, ...]]:
-  """One step of a prepared stack: (read-out [rows, n_out], new states)."""
+  """One step of a prepared stack: (read-out [rows, n_out], new states).
+
+  The new states come in the dtypes of ``states``; a state stored narrower than
+  the weights (bfloat16) is computed on in theirs. The fused kernels read and
+  write such a state in its own dtype, and backprop keeps it so.
+  """
   dtype = jnp.promote_types(states[0].h.dtype, stack.grad_wb_out.dtype)
   cast = lambda a: a.astype(dtype)
   layouts = stack.layouts._replace(**{f: jax.tree_util.tree_map(cast, getattr(stack.layouts, f))
                                       for f in ("ws", "bs", "w_out", "b_out", "wts")})
+  state_dtypes = {a.dtype for s in states for a in s}
+  narrow = (stack.kernel != "xla" and len(state_dtypes) == 1
+            and _narrow(states[0].h.dtype, dtype))
+  as_computed = (lambda a: a) if narrow else cast
   out, hs, cs = _stack_core(stack.kernel, layouts, tuple(map(cast, stack.grad_wbs)),
-                            cast(stack.grad_wb_out), cast(x), tuple(cast(s.h) for s in states),
-                            tuple(cast(s.c) for s in states))
-  return out, tuple(LSTMState(h, c) for h, c in zip(hs, cs))
+                            cast(stack.grad_wb_out), cast(x),
+                            tuple(as_computed(s.h) for s in states),
+                            tuple(as_computed(s.c) for s in states))
+  return out, tuple(LSTMState(h.astype(s.h.dtype), c.astype(s.c.dtype))
+                    for h, c, s in zip(hs, cs, states))
 
 
 def lstm_stack_apply(layers: Sequence[dict], x: chex.Array, states: Sequence[LSTMState],

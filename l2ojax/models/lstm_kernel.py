@@ -131,7 +131,8 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
                   with_gates: bool = False) -> Tuple[chex.Array, ...]:
   """(read-out [n, n_out], new h's, new c's) of the stack on rows ``x`` [n, n_in].
 
-  ``hs``, ``cs``: per layer [n, hidden]. Outputs are float32 like the weights.
+  ``hs``, ``cs``: per layer [n, hidden], float32 or narrower (bfloat16); the new
+  h's and c's come in their dtypes, the rest in float32 like the weights.
   ``with_gates``: also each layer's gate tanh t [n, 4 x hidden] (columns i, j,
   f, o), what ``cells._stack_core_fwd`` keeps for the backward pass.
   ``interpret``: run the kernel's program on the current backend (any platform;
@@ -143,10 +144,10 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
   n, n_in = x.shape
   sizes = tuple(h.shape[-1] for h in hs)
   dtype = jnp.float32
-  hs = [h.astype(dtype) for h in hs]
-  cs = [c.astype(dtype) for c in cs]
+  # h and c are read and written in their own dtype (a bfloat16 state stays narrow in
+  # memory), computed on in float32
   out_shape = ([jax.ShapeDtypeStruct((n, n_out), dtype)]
-               + [jax.ShapeDtypeStruct((n, s), dtype) for s in sizes] * 2
+               + [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*hs, *cs)]
                + [jax.ShapeDtypeStruct((n, 4 * s), dtype) for s in sizes if with_gates])
   kernel = functools.partial(_kernel, num_layers=len(sizes), sizes=sizes, n_in=n_in,
                              n_out=n_out, with_gates=with_gates)
@@ -188,7 +189,7 @@ def _t_dot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
-                     chunks: int):
+                     chunks: int, split_x: bool):
   # refs: saved, d_out, dh_0.., dc_0.., wx_0.., wh_0.., b_0.., w_out
   #       | dx, dh'_0.., dc'_0.., dwb_0.., dwb_out
   num = len(sizes)
@@ -207,9 +208,10 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
     return plt.load(ref.at[index if g is None else (g,) + index], volatile=RELOAD_WEIGHTS)
 
   fan_ins = (n_in,) + sizes[:-1]
-  # column offsets of x, h_l, c_l in the saved inputs [x, h's, c's]
-  h_at = [n_in + sum(sizes[:l]) for l in range(num)]
-  c_at = [n_in + sum(sizes) + sum(sizes[:l]) for l in range(num)]
+  # column offsets of h_l, c_l in the saved inputs [x, h's, c's] (x: [hi, lo] if split_x)
+  x_width = 2 * n_in if split_x else n_in
+  h_at = [x_width + sum(sizes[:l]) for l in range(num)]
+  c_at = [x_width + sum(sizes) + sum(sizes[:l]) for l in range(num)]
 
   program = pl.program_id(0)
   per = -(-n // chunks)  # rows of each program: one partial sum of the weights' gradient
@@ -239,7 +241,8 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
     # The forward pass again, keeping each layer's input. The top layer's gates
     # serve its backward pass at once; those below are recomputed where the
     # backward pass reaches them (held through the layers above, they would spill).
-    xs = [load(saved_ref, n_in)]
+    xs = [load(saved_ref, n_in) + load(saved_ref, n_in, n_in) if split_x
+          else load(saved_ref, n_in)]
     for l in range(num):
       h, t = gates(l, xs[l])
       c = load(saved_ref, sizes[l], c_at[l])
@@ -297,26 +300,31 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
   """The stack's gradient from its saved inputs, in one kernel.
 
   ``saved``: [n, n_in + 2 x sum(hidden)], the step's inputs [x, h's, c's] (the
-  only residual: the gates are recomputed); ``d_out`` [n, n_out], ``dh_news``,
-  ``dc_news``: cotangents of the read-out and the new states. Returns (dx, dh's,
-  dc's, per layer the weights' gradient [chunks, fan_in + 1, 4 x hidden], the
-  read-out's [chunks, hidden + 1, n_out]), each of the ``chunks`` a partial sum
+  only residual: the gates are recomputed); in a dtype narrower than float32
+  (a bfloat16 state's) x is saved as two columns each, [hi, lo] with x = hi +
+  lo (``cells._saved_inputs``). ``d_out`` [n, n_out], ``dh_news``,
+  ``dc_news``: cotangents of the read-out and the new states (those of a
+  bfloat16 state in bfloat16). Returns (dx, dh's, dc's, per layer the
+  weights' gradient [chunks, fan_in + 1, 4 x hidden], the read-out's [chunks,
+  hidden + 1, n_out]), dh's and dc's in the dtypes of ``dh_news`` and
+  ``dc_news``, the rest in float32; each of the ``chunks`` a partial sum
   over a contiguous share of the rows, written once by the program that owns
   those rows: no atomics, the same sums on every run.
   """
   pl, plt = _pallas()
   n, n_out = d_out.shape
   sizes = tuple(d.shape[-1] for d in dh_news)
-  n_in = saved.shape[-1] - 2 * sum(sizes)
+  split_x = jnp.finfo(saved.dtype).bits < 32
+  n_in = (saved.shape[-1] - 2 * sum(sizes)) // (2 if split_x else 1)
   fan_ins = (n_in,) + sizes[:-1]
   dtype = jnp.float32
   out_shape = ([jax.ShapeDtypeStruct((n, n_in), dtype)]
-               + [jax.ShapeDtypeStruct((n, s), dtype) for s in sizes] * 2
+               + [jax.ShapeDtypeStruct(d.shape, d.dtype) for d in (*dh_news, *dc_news)]
                + [jax.ShapeDtypeStruct((chunks, f + s + 1, 4 * s), dtype)
                   for f, s in zip(fan_ins, sizes)]
                + [jax.ShapeDtypeStruct((chunks, sizes[-1] + 1, n_out), dtype)])
   kernel = functools.partial(_backward_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
-                             chunks=chunks)
+                             chunks=chunks, split_x=split_x)
   num = len(sizes)
   dx, *rest = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(chunks,),
@@ -324,7 +332,7 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
       # dh and dc in place: each program reads its rows' cotangents before it writes them
       input_output_aliases={2 + i: 1 + i for i in range(2 * num)},
       interpret=interpret, name="lstm_stack_backward",
-  )(saved.astype(dtype), d_out.astype(dtype), *(d.astype(dtype) for d in dh_news),
-    *(d.astype(dtype) for d in dc_news), *padded.wx, *padded.wh, *padded.b, padded.w_out)
+  )(saved, d_out.astype(dtype), *dh_news, *dc_news, *padded.wx, *padded.wh, *padded.b,
+    padded.w_out)
   return (dx, tuple(rest[:num]), tuple(rest[num:2 * num]), tuple(rest[2 * num:3 * num]),
           rest[3 * num])
