@@ -23,7 +23,6 @@ scaled-down run: --override=meta.num_episodes=40 --override='curriculum.schedule
 (--variants=dm,dm_cl) and a last call with all of them writes the table;
 ``--processes=N`` does that by itself, N variants at a time sharing the device.
 """
-import ast
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ from absl import app, flags, logging
 from experiments import hugepages
 from experiments.configs import dm_mnist, rnnprop_mnist, scale_mnist
 from l2ojax import evaluation, plots
+from l2ojax.meta import config as config_lib
 from l2ojax.meta import trainer
 
 FAMILIES = {"dm": dm_mnist, "rnnprop": rnnprop_mnist, "scale": scale_mnist}
@@ -65,26 +65,6 @@ _TABLE = flags.DEFINE_bool("table", True, "Write WORKDIR/ablation.{md,json,png} 
                            "--processes starts leave it to their parent).")
 
 REPORT_STEPS = (100, 1000, 10000)
-
-
-def apply_override(config, item: str) -> None:
-  """``a.b=value``; the value is a Python literal when it parses as one."""
-  if "=" not in item:
-    raise ValueError(f"--override expects field=value, got {item!r}")
-  path, raw = item.split("=", 1)
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw
-  *parents, leaf = path.split(".")
-  node = config
-  for p in parents:
-    if p not in node:
-      raise ValueError(f"--override {path}: no field {p!r}")
-    node = node[p]
-  if leaf not in node:
-    raise ValueError(f"--override {path}: no field {leaf!r}")
-  node[leaf] = value
 
 
 def ln_at(losses: np.ndarray, steps) -> dict:
@@ -135,9 +115,9 @@ def build_configs(family, variants, overrides) -> dict:
           raise ValueError(f"--override {item!r}: unknown {family} variant {target!r}; "
                            f"allowed: {module.VARIANTS}")
         if target == v:
-          apply_override(configs[v], rest)
+          config_lib.override(configs[v], rest)
       else:
-        apply_override(configs[v], item)
+        config_lib.override(configs[v], item)
   return configs
 
 

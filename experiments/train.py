@@ -4,7 +4,10 @@ r"""Meta-trains a learned optimizer from an ml_collections config.
       --config.meta.batch_size=8 --workdir=/tmp/dm_mnist
 
 With no --config it runs the built-in default (L2O-DM on the quadratic
-family, no download). A workdir holds config.json, checkpoints/, metrics.jsonl,
+family, no download). ``--override=field=value`` (repeatable) sets any field
+after the config's flags, including the learned optimizer's and the
+optimizee's options, which ``--config.`` flags cannot add:
+``--override=model.options.lstm_kernel=pallas``. A workdir holds config.json, checkpoints/, metrics.jsonl,
 theta.msgpack, eval.json and eval.png; re-running the same command resumes.
 
 --max_minutes=M stops after the episode under way once M minutes have passed,
@@ -32,6 +35,8 @@ from l2ojax.meta import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.name>).")
+_OVERRIDES = flags.DEFINE_multi_string("override", [], "field=value, applied after the "
+                                        "config (l2ojax.meta.config.override).")
 _MAX_MINUTES = flags.DEFINE_float("max_minutes", None,
                                   "Pause (checkpoint, exit 75) after this many minutes.")
 
@@ -63,6 +68,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config = _CONFIG.value if _CONFIG.value is not None else dm_quadratic.get_config()
+  for item in _OVERRIDES.value:
+    try:
+      config_lib.override(config, item)
+    except config_lib.ConfigError as e:
+      raise app.UsageError(str(e)) from None
   config_lib.validate(config)  # before anything is built or compiled
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
   print(f"config {config.name}, workdir {workdir}, devices {jax.devices()}")

@@ -93,3 +93,27 @@ def test_family_recipes_follow_the_paper():
   assert rnnprop_mnist.get_config("rnnprop").validation.period == 10
   assert rnnprop_mnist.get_config("rnnprop").meta.num_episodes == 100
   assert dm_mnist.get_config("dm_aug").meta.num_episodes == 5000
+
+
+def test_override_sets_fields_and_adds_model_options():
+  c = dm_mnist.get_config("dm")
+  config_lib.override(c, "meta.learning_rate=3e-4")
+  config_lib.override(c, "curriculum.schedule=(100, 200)")
+  config_lib.override(c, "model.options.lstm_kernel=pallas")  # a new key: a free-form section
+  assert c.meta.learning_rate == 3e-4 and tuple(c.curriculum.schedule) == (100, 200)
+  assert c.model.options.lstm_kernel == "pallas"
+  config_lib.validate(c)
+  config_lib.override(c, "model.options.lstm_kernl=pallas")
+  with pytest.raises(config_lib.ConfigError, match="lstm_kernl"):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("meta.bach_size=8", r"no field 'meta.bach_size'; allowed in meta: .*'batch_size'"),
+    ("metaa.batch_size=8", r"no field 'metaa'"),
+    ("meta.batch_size=eight", r"meta.batch_size=eight"),
+    ("meta.batch_size", r"expects field=value"),
+])
+def test_override_names_what_is_wrong(item, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.override(dm_mnist.get_config("dm"), item)

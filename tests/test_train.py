@@ -29,13 +29,15 @@ def test_main_job_beats_tuned_adam_at_reduced_scale(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "experiments.train", f"--workdir={workdir}",
        "--config=experiments/configs/dm_quadratic.py", "--config.meta.num_episodes=150",
-       "--config.meta.batch_size=16", "--config.eval.num_optimizees=32"],
+       "--config.meta.batch_size=16", "--config.eval.num_optimizees=32",
+       "--override=model.options.lstm_kernel=xla"],  # a key the config does not list
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "learned" in out.stdout and "Adam" in out.stdout
   summary = json.load(open(workdir / "eval.json"))
   assert summary["learned_final_loss"] < summary["adam_final_loss"], summary
   assert summary["adam_learning_rate"] in dm_quadratic.ADAM_LEARNING_RATES
+  assert json.load(open(workdir / "config.json"))["model"]["options"]["lstm_kernel"] == "xla"
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   assert [r["episode"] for r in rows] == list(range(150))
   assert {"episode", "train_loss", "stage", "mode"} <= set(rows[0])

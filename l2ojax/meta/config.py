@@ -7,6 +7,7 @@ and the allowed values.
 """
 from __future__ import annotations
 
+import ast
 import inspect
 from typing import Any, Callable, Iterable, List
 
@@ -17,7 +18,7 @@ PAPER_IL_RATIOS = (0.0, 0.1, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3)
 ADAM_LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 # Free-form sections: their keys are a factory's keyword arguments, checked against it.
-_FREE_FORM = ("model.options", "optimizee.options")
+FREE_FORM = ("model.options", "optimizee.options")
 
 
 class ConfigError(ValueError):
@@ -88,7 +89,7 @@ def _check_fields(config: Any, reference: Any, prefix: str, errors: List[str]) -
       continue
     value, default = config[key], reference[key]
     if isinstance(default, ml_collections.ConfigDict):
-      if path in _FREE_FORM:
+      if path in FREE_FORM:
         continue
       if not isinstance(value, (ml_collections.ConfigDict, dict)):
         errors.append(f"{path} must be a section with fields {sorted(default.keys())}, "
@@ -98,6 +99,41 @@ def _check_fields(config: Any, reference: Any, prefix: str, errors: List[str]) -
     elif not _type_ok(value, default):
       errors.append(f"{path}={value!r} has type {type(value).__name__}; expected "
                     f"{type(default).__name__}")
+
+
+def override(config: ml_collections.ConfigDict, item: str) -> None:
+  """Applies ``item``, ``field.path=value``, to ``config`` in place.
+
+  The value is a Python literal where it parses as one (``1e-3``, ``(100,
+  200)``, ``True``), else the string. The field must exist, except directly
+  under a free-form section (``model.options``, ``optimizee.options``),
+  whose keys are the factory's options: there a new key is added (``validate``
+  checks it against the factory), e.g. ``model.options.lstm_kernel=pallas``.
+  """
+  if "=" not in item:
+    raise ConfigError(f"override expects field=value, got {item!r}")
+  path, raw = item.split("=", 1)
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  *parents, leaf = path.split(".")
+  node = config
+  for i, p in enumerate(parents):
+    if p not in node:
+      raise ConfigError(f"override {path}: no field {'.'.join(parents[:i + 1])!r}")
+    node = node[p]
+  if leaf not in node and ".".join(parents) not in FREE_FORM:
+    raise ConfigError(f"override {path}: no field {path!r}; allowed in "
+                      f"{'.'.join(parents) or 'the config'}: {sorted(node.keys())}")
+  try:
+    if leaf in node:
+      node[leaf] = value
+    else:
+      with node.unlocked():  # config_flags locks the configs it loads
+        node[leaf] = value
+  except TypeError as e:  # ml_collections keeps a field's type
+    raise ConfigError(f"override {path}={raw}: {e}") from None
 
 
 def _factory_kwargs_ok(factory: Callable, options: Iterable[str], field: str,
