@@ -44,6 +44,7 @@ import contextlib  # noqa: E402
 import glob  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
+import time  # noqa: E402
 from typing import Optional, Tuple  # noqa: E402
 
 import jax  # noqa: E402
@@ -101,24 +102,27 @@ def _target_device(sharding: jax.sharding.NamedSharding):
   return jax.sharding.use_abstract_mesh(abstract)
 
 
-def compile_program(fn, *args) -> Tuple[str, Optional[int]]:
-  """(program text, compiled memory in bytes: ``benchmark.compiled_bytes``) of ``fn``
-  compiled for the target GPU."""
+def compile_program(fn, *args) -> Tuple[str, Optional[int], float]:
+  """(program text, compiled memory in bytes: ``benchmark.compiled_bytes``, seconds to
+  lower and compile) of ``fn`` compiled for the target GPU."""
   sharding = cuda_sharding()
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding), args)
+  start = time.perf_counter()
   with _target_device(sharding):
     lowered = jax.jit(fn).lower(*abstract)
   compiled = lowered.compile()
+  seconds = time.perf_counter() - start
   text = compiled.as_text()
   if _DUMP.value:
     with open(_DUMP.value, "w") as f:
       f.write(text)
-  return text, benchmark.compiled_bytes(compiled)
+  return text, benchmark.compiled_bytes(compiled), seconds
 
 
-def report(label: str, program: Tuple[str, Optional[int]], steps_per_iteration: int) -> None:
-  text, memory = program
+def report(label: str, program: Tuple[str, Optional[int], float],
+           steps_per_iteration: int) -> None:
+  text, memory, seconds = program
   bodies = benchmark.loop_ops_by_kind(text)
   total = sum(sum(c.values()) for c in bodies) / steps_per_iteration
   parts = " + ".join(f"{sum(c.values())} ({', '.join(f'{k} {v}' for k, v in sorted(c.items()))})"
@@ -126,7 +130,8 @@ def report(label: str, program: Tuple[str, Optional[int]], steps_per_iteration: 
   traffic = [b / steps_per_iteration / 1e6 for b in benchmark.loop_bytes(text)]
   print(f"{label}: {total:g} kernels per optimizee step = {parts}; "
         f"{sum(traffic):.1f} MB moved per step = {' + '.join(f'{t:.1f}' for t in traffic)}"
-        + (f"; compiled memory {memory / 2**30:.2f} GiB" if memory else ""), flush=True)
+        + (f"; compiled memory {memory / 2**30:.2f} GiB" if memory else "")
+        + f"; lowered and compiled in {seconds:.1f} s", flush=True)
 
 
 def main(argv):
