@@ -186,8 +186,8 @@ def test_every_compared_optimizer_sees_the_same_optimizees_and_minibatches(tiny_
   np.testing.assert_array_equal(ev.curves["adam twin"], ev.curves["Adam lr=0.03"])
   np.testing.assert_allclose(ev.curves["sgd twin"], ev.curves["SGD-momentum lr=0.1"], rtol=1e-6)
   step0 = {label: c[:, 0] for label, c in ev.curves.items()}
-  for c in step0.values():
-    np.testing.assert_array_equal(c, step0["frozen"])
+  for c in step0.values():  # the same init and minibatch (compiled apart: to float rounding)
+    np.testing.assert_allclose(c, step0["frozen"], rtol=1e-6)
   frozen = ev.curves["frozen"]
   # A frozen optimizee's loss still moves from step to step: each step draws its own
   # minibatch; and the runs differ: each key is its own optimizee.

@@ -6,7 +6,9 @@ algebra; ``test_kernel_lowers_for_gpu`` checks that it lowers to a Triton
 kernel; ``test_fused_kernel_on_gpu`` runs it compiled where a GPU exists.
 """
 import importlib
+import inspect
 import re
+import sys
 
 import chex
 import jax
@@ -27,7 +29,9 @@ lstm_kernel = importlib.import_module("l2ojax.models.lstm_kernel")
 def _lower_for_cuda(fn, *args):
   """jitted ``fn`` traced and lowered for CUDA without a GPU. From jax 0.11 the Pallas
   Triton lowering reads the target's kind from the abstract mesh: name an H100 there."""
-  if jax.default_backend() == "gpu" or not hasattr(jax.sharding, "AbstractDevice"):
+  abstract_device = getattr(jax.sharding, "AbstractDevice", None)
+  if (jax.default_backend() == "gpu" or abstract_device is None  # older jax: no target needed
+      or "platform" not in inspect.signature(abstract_device).parameters):
     return fn.trace(*args).lower(lowering_platforms=("cuda",))
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                        platform="gpu")
@@ -302,3 +306,12 @@ def test_meta_step_with_the_kernels_and_remat():
                                      jax.random.PRNGKey(2), q)
     outs[kernel] = (theta, metrics["meta_loss"])
   chex.assert_trees_all_close(outs["pallas_interpret"], outs["xla"], atol=1e-6, rtol=1e-5)
+
+
+def test_a_jax_without_pallas_triton_is_named(monkeypatch):
+  """jax deprecates Pallas's Triton backend: where it is gone, asking for the kernels
+  says so and names the way out, rather than failing deep inside an import."""
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+  layers, readout, x, states = _stack(jax.random.PRNGKey(0), 2, (20,), lead=(8,))
+  with pytest.raises(ImportError, match=r"Pallas's Triton backend.*lstm_kernel='xla'"):
+    cells.lstm_stack_apply(layers, x, states, readout, kernel="pallas_interpret")

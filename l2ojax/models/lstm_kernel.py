@@ -48,8 +48,13 @@ def _padded(size: int) -> int:
 def _pallas():
   """(pallas, its Triton backend), imported when a kernel is built: an experimental
   API whose changes should break the fused kernel, not the import of l2ojax."""
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import triton as plt
+  try:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+  except ImportError as e:
+    raise ImportError(f"lstm_kernel: the fused LSTM kernels need Pallas's Triton backend "
+                      f"(jax.experimental.pallas.triton), which jax {jax.__version__} does not "
+                      f"provide ({e}); use lstm_kernel='xla'") from e
   return pl, plt
 
 
