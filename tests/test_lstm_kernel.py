@@ -311,7 +311,9 @@ def test_meta_step_with_the_kernels_and_remat():
 def test_a_jax_without_pallas_triton_is_named(monkeypatch):
   """jax deprecates Pallas's Triton backend: where it is gone, asking for the kernels
   says so and names the way out, rather than failing deep inside an import."""
+  import jax.experimental.pallas as pallas
   monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+  monkeypatch.delattr(pallas, "triton", raising=False)  # once imported, `from` finds it here
   layers, readout, x, states = _stack(jax.random.PRNGKey(0), 2, (20,), lead=(8,))
   with pytest.raises(ImportError, match=r"Pallas's Triton backend.*lstm_kernel='xla'"):
     cells.lstm_stack_apply(layers, x, states, readout, kernel="pallas_interpret")
