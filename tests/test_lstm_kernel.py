@@ -147,6 +147,21 @@ def test_gradients_through_the_fused_kernels(n_in, sizes, n_out, state_dtype):
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=rtol)
 
 
+def test_backward_kernel_keeping_the_lower_layers_gates(monkeypatch):
+  """lstm_kernel.KEEP_LOWER_GATES: layer 0's gates kept from the recomputed forward
+  pass rather than computed again: the same gradients."""
+  layers, readout, x, states = _stack(jax.random.PRNGKey(8), 2, (20, 20), lead=(90,))
+
+  def grads():
+    return jax.grad(lambda layers, x: jnp.sum(jnp.sin(cells.lstm_stack_apply(
+        layers, x, states, readout, kernel="pallas_interpret", gradient_chunks=2)[0])),
+        argnums=(0, 1))(layers, x)
+
+  recomputed = grads()
+  monkeypatch.setattr(lstm_kernel, "KEEP_LOWER_GATES", True)
+  chex.assert_trees_all_close(grads(), recomputed, atol=1e-6, rtol=1e-6)
+
+
 def test_forward_kernel_writes_the_gates_for_xlas_backward_pass():
   """"pallas_forward": the forward kernel also writes each layer's gate tanh, the
   residual XLA's backward pass reads."""

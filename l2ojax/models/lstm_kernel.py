@@ -181,6 +181,11 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
 BACKWARD_BLOCK_ROWS = 32
 BACKWARD_NUM_WARPS = 8
 RELOAD_WEIGHTS = True
+# Whether the layers below the top keep their recomputed gates for their backward
+# pass instead of computing them a second time there: L2O-DM's kernel then has 1/8
+# fewer products and 14% less PTX, and a 3.4 KB stack frame instead of 2.3 (ptxas,
+# sm_90a, 32 rows, 8 warps). Not yet timed on a GPU.
+KEEP_LOWER_GATES = False
 
 
 def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -245,18 +250,24 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
 
     # The forward pass again, keeping each layer's input. The top layer's gates
     # serve its backward pass at once; those below are recomputed where the
-    # backward pass reaches them (held through the layers above, they would spill).
+    # backward pass reaches them (held through the layers above, they spill),
+    # unless KEEP_LOWER_GATES.
     xs = [load(saved_ref, n_in) + load(saved_ref, n_in, n_in) if split_x
           else load(saved_ref, n_in)]
+    kept = [None] * num
     for l in range(num):
       h, t = gates(l, xs[l])
       c = load(saved_ref, sizes[l], c_at[l])
       xs.append((0.5 * t[3] + 0.5) * jnp.tanh((0.5 * t[2] + 0.5) * c + (0.5 * t[0] + 0.5) * t[1]))
+      if KEEP_LOWER_GATES or l == num - 1:
+        kept[l] = (h, t, c)
     d_out = load(d_out_ref, n_out)
     dx = _dot_t(d_out, w(w_out_ref))
     new = [None] * num + [(_t_dot(xs[num], d_out), jnp.sum(d_out, axis=0))]
     for l in reversed(range(num)):
-      if l < num - 1:
+      if kept[l] is not None:
+        h, t, c = kept[l]
+      else:
         h, t = gates(l, xs[l])
         c = load(saved_ref, sizes[l], c_at[l])
       i, f, o = 0.5 * t[0] + 0.5, 0.5 * t[2] + 0.5, 0.5 * t[3] + 0.5
