@@ -137,16 +137,18 @@ def test_lstm_stack_gradient_reaches_the_partial_sums_each_for_its_own_rows(kern
   prepare = lambda k: cells.lstm_stack_prepare(layers, readout, kernel=kernel, gradient_chunks=k)
   grad_f = jax.jit(jax.grad(f))
   grad = grad_f(prepare(4), x, states)
-  chex.assert_shape(grad.grad_wbs, [(4, 2 + 3 + 1, 12), (4, 3 + 4 + 1, 16)])
-  chex.assert_shape(grad.grad_wb_out, (4, 4 + 1, 1))
+  chex.assert_shape(grad.grad, (4, (2 + 3 + 1) * 12 + (3 + 4 + 1) * 16 + (4 + 1) * 1))
+  wbs, wb_out = grad.partial_sums()
+  chex.assert_shape(wbs, [(4, 2 + 3 + 1, 12), (4, 3 + 4 + 1, 16)])
+  chex.assert_shape(wb_out, (4, 4 + 1, 1))
   # the other layouts of the same weights get no gradient
   assert all(not np.any(g) for g in jax.tree_util.tree_leaves(grad.layouts))
   rows = lambda tree, lo, hi: jax.tree_util.tree_map(lambda a: a[lo:hi], tree)
   for chunk, (lo, hi) in enumerate([(0, 3), (3, 6), (6, 9), (9, 10)]):
     alone = grad_f(prepare(1), x[lo:hi], rows(states, lo, hi))
     chex.assert_trees_all_close(
-        jax.tree_util.tree_map(lambda a: a[chunk], (grad.grad_wbs, grad.grad_wb_out)),
-        jax.tree_util.tree_map(lambda a: a[0], (alone.grad_wbs, alone.grad_wb_out)),
+        jax.tree_util.tree_map(lambda a: a[chunk], grad.partial_sums()),
+        jax.tree_util.tree_map(lambda a: a[0], alone.partial_sums()),
         atol=1e-6, rtol=1e-5)
 
 
@@ -156,7 +158,7 @@ def test_gradient_chunks_option_is_checked_and_defaults_to_the_backend():
       models.get(name, gradient_chunks=-1)
   layers, readout, _, _ = _stack_args((4,))
   want = cells.GRADIENT_CHUNKS if jax.default_backend() == "gpu" else 1
-  assert cells.lstm_stack_prepare(layers, readout).grad_wb_out.shape[0] == want
+  assert cells.lstm_stack_prepare(layers, readout).grad.shape[0] == want
 
 
 def test_backprop_through_a_scan_of_the_cell_keeps_far_less_than_autodiff_would():

@@ -161,15 +161,15 @@ class _Layouts(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stack_core(kernel, layouts, grad_wbs, grad_wb_out, x, hs, cs):
+def _stack_core(kernel, layouts, grad, x, hs, cs):
   """Stacked pre-scaled cells (layer l's h' is layer l + 1's x), then the read-out.
 
-  Computed from ``layouts``; the weights' gradient flows to ``grad_wbs`` and
-  ``grad_wb_out`` (``LSTMStack``: the same weights, in partial sums), the
-  layouts get none. ``kernel`` (``lstm_stack_prepare``) says which passes run
-  as fused GPU kernels.
+  Computed from ``layouts``; the weights' gradient flows to ``grad``
+  (``LSTMStack``: the same weights, flat, in partial sums), the layouts get
+  none. ``kernel`` (``lstm_stack_prepare``) says which passes run as fused GPU
+  kernels.
   """
-  del grad_wbs, grad_wb_out
+  del grad
   if kernel == "xla":
     return _xla_stack(layouts, x, hs, cs)[0]
   return _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=False)
@@ -252,8 +252,7 @@ def _xla_stack(layouts, x, hs, cs):
   return (x @ layouts.w_out + layouts.b_out, tuple(h_news), tuple(c_news)), tuple(ts)
 
 
-def _stack_core_fwd(kernel, layouts, grad_wbs, grad_wb_out, x, hs, cs):
-  del grad_wbs
+def _stack_core_fwd(kernel, layouts, grad, x, hs, cs):
   # Each layer's inputs, as ``_lstm_core``, but not the outputs h' that feed the
   # next layer and the read-out: the step after saves them again as its h. As
   # one array per kind, so that a loop of steps stacks them in one kernel each
@@ -263,12 +262,12 @@ def _stack_core_fwd(kernel, layouts, grad_wbs, grad_wb_out, x, hs, cs):
   inputs = _saved_inputs(x, hs, cs)
   if kernel in ("pallas", "pallas_interpret"):
     outs = _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=False)
-    return outs, (layouts, grad_wb_out.shape[0], (inputs,))
+    return outs, (layouts, grad.shape[0], (inputs,))
   if kernel == "xla":
     outs, ts = _xla_stack(layouts, x, hs, cs)
   else:
     *outs, ts = _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=True)
-  return tuple(outs), (layouts, grad_wb_out.shape[0], (inputs, jnp.concatenate(ts, axis=-1)))
+  return tuple(outs), (layouts, grad.shape[0], (inputs, jnp.concatenate(ts, axis=-1)))
 
 
 def _split_inputs(layouts, inputs):
@@ -298,20 +297,20 @@ def _stack_core_bwd(kernel, res, cotangents):
 
   def fused(layouts, inputs, d_out, dh_news, dc_news):
     lead = inputs.shape[:-1]
-    dx, dhs, dcs, dwbs, dwb_out = lstm_kernel.stack_backward(
+    dx, dhs, dcs, d_grad = lstm_kernel.stack_backward(
         layouts.padded, _flat(inputs), _flat(d_out), [_flat(d) for d in dh_news],
         [_flat(d) for d in dc_news], k, interpret=kernel == "pallas_interpret")
     unflat = lambda a, like: a.reshape(lead + a.shape[-1:]).astype(like.dtype)
-    return (tuple(d.astype(g.dtype) for d, g in zip(dwbs, layouts.ws)),
-            dwb_out.astype(layouts.w_out.dtype), unflat(dx, layouts.ws[0]),
+    return (d_grad.astype(layouts.w_out.dtype), unflat(dx, layouts.ws[0]),
             tuple(map(unflat, dhs, dh_news)), tuple(map(unflat, dcs, dc_news)))
 
   return (d_layouts,) + _on_gpu(kernel, fused, xla, layouts, *saved, *cotangents)
 
 
 def _xla_stack_backward(layouts, k, inputs, gates, d_out, dh_news, dc_news):
-  """(d[w; b] per layer, d[w_out; b_out], dx, dh's, dc's) by XLA's ops, from the
-  saved inputs and gates' tanh; dh's and dc's in their cotangents' dtypes."""
+  """(the flat partial sums [k, size] of every d[w; b], dx, dh's, dc's) by XLA's
+  ops, from the saved inputs and gates' tanh; dh's and dc's in their cotangents'
+  dtypes."""
   hidden = [wt.shape[0] // 4 for wt in layouts.wts]
   x_in, hs, cs = _split_inputs(layouts, inputs)
   ts = jnp.split(gates, np.cumsum([4 * h for h in hidden])[:-1], axis=-1)
@@ -326,8 +325,8 @@ def _xla_stack_backward(layouts, k, inputs, gates, d_out, dh_news, dc_news):
     dwbs.append(dwb)
     dhs.append(dh)
     dcs.append(dc)
-  return (tuple(dwbs[::-1]), dwb_out, dx, _cast_like(dhs[::-1], dh_news),
-          _cast_like(dcs[::-1], dc_news))
+  d_grad = jnp.concatenate([d.reshape(k, -1) for d in (*dwbs[::-1], dwb_out)], axis=1)
+  return (d_grad, dx, _cast_like(dhs[::-1], dh_news), _cast_like(dcs[::-1], dc_news))
 
 
 _stack_core.defvjp(_stack_core_fwd, _stack_core_bwd)
@@ -354,8 +353,7 @@ def lstm_apply(params: dict, x: chex.Array, state: LSTMState,
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["layouts", "grad_wbs", "grad_wb_out"],
-                   meta_fields=["kernel"])
+                   data_fields=["layouts", "grad"], meta_fields=["kernel"])
 @dataclasses.dataclass(frozen=True)
 class LSTMStack:
   """Stacked LSTMs and their read-out, ready to run step after step (a pytree).
@@ -363,15 +361,28 @@ class LSTMStack:
   The gate columns are pre-scaled (``_gate_affine``) here, once, rather than
   in every step, and the weights are laid out as each pass reads them
   (``layouts``). The gradient flows to other copies of the same weights:
-  each matrix with its bias as last row, k times (``gradient_chunks``), so
-  that in a loop of steps each copy collects the gradient of one share of the
-  coordinates (on a GPU one kernel per layer and step: product and
-  accumulation) and the copies' gradients are summed once, after the loop.
+  every matrix with its bias as last row, raveled into one vector, k times
+  (``gradient_chunks``), so that in a loop of steps each copy collects the
+  gradient of one share of the coordinates (on a GPU one kernel per step for
+  the products and one for the accumulation) and the copies' gradients are
+  summed once, after the loop. ``partial_sums`` gives them per matrix.
   """
   layouts: _Layouts
-  grad_wbs: Tuple[chex.Array, ...]  # per layer [k, fan_in + 1, 4 x hidden]
-  grad_wb_out: chex.Array           # [k, hidden + 1, n_out]
-  kernel: str = "xla"               # lstm_stack_prepare's ``kernel``
+  grad: chex.Array   # [k, size]: per layer [fan_in + 1, 4 x hidden], then [hidden + 1, n_out]
+  kernel: str = "xla"  # lstm_stack_prepare's ``kernel``
+
+  def partial_sums(self) -> Tuple[Tuple[chex.Array, ...], chex.Array]:
+    """``grad`` per matrix: (per layer [k, fan_in + 1, 4 x hidden], [k, hidden + 1, n_out])."""
+    shapes = _grad_shapes(self.layouts)
+    ends = np.cumsum([int(np.prod(s)) for s in shapes])
+    k = self.grad.shape[0]
+    parts = [a.reshape((k,) + s) for a, s in zip(jnp.split(self.grad, ends[:-1], axis=1), shapes)]
+    return tuple(parts[:-1]), parts[-1]
+
+
+def _grad_shapes(layouts: _Layouts) -> Tuple[Tuple[int, int], ...]:
+  """[fan_in + 1, columns] of each matrix with its bias (the layers', the read-out's)."""
+  return tuple((w.shape[0] + 1, w.shape[1]) for w in (*layouts.ws, layouts.w_out))
 
 
 def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float = 1.0,
@@ -404,10 +415,10 @@ def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float
   if kernel != "xla":
     input_size = layers[0]["w"].shape[0] - layers[0]["w"].shape[1] // 4
     padded = lstm_kernel.pad_stack(ws, bs, w_out, b_out, input_size)
-  copies = lambda w, b: jnp.broadcast_to(jnp.concatenate([w, b[None]], axis=0),
-                                         (k, w.shape[0] + 1, w.shape[1]))
   layouts = _Layouts(tuple(ws), tuple(bs), w_out, b_out, tuple(w.T for w in ws), padded)
-  return LSTMStack(layouts, tuple(map(copies, ws, bs)), copies(w_out, b_out), kernel)
+  flat = jnp.concatenate([jnp.concatenate([w, b[None]], axis=0).reshape(-1)
+                          for w, b in zip((*ws, w_out), (*bs, b_out))])
+  return LSTMStack(layouts, jnp.broadcast_to(flat, (k,) + flat.shape), kernel)
 
 
 def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState]
@@ -418,7 +429,7 @@ def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState]
   the weights (bfloat16) is computed on in theirs. The fused kernels read and
   write such a state in its own dtype, and backprop keeps it so.
   """
-  dtype = jnp.promote_types(states[0].h.dtype, stack.grad_wb_out.dtype)
+  dtype = jnp.promote_types(states[0].h.dtype, stack.grad.dtype)
   cast = lambda a: a.astype(dtype)
   layouts = stack.layouts._replace(**{f: jax.tree_util.tree_map(cast, getattr(stack.layouts, f))
                                       for f in ("ws", "bs", "w_out", "b_out", "wts")})
@@ -426,8 +437,7 @@ def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState]
   narrow = (stack.kernel != "xla" and len(state_dtypes) == 1
             and _narrow(states[0].h.dtype, dtype))
   as_computed = (lambda a: a) if narrow else cast
-  out, hs, cs = _stack_core(stack.kernel, layouts, tuple(map(cast, stack.grad_wbs)),
-                            cast(stack.grad_wb_out), cast(x),
+  out, hs, cs = _stack_core(stack.kernel, layouts, cast(stack.grad), cast(x),
                             tuple(as_computed(s.h) for s in states),
                             tuple(as_computed(s.c) for s in states))
   return out, tuple(LSTMState(h.astype(s.h.dtype), c.astype(s.c.dtype))

@@ -201,14 +201,13 @@ def _t_dot(a: jax.Array, b: jax.Array) -> jax.Array:
 def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
                      chunks: int, split_x: bool):
   # refs: saved, d_out, dh_0.., dc_0.., wx_0.., wh_0.., b_0.., w_out
-  #       | dx, dh'_0.., dc'_0.., dwb_0.., dwb_out
+  #       | dx, dh'_0.., dc'_0.., d_grad
   num = len(sizes)
   saved_ref, d_out_ref, refs = refs[0], refs[1], refs[2:]
   dh_in, dc_in, refs = refs[:num], refs[num:2 * num], refs[2 * num:]
   wx_refs, wh_refs, b_refs, refs = refs[:num], refs[num:2 * num], refs[2 * num:3 * num], refs[3 * num:]
   w_out_ref, dx_ref, refs = refs[0], refs[1], refs[2:]
-  dh_out, dc_out, dwb_refs, dwb_out_ref = (refs[:num], refs[num:2 * num],
-                                           refs[2 * num:3 * num], refs[3 * num])
+  dh_out, dc_out, d_grad_ref = refs[:num], refs[num:2 * num], refs[2 * num]
   pl, plt = _pallas()
 
   def w(ref, g=None):  # a weight matrix (of gate g), read where it is used (RELOAD_WEIGHTS)
@@ -293,21 +292,25 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
   blocks = -(-per // BACKWARD_BLOCK_ROWS)
   partials = jax.lax.fori_loop(0, blocks, body, init)
 
-  # This program's partial sums, in the layout of the weights with their bias as
-  # last row ([fan_in + 1, 4 x hidden], gate columns i, j, f, o).
-  def store_weights(ref, value, height, width, row=0, col=0):
+  # This program's partial sums, as one row of the flat layout of
+  # ``cells.LSTMStack.grad``: per layer [fan_in + 1, 4 x hidden] (gate columns
+  # i, j, f, o; the bias as last row), then the read-out's [hidden + 1, n_out].
+  def store_weights(value, height, width, start, row_width, row=0, col=0):
     r, c = jnp.arange(value.shape[0]), jnp.arange(value.shape[-1])
     mask = (r < height)[:, None] & (c < width)[None, :]
-    plt.store(ref.at[program, row + r[:, None], col + c[None, :]], value, mask=mask)
+    at = start + (row + r[:, None]) * row_width + col + c[None, :]
+    plt.store(d_grad_ref.at[program, at], value, mask=mask)
 
+  start = 0
   for l, s in enumerate(sizes):
     for g, (dwx, dwh, db) in enumerate(partials[l]):
-      store_weights(dwb_refs[l], dwx, fan_ins[l], s, col=g * s)
-      store_weights(dwb_refs[l], dwh, s, s, row=fan_ins[l], col=g * s)
-      store_weights(dwb_refs[l], db[None, :], 1, s, row=fan_ins[l] + s, col=g * s)
+      store_weights(dwx, fan_ins[l], s, start, 4 * s, col=g * s)
+      store_weights(dwh, s, s, start, 4 * s, row=fan_ins[l], col=g * s)
+      store_weights(db[None, :], 1, s, start, 4 * s, row=fan_ins[l] + s, col=g * s)
+    start += (fan_ins[l] + s + 1) * 4 * s
   dw_out, db_out = partials[num]
-  store_weights(dwb_out_ref, dw_out, sizes[-1], n_out)
-  store_weights(dwb_out_ref, db_out[None, :], 1, n_out, row=sizes[-1])
+  store_weights(dw_out, sizes[-1], n_out, start, n_out)
+  store_weights(db_out[None, :], 1, n_out, start, n_out, row=sizes[-1])
 
 
 def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
@@ -320,12 +323,12 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
   (a bfloat16 state's) x is saved as two columns each, [hi, lo] with x = hi +
   lo (``cells._saved_inputs``). ``d_out`` [n, n_out], ``dh_news``,
   ``dc_news``: cotangents of the read-out and the new states (those of a
-  bfloat16 state in bfloat16). Returns (dx, dh's, dc's, per layer the
-  weights' gradient [chunks, fan_in + 1, 4 x hidden], the read-out's [chunks,
-  hidden + 1, n_out]), dh's and dc's in the dtypes of ``dh_news`` and
-  ``dc_news``, the rest in float32; each of the ``chunks`` a partial sum
-  over a contiguous share of the rows, written once by the program that owns
-  those rows: no atomics, the same sums on every run.
+  bfloat16 state in bfloat16). Returns (dx, dh's, dc's, the weights' gradient
+  [chunks, size] in the flat layout of ``cells.LSTMStack.grad``), dh's and
+  dc's in the dtypes of ``dh_news`` and ``dc_news``, the rest in float32;
+  each of the ``chunks`` rows a partial sum over a contiguous share of the
+  rows, written once by the program that owns those rows: no atomics, the
+  same sums on every run, and one array for a loop of steps to accumulate.
   """
   pl, plt = _pallas()
   n, n_out = d_out.shape
@@ -336,9 +339,9 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
   dtype = jnp.float32
   out_shape = ([jax.ShapeDtypeStruct((n, n_in), dtype)]
                + [jax.ShapeDtypeStruct(d.shape, d.dtype) for d in (*dh_news, *dc_news)]
-               + [jax.ShapeDtypeStruct((chunks, f + s + 1, 4 * s), dtype)
-                  for f, s in zip(fan_ins, sizes)]
-               + [jax.ShapeDtypeStruct((chunks, sizes[-1] + 1, n_out), dtype)])
+               + [jax.ShapeDtypeStruct((chunks, sum((f + s + 1) * 4 * s
+                                                    for f, s in zip(fan_ins, sizes))
+                                                + (sizes[-1] + 1) * n_out), dtype)])
   kernel = functools.partial(_backward_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
                              chunks=chunks, split_x=split_x)
   num = len(sizes)
@@ -350,5 +353,4 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
       interpret=interpret, name="lstm_stack_backward",
   )(saved, d_out.astype(dtype), *dh_news, *dc_news, *padded.wx, *padded.wh, *padded.b,
     padded.w_out)
-  return (dx, tuple(rest[:num]), tuple(rest[num:2 * num]), tuple(rest[2 * num:3 * num]),
-          rest[3 * num])
+  return dx, tuple(rest[:num]), tuple(rest[num:2 * num]), rest[2 * num]
