@@ -81,7 +81,8 @@ _LSTM_KERNEL = flags.DEFINE_enum("lstm_kernel", "xla", list(cells.KERNELS),
                                   "kernels (on a GPU; see cells.lstm_stack_prepare).")
 _GRADIENT_CHUNKS = flags.DEFINE_integer(
     "gradient_chunks", 0, "L2O-DM's and RNNProp's partial sums of the LSTM weights' gradient "
-    "in a loop of steps (0: 64 on a GPU, 1 elsewhere; see cells.lstm_stack_prepare).")
+    "in a loop of steps (0: the meta-step's choice for B with the fused kernels on a GPU, "
+    "else 64 on a GPU, 1 elsewhere; see cells.auto_gradient_chunks).")
 _SHARD = flags.DEFINE_bool("shard", False, "Shard the meta-batch over all devices.")
 _WORKLOADS = flags.DEFINE_list("workloads", ["w1", "w2"], "Which workloads to run.")
 _W2_STEPS = flags.DEFINE_integer("w2_steps", 10_000, "W2 optimizee steps.")
@@ -368,6 +369,9 @@ class W1Run:
       init_states = sharding_lib.sharded_init_states(init_states, mesh)
       theta, outer_state, optimizee = sharding_lib.replicate((theta, outer_state, optimizee), mesh)
     states = init_states(theta, k_init, optimizee)
+    # the partial sums the meta-step runs with (its choice for this B, where it makes one)
+    self.gradient_chunks = getattr(step_lib.for_meta_batch(lopt, states.params, mesh),
+                                   "gradient_chunks", None)
     self._carry = (theta, outer_state, states)
     self._optimizee = optimizee
     t0 = time.perf_counter()
@@ -400,7 +404,8 @@ class W1Run:
     faults = (minor_faults() - faults) / max(iters, 1) if faults is not None else None
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "compile_s": self.compile_s,
             "minor_faults_per_iter": faults, "compiled_bytes": self.compiled_bytes,
-            "peak_bytes": device_peak_bytes(), "meta_loss": float(metrics["meta_loss"])}
+            "peak_bytes": device_peak_bytes(), "meta_loss": float(metrics["meta_loss"]),
+            "gradient_chunks": self.gradient_chunks}
 
 
 def torch_importable() -> bool:
@@ -474,6 +479,7 @@ def run_w1(names: List[str], optimizee, with_torch: bool, rows: List[Dict[str, A
         row["steps_per_s"] = b * _SEGMENT.value / row["median_s"]
         row["compile_s"] = row["runs"][0]["compile_s"]
         row["compiled_bytes"] = row["runs"][0]["compiled_bytes"]
+        row["gradient_chunks"] = row["runs"][0].get("gradient_chunks")
         if w1 is not None and w1.loop_ops is not None:
           # summed over the program's loop bodies (forward, backward, recomputation)
           row["loop_ops"] = w1.loop_ops
@@ -570,6 +576,8 @@ def markdown(result: Dict[str, Any]) -> str:
       lines += ["", f"scan unroll: {(w1 + w2)[0].get('unroll', 1)} steps per loop iteration"]
     for r in w1:
       remat = str(r["remat"]) + (f", chunk {r['remat_chunk']}" if r.get("remat_chunk") else "")
+      if r.get("gradient_chunks"):  # 0: the backend's default
+        remat += f"; {r['gradient_chunks']} partial sums"
       if "error" in r:
         lines.append(f"| {r['model']} | {r['B']} | {remat} | {r['error']} |||||||||")
         continue

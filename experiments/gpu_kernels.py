@@ -80,6 +80,7 @@ dnn_version_info { major: 9 minor: 7 }
 runtime_version { major: 13 minor: 0 patch: 0 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
+H100_CORES = int(re.search(r"core_count: (\d+)", H100).group(1))
 
 def cuda_sharding() -> jax.sharding.NamedSharding:
   from jax.experimental import topologies
@@ -139,17 +140,23 @@ def main(argv):
   optimizee = optimizees.get("mnist_mlp", path=benchmark.random_mnist_npz("/tmp", n=1000))
   unroll = benchmark._UNROLL.value
   names = [m for m in benchmark._MODELS.value]
-  # the default backend here is the CPU: resolve "0 = the backend's default" for the GPU target
-  chunks = benchmark._GRADIENT_CHUNKS.value or cells.GRADIENT_CHUNKS
+  # The default backend here is the CPU: resolve "0 = the meta-step's choice, else the
+  # backend's default" as on the GPU target.
+  coordinates = sum(int(np.prod(np.shape(p)))
+                    for p in jax.tree_util.tree_leaves(optimizee.init(jax.random.PRNGKey(0))[0]))
+  chunks_for = lambda b: (cells.auto_gradient_chunks(benchmark._LSTM_KERNEL.value,
+                                                     benchmark._GRADIENT_CHUNKS.value, b,
+                                                     coordinates, cores=H100_CORES)
+                          or cells.GRADIENT_CHUNKS)
   print(f"jax {jax.__version__}, target {H100.split('device_description_str: ')[1].strip()}, "
-        f"lstm_kernel={benchmark._LSTM_KERNEL.value}, gradient_chunks={chunks}, "
-        f"unroll={unroll}", flush=True)
+        f"lstm_kernel={benchmark._LSTM_KERNEL.value}, gradient_chunks="
+        f"{benchmark._GRADIENT_CHUNKS.value or 'auto'}, unroll={unroll}", flush=True)
   if "w1" in _WORKLOADS.value:
     for model in names:
-      lopt = benchmark.learned_optimizer(model, chunks)
-      outer = optax.adam(1e-3)
-      theta = lopt.init(jax.random.PRNGKey(0))
       for b in [int(x) for x in benchmark._BATCH_SIZES.value]:
+        lopt = benchmark.learned_optimizer(model, chunks_for(b))
+        outer = optax.adam(1e-3)
+        theta = lopt.init(jax.random.PRNGKey(0))
         remat = None if benchmark._REMAT.value in ("auto", "none") else benchmark._REMAT.value
         states = step_lib.make_init_states(lopt, b)(theta, jax.random.PRNGKey(1), optimizee)
         meta_step = step_lib.make_meta_step(lopt, outer, benchmark._SEGMENT.value,
@@ -158,14 +165,16 @@ def main(argv):
                                             scan_unroll=unroll)
         program = compile_program(meta_step, theta, outer.init(theta), states,
                                   jax.random.PRNGKey(2), optimizee)
-        report(f"W1 {model} B={b}", program, unroll)
+        label = f"W1 {model} B={b}" + (f" ({lopt.gradient_chunks} partial sums)"
+                                        if hasattr(lopt, "gradient_chunks") else "")
+        report(label, program, unroll)
   if "w2" in _WORKLOADS.value:
     keys = jax.random.split(jax.random.PRNGKey(1), benchmark._W2_OPTIMIZEES.value)
     program = compile_program(
         lambda ks, o: batch_rollout(optax.adam(1e-3), o, ks, 100, unroll), keys, optimizee)
     report("W2 adam", program, unroll)
     for model in names:
-      lopt = benchmark.learned_optimizer(model, chunks)
+      lopt = benchmark.learned_optimizer(model, cells.GRADIENT_CHUNKS)  # forward only
       program = compile_program(
           lambda th, ks, o: batch_rollout(lopt.transform(th), o, ks, 100, unroll),
           lopt.init(jax.random.PRNGKey(0)), keys, optimizee)

@@ -5,6 +5,7 @@ program, so these tests check its indexing, masking, padding and gate
 algebra; ``test_kernel_lowers_for_gpu`` checks that it lowers to a Triton
 kernel; ``test_fused_kernel_on_gpu`` runs it compiled where a GPU exists.
 """
+import dataclasses
 import importlib
 import inspect
 import re
@@ -332,3 +333,78 @@ def test_a_jax_without_pallas_triton_is_named(monkeypatch):
   layers, readout, x, states = _stack(jax.random.PRNGKey(0), 2, (20,), lead=(8,))
   with pytest.raises(ImportError, match=r"Pallas's Triton backend.*lstm_kernel='xla'"):
     cells.lstm_stack_apply(layers, x, states, readout, kernel="pallas_interpret")
+
+
+def _block_times(batch, rows, cores, chunks):
+  """Rounds of programs x blocks per program, counted the slow way."""
+  programs = [len(range(c * -(-rows // chunks), min((c + 1) * -(-rows // chunks), rows)))
+              for c in range(chunks)] * batch
+  rounds = -(-len(programs) // cores)
+  return rounds * -(-max(programs) // lstm_kernel.BACKWARD_BLOCK_ROWS)
+
+
+@pytest.mark.parametrize("batch,want", [(1, 125), (8, 16), (64, 2), (256, 1)])
+def test_backward_chunks_fill_the_gpu_with_the_fewest_partial_sums(batch, want):
+  """L2O-DM on the MNIST MLP (15,910 coordinates), an H100's 132 multiprocessors."""
+  rows, cores = 15_910, 132
+  chunks = lstm_kernel.backward_chunks(batch, rows, cores)
+  assert chunks == want
+  best = min(_block_times(batch, rows, cores, c) for c in range(1, 600))
+  assert _block_times(batch, rows, cores, chunks) <= 1.05 * best
+  assert all(_block_times(batch, rows, cores, c) > 1.05 * best for c in range(1, chunks))
+  if batch == 1:  # a fixed 64 would leave half the multiprocessors idle
+    assert _block_times(1, rows, cores, 64) > 1.8 * best
+
+
+def test_backward_chunks_of_few_rows_and_bad_input():
+  assert lstm_kernel.backward_chunks(1, 10, 132) == 1
+  with pytest.raises(ValueError, match="cores=0"):
+    lstm_kernel.backward_chunks(1, 10, 0)
+
+
+def test_gradient_chunks_chosen_only_for_the_fused_kernels_and_only_when_unset():
+  assert cells.auto_gradient_chunks("pallas", 0, 1, 15_910, cores=132) == 125
+  assert cells.auto_gradient_chunks("pallas", 8, 1, 15_910, cores=132) == 8
+  assert cells.auto_gradient_chunks("xla", 0, 1, 15_910, cores=132) == 0
+  if jax.default_backend() != "gpu":  # no multiprocessors to fill: the backend's default
+    assert cells.auto_gradient_chunks("pallas", 0, 1, 15_910) == 0
+  lopt = models.dm(lstm_kernel="pallas").for_meta_batch(1, 15_910)
+  assert lopt.gradient_chunks == (0 if jax.default_backend() != "gpu" else lopt.gradient_chunks)
+  assert models.rnnprop(gradient_chunks=3).for_meta_batch(64, 100).gradient_chunks == 3
+
+
+@pytest.mark.parametrize("imitation", [False, True])
+def test_meta_steps_size_the_learned_optimizer_for_their_batch(imitation):
+  """Both meta-steps hand ``for_meta_batch`` the batch and each optimizee's
+  coordinates, and differentiate what it returns (here: 3 partial sums instead
+  of 1, the same meta-gradient)."""
+  from l2ojax.meta import imitation as imitation_lib
+  from l2ojax.meta import step as step_lib
+  dm_cls = type(models.dm())
+  seen = []
+
+  class Tuned(dm_cls):
+    def transform(self, theta):
+      seen.append(("tuned", self.gradient_chunks))
+      return super().transform(theta)
+
+  class Recording(dm_cls):
+    def for_meta_batch(self, batch_size, num_coordinates):
+      seen.append((batch_size, num_coordinates))
+      return Tuned(**dataclasses.asdict(self) | {"gradient_chunks": 3})
+
+  q = optimizees.get("quadratic", dim=6, num_instances=4)
+  thetas = []
+  for lopt in (models.dm(), Recording()):
+    theta = lopt.init(jax.random.PRNGKey(0))
+    if imitation:
+      teacher = imitation_lib.make_teacher()
+      states = imitation_lib.make_init_imitation_states(lopt, teacher, 2)(
+          theta, jax.random.PRNGKey(1), q)
+      step = imitation_lib.make_imitation_step(lopt, teacher, optax.sgd(1.0), 4)
+    else:
+      states = step_lib.make_init_states(lopt, 2)(theta, jax.random.PRNGKey(1), q)
+      step = step_lib.make_meta_step(lopt, optax.sgd(1.0), 4)
+    thetas.append(step(theta, optax.sgd(1.0).init(theta), states, jax.random.PRNGKey(2), q)[0])
+  assert seen == [(2, 6), ("tuned", 3)]
+  chex.assert_trees_all_close(thetas[0], thetas[1], atol=1e-6, rtol=1e-5)

@@ -8,6 +8,7 @@ with the teacher's. Nothing here knows which learned optimizer it trains.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import chex
@@ -17,7 +18,7 @@ import optax
 
 from l2ojax.meta import sharding as sharding_lib
 from l2ojax.meta import unroll as unroll_lib
-from l2ojax.meta.step import guarded_update, tree_all_finite
+from l2ojax.meta.step import for_meta_batch, guarded_update, tree_all_finite
 from l2ojax.optimizees.base import Optimizee
 
 TEACHERS: Dict[str, Callable[[float], optax.GradientTransformation]] = {
@@ -145,18 +146,19 @@ def make_imitation_step(lopt: Any, teacher: optax.GradientTransformation,
                      f"imitation.k={k}")
   num_labels = segment_length // k
 
-  def one(theta, state, kk, optimizee):
+  def one(lopt, theta, state, kk, optimizee):
     learner = lopt.transform(theta)
     state, il, fs = imitation_unroll(teacher, learner, optimizee, state, kk, num_labels, k)
     return jnp.sum(il), (state, fs)
 
-  # each optimizee's loss and gradient (per device, given a mesh), then their means
-  per_optimizee = sharding_lib.per_device(
-      jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(None, 0, 0, None)),
-      mesh, (False, True, True, False))
-
   def imitation_step(theta, outer_state, states: ImitationState, key, optimizee
                      ) -> Tuple[Any, Any, ImitationState, Dict[str, chex.Array]]:
+    # each optimizee's loss and gradient (per device, given a mesh), then their means
+    per_optimizee = sharding_lib.per_device(
+        jax.vmap(jax.value_and_grad(functools.partial(one, for_meta_batch(lopt, states.params,
+                                                                         mesh)), has_aux=True),
+                 in_axes=(None, 0, 0, None)),
+        mesh, (False, True, True, False))
     keys = jax.random.split(key, states.step.shape[0])
     (ils, (states, fs)), grads = per_optimizee(theta, states, keys, optimizee)
     il = jnp.mean(ils)

@@ -1,11 +1,13 @@
 """The jitted meta-step: a vmapped batch of truncated unrolls, one outer update."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from l2ojax.meta import losses as losses_lib
@@ -33,6 +35,21 @@ def guarded_update(outer_tx: optax.GradientTransformation, grads: chex.ArrayTree
   pick = lambda new, old: jnp.where(ok, new, old)
   return (jax.tree_util.tree_map(pick, new_theta, theta),
           jax.tree_util.tree_map(pick, new_outer, outer_state))
+
+
+def for_meta_batch(lopt: Any, params: chex.ArrayTree,
+                   mesh: Optional[jax.sharding.Mesh] = None) -> Any:
+  """``lopt`` as it should run over the optimizees of ``params`` (leaves [batch, ...]),
+  each device its share of the batch given a ``mesh``: ``lopt.for_meta_batch(batch,
+  coordinates)`` where it has one (the fused LSTM kernels size their backward pass
+  by it), else ``lopt``."""
+  tune = getattr(lopt, "for_meta_batch", None)
+  leaves = jax.tree_util.tree_leaves(params)
+  if tune is None or not leaves:
+    return lopt
+  devices = mesh.devices.size if mesh is not None else 1
+  coordinates = sum(int(np.prod(x.shape[1:])) for x in leaves)
+  return tune(max(leaves[0].shape[0] // devices, 1), coordinates)
 
 
 def make_init_states_fn(lopt: Any, batch_size: int) -> Callable:
@@ -96,19 +113,20 @@ def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_le
     raise ValueError(f"make_meta_step: remat_chunk={remat_chunk} must be >= 0 and "
                      f"scan_unroll={scan_unroll} >= 1")
 
-  def one(theta, state, key, optimizee):
+  def one(lopt, theta, state, key, optimizee):
     tx = remat_lib.checkpointed(lopt.transform(theta), remat)
     state, fs = unroll(tx, optimizee, state, key, segment_length, second_order,
                        scan_unroll=scan_unroll, remat_chunk=remat_chunk)
     return loss_fn(fs, state.initial_loss), (state, fs)
 
-  per_optimizee = sharding_lib.per_device(
-      jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(None, 0, 0, None)),
-      mesh, (False, True, True, False))
-
   def meta_step(theta, outer_state, states: UnrollState, key, optimizee
                 ) -> Tuple[Any, Any, UnrollState, Dict[str, chex.Array]]:
     batch = states.step.shape[0]
+    per_optimizee = sharding_lib.per_device(
+        jax.vmap(jax.value_and_grad(functools.partial(one, for_meta_batch(lopt, states.params,
+                                                                         mesh)), has_aux=True),
+                 in_axes=(None, 0, 0, None)),
+        mesh, (False, True, True, False))
     k_seg, k_reset = jax.random.split(key)
     (ml, (states, fs)), grads = per_optimizee(theta, states, jax.random.split(k_seg, batch),
                                               optimizee)

@@ -82,6 +82,21 @@ def default_gradient_chunks() -> int:
   return GRADIENT_CHUNKS if jax.default_backend() == "gpu" else 1
 
 
+def auto_gradient_chunks(kernel: str, gradient_chunks: int, batch: int, rows: int,
+                         cores: Optional[int] = None) -> int:
+  """``gradient_chunks`` for a loop differentiated over ``batch`` optimizees of ``rows``
+  coordinates each: an explicit (non-zero) value as it is; with the fused kernels
+  (``kernel="pallas"``) on a GPU of ``cores`` multiprocessors (default: the first
+  device's, where the backend is a GPU), ``lstm_kernel.backward_chunks``; else 0
+  (``default_gradient_chunks``).
+  """
+  if gradient_chunks or kernel != "pallas":
+    return gradient_chunks
+  if cores is None and jax.default_backend() == "gpu":
+    cores = getattr(jax.devices()[0], "core_count", None)
+  return lstm_kernel.backward_chunks(batch, rows, cores) if cores else 0
+
+
 def check_gradient_chunks(owner: str, value) -> None:
   """A clear error unless ``value`` is a valid ``gradient_chunks`` (int >= 0)."""
   if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -38,8 +38,9 @@ class DM:
   # kernel each per step: the same function and gradient with fewer kernels and
   # memory passes; "pallas_forward": the forward kernel only (cells.lstm_stack_prepare)
   lstm_kernel: str = "xla"
-  # partial sums of the LSTM weights' gradient in a loop of steps; 0: 64 on a GPU,
-  # 1 elsewhere (cells.lstm_stack_prepare)
+  # partial sums of the LSTM weights' gradient in a loop of steps; 0: chosen by the
+  # meta-step for its batch with the fused kernels on a GPU (for_meta_batch), else 64
+  # on a GPU, 1 elsewhere (cells.lstm_stack_prepare)
   gradient_chunks: int = 0
   state_dtype: str = ""  # "" = the parameters' dtype; "bfloat16" halves the state's memory
   name: str = "dm"
@@ -55,6 +56,12 @@ class DM:
       raise ValueError(f"dm: state_dtype={self.state_dtype!r}; allowed: {STATE_DTYPES}")
     if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
       raise ValueError(f"dm: hidden_sizes must be non-empty positive ints, got {self.hidden_sizes}")
+
+  def for_meta_batch(self, batch_size: int, num_coordinates: int) -> "DM":
+    """This optimizer as a meta-step over ``batch_size`` optimizees of ``num_coordinates``
+    each should run it (``cells.auto_gradient_chunks``): the same function and gradient."""
+    return dataclasses.replace(self, gradient_chunks=cells.auto_gradient_chunks(
+        self.lstm_kernel, self.gradient_chunks, batch_size, num_coordinates))
 
   def options(self) -> Dict[str, Any]:
     d = dataclasses.asdict(self)

@@ -188,6 +188,32 @@ RELOAD_WEIGHTS = True
 KEEP_LOWER_GATES = False
 
 
+def backward_chunks(batch: int, rows: int, cores: int, max_chunks: int = 1024) -> int:
+  """Programs per optimizee for ``stack_backward`` (its ``chunks``) for ``batch``
+  optimizees of ``rows`` rows each on a GPU of ``cores`` multiprocessors.
+
+  A program of the backward kernel fills a multiprocessor's registers
+  (``BACKWARD_NUM_WARPS`` warps at ~255 registers per thread, ptxas), so the
+  batch x chunks programs run in ceil(batch x chunks / cores) rounds, each as
+  long as one program's blocks of ``BACKWARD_BLOCK_ROWS`` rows. Each program
+  also writes a partial sum of the weights' gradient that a loop of steps
+  then adds up, so this is the fewest chunks whose block-times are within 5%
+  of the fewest possible: for L2O-DM's 15,910 rows on 132 multiprocessors,
+  125 at B = 1 (a fixed 64 leaves half of them idle), 16 at B = 8, 2 at
+  B = 64, 1 at B = 256.
+  """
+  if batch < 1 or rows < 1 or cores < 1:
+    raise ValueError(f"backward_chunks: batch={batch}, rows={rows} and cores={cores} must "
+                     "be positive")
+  def block_times(chunks):
+    blocks = -(-(-(-rows // chunks)) // BACKWARD_BLOCK_ROWS)
+    return -(-batch * chunks // cores) * blocks
+
+  candidates = range(1, min(max_chunks, rows) + 1)
+  fastest = min(map(block_times, candidates))
+  return next(c for c in candidates if block_times(c) <= 1.05 * fastest)
+
+
 def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
   """a @ b.T as one product (Triton transposes an operand in the product's load)."""
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))

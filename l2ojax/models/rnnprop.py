@@ -51,8 +51,9 @@ class RNNProp:
   # kernel each per step: the same function and gradient with fewer kernels and
   # memory passes; "pallas_forward": the forward kernel only (cells.lstm_stack_prepare)
   lstm_kernel: str = "xla"
-  # partial sums of the LSTM weights' gradient in a loop of steps; 0: 64 on a GPU,
-  # 1 elsewhere (cells.lstm_stack_prepare)
+  # partial sums of the LSTM weights' gradient in a loop of steps; 0: chosen by the
+  # meta-step for its batch with the fused kernels on a GPU (for_meta_batch), else 64
+  # on a GPU, 1 elsewhere (cells.lstm_stack_prepare)
   gradient_chunks: int = 0
   name: str = "rnnprop"
 
@@ -68,6 +69,12 @@ class RNNProp:
     for field in ("beta1", "beta2"):
       if not 0.0 <= getattr(self, field) < 1.0:
         raise ValueError(f"rnnprop: {field} must be in [0, 1), got {getattr(self, field)}")
+
+  def for_meta_batch(self, batch_size: int, num_coordinates: int) -> "RNNProp":
+    """This optimizer as a meta-step over ``batch_size`` optimizees of ``num_coordinates``
+    each should run it (``cells.auto_gradient_chunks``): the same function and gradient."""
+    return dataclasses.replace(self, gradient_chunks=cells.auto_gradient_chunks(
+        self.lstm_kernel, self.gradient_chunks, batch_size, num_coordinates))
 
   def options(self) -> Dict[str, Any]:
     d = dataclasses.asdict(self)
