@@ -119,7 +119,8 @@ def test_kernel_under_vmap():
 
 
 @pytest.mark.parametrize("n_in,sizes,n_out,state_dtype", [
-    (2, (20, 20), 1, jnp.float32),     # L2O-DM
+    (2, (20, 20), 1, jnp.float32),     # L2O-DM: x in the padding lanes of layer 0's h
+    (20, (20, 20), 1, jnp.float32),    # RNNProp's stack: x beside h does not fit in 32
     (3, (33,), 2, jnp.float32),        # one layer (no layer below the top), padded to 64
     (2, (20, 20), 1, jnp.bfloat16),    # a bfloat16 state, computed on in float32
 ])

@@ -58,10 +58,21 @@ def _pallas():
   return pl, plt
 
 
+def packs_input(n_in: int, hidden: int) -> bool:
+  """Whether the first layer's input fits in the padding lanes of its h: then the
+  kernels multiply one tile [h, x, 0] (``pad_stack``'s first ``wh``) instead of
+  a padded x and a padded h, and get x's cotangent from h's product. L2O-DM's
+  2 inputs beside 20 units of 32 lanes: a third fewer products in that layer.
+  """
+  return n_in + hidden <= _padded(hidden)
+
+
 class PaddedStack(NamedTuple):
   """Pre-scaled stack weights split per gate and zero-padded for the kernel."""
   wx: Tuple[chex.Array, ...]  # per layer [4, padded input, padded hidden]
-  wh: Tuple[chex.Array, ...]  # per layer [4, padded hidden, padded hidden]
+  # per layer [4, padded hidden, padded hidden]; where ``packs_input``, the first
+  # layer's x rows follow its h rows (its wx is then not read)
+  wh: Tuple[chex.Array, ...]
   b: Tuple[chex.Array, ...]   # per layer [4, padded hidden]
   w_out: chex.Array           # [padded last hidden, padded n_out]
   b_out: chex.Array           # [padded n_out]
@@ -77,7 +88,10 @@ def pad_stack(ws: Sequence[chex.Array], bs: Sequence[chex.Array], w_out: chex.Ar
     hp, xp = _padded(hidden), _padded(n_in)
     gates = w.reshape(w.shape[0], 4, hidden).transpose(1, 0, 2)  # [4, in + hidden, hidden]
     wx.append(jnp.pad(gates[:, :n_in], ((0, 0), (0, xp - n_in), (0, hp - hidden))))
-    wh.append(jnp.pad(gates[:, n_in:], ((0, 0), (0, hp - hidden), (0, hp - hidden))))
+    h_rows = gates[:, n_in:]
+    if not wh and packs_input(n_in, hidden):
+      h_rows = jnp.concatenate([h_rows, gates[:, :n_in]], axis=1)
+    wh.append(jnp.pad(h_rows, ((0, 0), (0, hp - h_rows.shape[1]), (0, hp - hidden))))
     b.append(jnp.pad(bias.reshape(4, hidden), ((0, 0), (0, hp - hidden))))
     n_in = hidden
   n_out = w_out.shape[1]
@@ -104,22 +118,30 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
   rows = pl.program_id(0) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS)
   row_ok = (rows < n)[:, None]
 
-  def load(ref, width):
-    cols = jnp.arange(_padded(width))
-    mask = row_ok & (cols < width)[None, :]
-    return plt.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.0)
+  def load(ref, width, lanes=None, shift=0):
+    """Columns [0, width) of ref's rows in lanes [shift, shift + width) of a tile."""
+    cols = jnp.arange(_padded(width) if lanes is None else lanes)
+    inside = (cols >= shift) & (cols < shift + width)
+    mask = row_ok & inside[None, :]
+    at = jnp.where(inside, cols - shift, 0)
+    return plt.load(ref.at[rows[:, None], at[None, :]], mask=mask, other=0.0)
 
   def store(ref, value, width, offset=0):
     cols = jnp.arange(_padded(width))
     mask = row_ok & (cols < width)[None, :]
     plt.store(ref.at[rows[:, None], offset + cols[None, :]], value.astype(ref.dtype), mask=mask)
 
-  x = load(x_ref, n_in).astype(jnp.float32)
+  packed = packs_input(n_in, sizes[0])
+  x = None if packed else load(x_ref, n_in).astype(jnp.float32)
   for l, hidden in enumerate(sizes):
     h = load(h_refs[l], hidden).astype(jnp.float32)
     c = load(c_refs[l], hidden).astype(jnp.float32)
+    if l == 0 and packed:  # [h, x, 0] in one tile
+      h = h + load(x_ref, n_in, _padded(hidden), hidden).astype(jnp.float32)
     # one tanh per gate: i, f, o = (1 + t) / 2 and j = t (weights pre-scaled)
-    t = [jnp.tanh(jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g]) + b_refs[l][g][None, :])
+    t = [jnp.tanh((jnp.dot(h, wh_refs[l][g]) if x is None
+                   else jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g]))
+                  + b_refs[l][g][None, :])
          for g in range(4)]
     c = (0.5 * t[2] + 0.5) * c + (0.5 * t[0] + 0.5) * t[1]
     x = (0.5 * t[3] + 0.5) * jnp.tanh(c)
@@ -243,6 +265,7 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
     return plt.load(ref.at[index if g is None else (g,) + index], volatile=RELOAD_WEIGHTS)
 
   fan_ins = (n_in,) + sizes[:-1]
+  packed = packs_input(n_in, sizes[0])
   # column offsets of h_l, c_l in the saved inputs [x, h's, c's] (x: [hi, lo] if split_x)
   x_width = 2 * n_in if split_x else n_in
   h_at = [x_width + sum(sizes[:l]) for l in range(num)]
@@ -264,12 +287,32 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
       mask, c = cols(width, offset)
       return plt.load(ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
 
+    def lanes(width, shift, outside=0):
+      """(mask, columns) of lanes [shift, shift + width) of a first-layer tile; the
+      other lanes' columns ``outside`` (out of bounds for a store: an interpreted
+      masked store writes every lane, and its masked lanes must not alias one)."""
+      c = jnp.arange(_padded(sizes[0]))
+      inside = (c >= shift) & (c < shift + width)
+      return row_ok & inside[None, :], jnp.where(inside, c - shift, outside)[None, :]
+
+    def load_x_beside_h():  # [0 (h's lanes), x, 0]
+      mask, c = lanes(n_in, sizes[0])
+      x = plt.load(saved_ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
+      if split_x:
+        x += plt.load(saved_ref.at[rows[:, None], n_in + c], mask=mask,
+                      other=0.0).astype(jnp.float32)
+      return x
+
     def store(ref, value, width):
       mask, c = cols(width)
       plt.store(ref.at[rows[:, None], c], value.astype(ref.dtype), mask=mask)
 
-    def gates(l, x):
+    def gates(l, x):  # (the product's h operand, the gates' tanh)
       h = load(saved_ref, sizes[l], h_at[l])
+      if l == 0 and packed:
+        h += load_x_beside_h()
+        return h, [jnp.tanh(jnp.dot(h, w(wh_refs[l], g)) + w(b_refs[l], g)[None, :])
+                   for g in range(4)]
       return h, [jnp.tanh(jnp.dot(x, w(wx_refs[l], g)) + jnp.dot(h, w(wh_refs[l], g))
                           + w(b_refs[l], g)[None, :]) for g in range(4)]
 
@@ -277,7 +320,7 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
     # serve its backward pass at once; those below are recomputed where the
     # backward pass reaches them (held through the layers above, they spill),
     # unless KEEP_LOWER_GATES.
-    xs = [load(saved_ref, n_in) + load(saved_ref, n_in, n_in) if split_x
+    xs = [None if packed else load(saved_ref, n_in) + load(saved_ref, n_in, n_in) if split_x
           else load(saved_ref, n_in)]
     kept = [None] * num
     for l in range(num):
@@ -301,19 +344,27 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
       dc = load(dc_in[l], sizes[l]) + dh * o * (1.0 - tc * tc)
       dt = [0.5 * dc * t[1], dc * i, 0.5 * dc * c, 0.5 * dh * tc]
       dz = [d * (1.0 - g * g) for d, g in zip(dt, t)]
-      dx = sum(_dot_t(dz[g], w(wx_refs[l], g)) for g in range(4))
-      store(dh_out[l], sum(_dot_t(dz[g], w(wh_refs[l], g)) for g in range(4)), sizes[l])
+      dh = sum(_dot_t(dz[g], w(wh_refs[l], g)) for g in range(4))
+      store(dh_out[l], dh, sizes[l])
       store(dc_out[l], dc * f, sizes[l])
+      if l == 0 and packed:  # x's cotangent and weights' gradient from h's product
+        mask, c = lanes(n_in, sizes[0], outside=n_in)
+        plt.store(dx_ref.at[rows[:, None], c], dh, mask=mask)
+        new[l] = tuple((_t_dot(h, dz[g]), jnp.sum(dz[g], axis=0)) for g in range(4))
+        continue
+      dx = sum(_dot_t(dz[g], w(wx_refs[l], g)) for g in range(4))
       new[l] = tuple((_t_dot(xs[l], dz[g]), _t_dot(h, dz[g]), jnp.sum(dz[g], axis=0))
                      for g in range(4))
-    store(dx_ref, dx, n_in)
+    if not packed:
+      store(dx_ref, dx, n_in)
     return jax.tree_util.tree_map(jnp.add, partials, tuple(new))
 
   def zeros(*shape):
     return jnp.zeros(shape, jnp.float32)
 
-  init = tuple(tuple((zeros(_padded(fan_ins[l]), _padded(s)), zeros(_padded(s), _padded(s)),
-                      zeros(_padded(s))) for _ in range(4)) for l, s in enumerate(sizes))
+  init = tuple(tuple((zeros(_padded(s), _padded(s)), zeros(_padded(s))) if l == 0 and packed
+                     else (zeros(_padded(fan_ins[l]), _padded(s)), zeros(_padded(s), _padded(s)),
+                           zeros(_padded(s))) for _ in range(4)) for l, s in enumerate(sizes))
   init += ((zeros(_padded(sizes[-1]), _padded(n_out)), zeros(_padded(n_out))),)
   blocks = -(-per // BACKWARD_BLOCK_ROWS)
   partials = jax.lax.fori_loop(0, blocks, body, init)
@@ -321,16 +372,25 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
   # This program's partial sums, as one row of the flat layout of
   # ``cells.LSTMStack.grad``: per layer [fan_in + 1, 4 x hidden] (gate columns
   # i, j, f, o; the bias as last row), then the read-out's [hidden + 1, n_out].
-  def store_weights(value, height, width, start, row_width, row=0, col=0):
+  def store_weights(value, height, width, start, row_width, row=0, col=0, skip=0):
+    """value's rows [skip, skip + height) (columns < width) to rows row, row + 1, ..."""
     r, c = jnp.arange(value.shape[0]), jnp.arange(value.shape[-1])
-    mask = (r < height)[:, None] & (c < width)[None, :]
-    at = start + (row + r[:, None]) * row_width + col + c[None, :]
+    inside = (r >= skip) & (r < skip + height)
+    mask = inside[:, None] & (c < width)[None, :]
+    at = start + (row + r[:, None] - skip) * row_width + col + c[None, :]
+    # masked entries out of bounds: an interpreted store writes them too (see ``lanes``)
+    at = jnp.where(mask, at, d_grad_ref.shape[-1])
     plt.store(d_grad_ref.at[program, at], value, mask=mask)
 
   start = 0
   for l, s in enumerate(sizes):
-    for g, (dwx, dwh, db) in enumerate(partials[l]):
-      store_weights(dwx, fan_ins[l], s, start, 4 * s, col=g * s)
+    for g, sums in enumerate(partials[l]):
+      if l == 0 and packed:  # one [h; x] product: x's rows come first in the layout
+        dwh, db = sums
+        store_weights(dwh, n_in, s, start, 4 * s, col=g * s, skip=s)
+      else:
+        dwx, dwh, db = sums
+        store_weights(dwx, fan_ins[l], s, start, 4 * s, col=g * s)
       store_weights(dwh, s, s, start, 4 * s, row=fan_ins[l], col=g * s)
       store_weights(db[None, :], 1, s, start, 4 * s, row=fan_ins[l] + s, col=g * s)
     start += (fan_ins[l] + s + 1) * 4 * s
