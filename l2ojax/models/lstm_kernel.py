@@ -197,15 +197,16 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
 # neither merges with another nor hoists out of the loop: the weights' product
 # operands are copied into every warp, and held through the whole step they
 # overflow the registers). ptxas (sm_90a) for L2O-DM's stack: 255 registers
-# and a ~2.3 KB stack frame of spills per thread at 32 rows, 8 warps,
-# reloading; ~5 KB without reloading; ~2.7 KB at 4 warps, ~3.6 KB at 64 rows
+# and a ~1.9 KB stack frame of spills per thread at 32 rows, 8 warps,
+# reloading (~2.3 KB before its input shared layer 0's tile: ``packs_input``);
+# before that, ~5 KB without reloading, ~2.7 KB at 4 warps, ~3.6 KB at 64 rows
 # (``python -m experiments.gpu_kernels --ptxas``). Not yet timed on a GPU.
 BACKWARD_BLOCK_ROWS = 32
 BACKWARD_NUM_WARPS = 8
 RELOAD_WEIGHTS = True
 # Whether the layers below the top keep their recomputed gates for their backward
-# pass instead of computing them a second time there: L2O-DM's kernel then has 1/8
-# fewer products and 14% less PTX, and a 3.4 KB stack frame instead of 2.3 (ptxas,
+# pass instead of computing them a second time there: L2O-DM's kernel then has 1/10
+# fewer products and 13% less PTX, and a 2.7 KB stack frame instead of 1.9 (ptxas,
 # sm_90a, 32 rows, 8 warps). Not yet timed on a GPU.
 KEEP_LOWER_GATES = False
 
