@@ -409,3 +409,23 @@ def test_meta_steps_size_the_learned_optimizer_for_their_batch(imitation):
     thetas.append(step(theta, optax.sgd(1.0).init(theta), states, jax.random.PRNGKey(2), q)[0])
   assert seen == [(2, 6), ("tuned", 3)]
   chex.assert_trees_all_close(thetas[0], thetas[1], atol=1e-6, rtol=1e-5)
+
+
+def test_imitation_step_with_the_kernels():
+  """An imitation step (the learner fed the teacher's gradients, differentiated
+  through the interpreted kernels): the same loss and theta as with XLA's ops."""
+  from l2ojax.meta import imitation as imitation_lib
+  q = optimizees.get("quadratic", dim=6, num_instances=4)
+  teacher = imitation_lib.make_teacher()
+  outs = {}
+  for kernel in ("xla", "pallas_interpret"):
+    lopt = models.dm(lstm_kernel=kernel, preprocessing="identity", scale=1.0)
+    theta = lopt.init(jax.random.PRNGKey(0))
+    states = imitation_lib.make_init_imitation_states(lopt, teacher, 2)(
+        theta, jax.random.PRNGKey(1), q)
+    step = imitation_lib.make_imitation_step(lopt, teacher, optax.sgd(1.0), 4)
+    theta, _, _, metrics = step(theta, optax.sgd(1.0).init(theta), states,
+                                jax.random.PRNGKey(2), q)
+    outs[kernel] = (theta, metrics["imitation_loss"])
+  assert float(outs["xla"][1]) > 0
+  chex.assert_trees_all_close(outs["pallas_interpret"], outs["xla"], atol=1e-6, rtol=1e-5)

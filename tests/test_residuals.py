@@ -3,6 +3,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from l2ojax.models import residuals
 
@@ -47,3 +48,26 @@ def test_packed_gives_the_same_values_and_gradients_through_scan_and_vmap():
   hs = jnp.stack([h, -h, 2 * h])
   want, ours = loss(_step)(w, hs), loss(residuals.packed(_step))(w, hs)
   chex.assert_trees_all_close(ours, want, atol=1e-6, rtol=1e-6)
+
+
+def test_flat_gradient_sends_the_trees_gradient_to_the_vector():
+  """Read through ``flat_gradient`` in a loop of steps, a pytree's meta-gradient
+  arrives raveled on the vector (the same numbers as the plain gradient of the
+  tree), and the tree itself gets none."""
+  tree = {"a": jnp.arange(3.0), "b": {"c": jnp.full((2, 2), 0.5)}}
+  flat = ravel_pytree(tree)[0]
+
+  def loop(read):
+    def body(x, _):
+      t = read()
+      return jnp.tanh(x * t["a"].sum() + t["b"]["c"].sum()), x
+    return jnp.sum(jax.lax.scan(body, jnp.ones(4), None, length=5)[1] ** 2)
+
+  want = jax.grad(lambda tr: loop(lambda: tr))(tree)
+  d_flat, d_tree = jax.grad(
+      lambda f, tr: loop(lambda: residuals.flat_gradient(f, tr)), argnums=(0, 1))(flat, tree)
+  np.testing.assert_allclose(d_flat, ravel_pytree(want)[0], rtol=1e-6)
+  assert np.any(d_flat != 0)
+  assert all(not np.any(leaf) for leaf in jax.tree_util.tree_leaves(d_tree))
+  # the forward value is the tree itself
+  chex.assert_trees_all_equal(residuals.flat_gradient(flat, tree), tree)

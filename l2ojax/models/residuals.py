@@ -14,6 +14,7 @@ from typing import Callable, Dict, List
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 
 def packed(fn: Callable) -> Callable:
@@ -57,3 +58,30 @@ def packed(fn: Callable) -> Callable:
     return call(*args)
 
   return apply
+
+
+@jax.custom_vjp
+def flat_gradient(flat: jax.Array, tree):
+  """``tree``, whose gradient goes to ``flat`` (``ravel_pytree(tree)[0]``, the same
+  values) as one vector; ``tree`` itself gets none.
+
+  A loop of steps that reads the leaves of a loop-invariant pytree (a learned
+  optimizer's theta) sums their gradients over the steps in an accumulator per
+  leaf: a kernel per leaf and step on a GPU. Read through this, the loop sums
+  one vector. The forward pass reads the leaves themselves (no slicing of
+  ``flat`` per step).
+  """
+  del flat
+  return tree
+
+
+def _flat_gradient_fwd(flat, tree):
+  del flat
+  return tree, None
+
+
+def _flat_gradient_bwd(_, cotangent):
+  return (ravel_pytree(cotangent)[0], jax.tree_util.tree_map(jnp.zeros_like, cotangent))
+
+
+flat_gradient.defvjp(_flat_gradient_fwd, _flat_gradient_bwd)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from l2ojax.models import base, cells
+from l2ojax.models import base, cells, residuals
 
 
 class RNNPropState(NamedTuple):
@@ -131,7 +131,10 @@ class RNNProp:
 
   def transform(self, theta: dict) -> optax.GradientTransformationExtraArgs:
     base.check_theta(self, theta)
-    prepared = self.prepare(theta)
+    input_layer, stack = self.prepare(theta)
+    # the input layer's gradient collected as one vector (a loop of steps sums one
+    # accumulator for it, not one per array; the stack's is one already)
+    flat_input = ravel_pytree(input_layer)[0]
 
     def init_fn(params):
       base.check_params(self.name, params)
@@ -144,7 +147,8 @@ class RNNProp:
       if state.mu.shape[0] != flat_g.shape[0]:
         raise ValueError(f"rnnprop.update: gradients have {flat_g.shape[0]} coordinates, "
                          f"the optimizer state was made for {state.mu.shape[0]}")
-      delta, new_state = self.step(prepared, flat_g, state)
+      delta, new_state = self.step(
+          (residuals.flat_gradient(flat_input, input_layer), stack), flat_g, state)
       # theta is float32: keep the state's dtypes whatever the gradients' dtype
       new_state = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_state, state)
       return unravel(delta.astype(flat_g.dtype)), new_state

@@ -292,6 +292,9 @@ class Scale:
 
   def transform(self, theta: dict) -> optax.GradientTransformationExtraArgs:
     base.check_theta(self, theta)
+    # theta's gradient collected as one vector: a loop of steps then sums the
+    # meta-gradient of its ~25 arrays in one accumulator, not one per array
+    flat_theta = ravel_pytree(theta)[0]
 
     def init_fn(params):
       base.check_params(self.name, params)
@@ -306,8 +309,9 @@ class Scale:
         raise ValueError(f"scale.update: gradients have {flat_g.shape[0]} coordinates in "
                          f"{len(sizes)} tensors, the optimizer state was made for "
                          f"{state.param_h.shape[0]} in {state.tensor_h.shape[0]}")
-      step = residuals.packed(lambda th, g, st, v: self.step(th, g, st, sizes, v))
-      delta, new_state = step(theta, flat_g, state, value)
+      step = residuals.packed(lambda flat, th, g, st, v: self.step(
+          residuals.flat_gradient(flat, th), g, st, sizes, v))
+      delta, new_state = step(flat_theta, theta, flat_g, state, value)
       # theta is float32: keep the state's dtypes whatever the gradients' dtype
       new_state = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), new_state, state)
       return unravel(delta.astype(flat_g.dtype)), new_state
