@@ -8,7 +8,6 @@ with the teacher's. Nothing here knows which learned optimizer it trains.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import chex
@@ -16,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from l2ojax.meta import sharding as sharding_lib
 from l2ojax.meta import unroll as unroll_lib
-from l2ojax.meta.step import for_meta_batch, guarded_update, tree_all_finite
+from l2ojax.meta.step import guarded_update, per_optimizee_grads, tree_all_finite
 from l2ojax.optimizees.base import Optimizee
 
 TEACHERS: Dict[str, Callable[[float], optax.GradientTransformation]] = {
@@ -154,11 +152,7 @@ def make_imitation_step(lopt: Any, teacher: optax.GradientTransformation,
   def imitation_step(theta, outer_state, states: ImitationState, key, optimizee
                      ) -> Tuple[Any, Any, ImitationState, Dict[str, chex.Array]]:
     # each optimizee's loss and gradient (per device, given a mesh), then their means
-    per_optimizee = sharding_lib.per_device(
-        jax.vmap(jax.value_and_grad(functools.partial(one, for_meta_batch(lopt, states.params,
-                                                                         mesh)), has_aux=True),
-                 in_axes=(None, 0, 0, None)),
-        mesh, (False, True, True, False))
+    per_optimizee = per_optimizee_grads(one, lopt, states.params, mesh)
     keys = jax.random.split(key, states.step.shape[0])
     (ils, (states, fs)), grads = per_optimizee(theta, states, keys, optimizee)
     il = jnp.mean(ils)

@@ -52,6 +52,18 @@ def for_meta_batch(lopt: Any, params: chex.ArrayTree,
   return tune(max(leaves[0].shape[0] // devices, 1), coordinates)
 
 
+def per_optimizee_grads(one: Callable, lopt: Any, params: chex.ArrayTree,
+                        mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+  """(theta, states, keys, optimizee) -> ((losses, aux), grads), each per optimizee:
+  ``one(lopt, theta, state, key, optimizee) -> (loss, aux)`` differentiated in theta,
+  vmapped over the batch (per device, given a ``mesh``), with ``lopt`` as
+  ``for_meta_batch`` sizes it for the optimizees of ``params``."""
+  fn = jax.value_and_grad(functools.partial(one, for_meta_batch(lopt, params, mesh)),
+                          has_aux=True)
+  return sharding_lib.per_device(jax.vmap(fn, in_axes=(None, 0, 0, None)), mesh,
+                                 (False, True, True, False))
+
+
 def make_init_states_fn(lopt: Any, batch_size: int) -> Callable:
   """(theta, key, optimizee) -> UnrollState batched over ``batch_size`` fresh optimizees."""
 
@@ -122,11 +134,7 @@ def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_le
   def meta_step(theta, outer_state, states: UnrollState, key, optimizee
                 ) -> Tuple[Any, Any, UnrollState, Dict[str, chex.Array]]:
     batch = states.step.shape[0]
-    per_optimizee = sharding_lib.per_device(
-        jax.vmap(jax.value_and_grad(functools.partial(one, for_meta_batch(lopt, states.params,
-                                                                         mesh)), has_aux=True),
-                 in_axes=(None, 0, 0, None)),
-        mesh, (False, True, True, False))
+    per_optimizee = per_optimizee_grads(one, lopt, states.params, mesh)
     k_seg, k_reset = jax.random.split(key)
     (ml, (states, fs)), grads = per_optimizee(theta, states, jax.random.split(k_seg, batch),
                                               optimizee)
