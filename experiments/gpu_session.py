@@ -1,0 +1,358 @@
+r"""A bounded GPU session: the benchmark's open figures, then the paper-scale trainings.
+
+  python -m experiments.gpu_session --minutes=9 --data_path=mnist10k.npz --out=OUT
+
+runs, in order and within ``--minutes``:
+
+  check          the GPU tests of tests/test_lstm_kernel.py: compiled, the fused LSTM
+                 kernels give XLA's losses and meta-gradients (L2O-DM, RNNProp, L2O-DM
+                 with a bfloat16 state); the stages marked * need it to pass
+  dm_pallas*     W1 of L2O-DM with the fused kernels, B = 1, 8, 64, and W2
+  dm_xla_torch   W1 of L2O-DM with XLA's ops beside the PyTorch peer, B = 1, 8, 64
+  dm_bf16*       the fused kernels with a bfloat16 LSTM state, B = 1, 64, 256
+                 without remat, and W2
+  rnnprop*       W1 of RNNProp with the fused kernels, B = 1, 8, 64
+  scale          W1 of L2O-Scale, B = 1, 8, 64
+  train          the paper-scale meta-trainings, resumed: the five L2O-DM variants
+                 (experiments.ablation --family=dm) and L2O-Scale with and without
+                 CL+IL (--family=scale), seven processes sharing the GPU, until the
+                 session's time is up; each pauses with a checkpoint
+
+A benchmark stage runs only when its expected time still leaves
+``--train_minutes`` for the trainings, and is skipped when
+``bench_results/<gpu>_<stage>.json`` already exists (``--redo`` measures again):
+sessions too short for the whole list go on where the last one stopped. The
+trainings live in ``experiments/results/gpu_training/<family>/<variant>`` (a
+checkpoint, metrics.jsonl, calls.jsonl), so a session on a fresh machine resumes
+them from the repository.
+
+Everything a session produced comes back as one archive, ``OUT/session.tar.gz``,
+with repository-relative paths (the stages' JSON, the training folders with their
+latest checkpoint only), beside ``OUT/session.md`` (what ran, how it ended, the
+trainings' progress) and ``OUT/logs.tar.gz``. Back in the repository,
+
+  python -m experiments.gpu_session --unpack=OUT/session.tar.gz
+
+replaces each training folder by the archive's and adds the benchmark JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from typing import Callable, Dict, List, Sequence
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = "bench_results"
+TRAIN_DIR = os.path.join("experiments", "results", "gpu_training")
+# Processes and overrides per family: the ablation's five L2O-DM variants and the L2O-Scale
+# pair at once. An unrolled segment loop is 14% faster for L2O-DM; L2O-Scale's took minutes
+# to compile.
+TRAIN_FAMILIES = {"dm": (5, ("meta.scan_unroll=20",)), "scale": (2, ())}
+TRAIN_MEM_FRACTION = "0.12"  # seven processes on one GPU
+
+_MINUTES = flags.DEFINE_float("minutes", 9.0, "Wall-clock budget of the whole session.")
+_TRAIN_MINUTES = flags.DEFINE_float(
+    "train_minutes", 4.0, "Minutes kept for the trainings: a benchmark stage starts only when "
+    "its expected time leaves this much.")
+_STAGES = flags.DEFINE_list("stages", None, "Stages to consider (default: all, in order).")
+_REDO = flags.DEFINE_bool("redo", False, "Measure benchmark stages whose JSON exists.")
+_DATA_PATH = flags.DEFINE_string("data_path", "", "MNIST .npz for the trainings (offline).")
+_TRAIN_OVERRIDES = flags.DEFINE_multi_string(
+    "train_override", [], "An --override for every training (experiments.ablation's form).")
+_OUT = flags.DEFINE_string("out", os.environ.get("OUT", "runs/gpu_session"),
+                           "Where session.tar.gz, session.md and logs.tar.gz go.")
+_GPU = flags.DEFINE_string("gpu", "", "Short name of the machine in file names (default: "
+                           "from nvidia-smi, e.g. h100; cpu without one).")
+_UNPACK = flags.DEFINE_string("unpack", "", "Unpack this session.tar.gz into the repository "
+                              "and exit.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  argv: tuple            # python's arguments; "{out}" is the stage's output folder
+  minutes: float         # expected duration: a stage starts only when this much is left
+  needs_check: bool = False
+  bench: bool = True     # writes {out}/benchmark.json, kept as bench_results/<gpu>_<name>.json
+
+
+def _bench(name: str, minutes: float, *args: str, needs_check: bool = False) -> Stage:
+  return Stage(name, ("-m", "experiments.benchmark", *args, "--out={out}"), minutes, needs_check)
+
+
+_PALLAS = ("--lstm_kernel=pallas", "--torch=off")
+STAGES = (
+    Stage("check", ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu",
+                    "tests/test_lstm_kernel.py"), 2.0, bench=False),
+    _bench("dm_pallas", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS, needs_check=True),
+    _bench("dm_xla_torch", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
+           "--torch_iters=10"),
+    _bench("dm_bf16", 2.0, "--models=dm", "--batch_sizes=1,64,256", "--dm_state_dtype=bfloat16",
+           "--remat=none", "--remat_chunk=0", *_PALLAS, needs_check=True),
+    _bench("rnnprop", 1.5, "--models=rnnprop", "--batch_sizes=1,8,64", "--workloads=w1",
+           *_PALLAS, needs_check=True),
+    _bench("scale", 1.5, "--models=scale", "--batch_sizes=1,8,64", "--workloads=w1",
+           "--torch=off"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES) + ("train",)
+# The trainings pause this long before the session's end (an episode under way, a
+# checkpoint, the evaluation of a finished family) and get a SIGTERM 30 s before it.
+PACK_MINUTES = 1.5
+
+
+def train_commands(minutes: float, data_path: str, overrides: Sequence[str]) -> Dict[str, list]:
+  """One experiments.ablation call per family, resuming its variants from TRAIN_DIR."""
+  extra = [f"--override={o}" for o in overrides]
+  if data_path:
+    extra.append(f"--override=data.path={os.path.abspath(data_path)}")
+  return {family: ["-m", "experiments.ablation", f"--family={family}",
+                   f"--workdir={os.path.join(TRAIN_DIR, family)}", f"--processes={n}",
+                   f"--max_minutes={minutes:.2f}", *[f"--override={o}" for o in own], *extra]
+          for family, (n, own) in TRAIN_FAMILIES.items()}
+
+
+def short_gpu_name(name: str) -> str:
+  """"NVIDIA H100 80GB HBM3" -> "h100": the model number, for file names."""
+  m = re.search(r"\b([A-Za-z]\d{2,4})\b", name)
+  return (m.group(1) if m else re.sub(r"[^A-Za-z0-9]+", "_", name.strip())).lower()
+
+
+def gpu_name() -> str:
+  """The first GPU's short name from nvidia-smi (a JAX backend would take the GPU's
+  memory in this process); "cpu" without one."""
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return "cpu"
+  names = out.strip().splitlines()
+  return short_gpu_name(names[0]) if names else "cpu"
+
+
+def _run(argv: Sequence[str], log_path: str, timeout: float, env=None) -> int:
+  """Runs ``python argv`` in the repository; its output goes to ``log_path``. 124 on timeout."""
+  with open(log_path, "a") as log:
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    try:
+      return proc.wait(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+      proc.terminate()  # the trainings checkpoint on SIGTERM
+      try:
+        proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+      return 124
+
+
+def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve: float,
+               work: str, redo: bool, stage_list: Sequence[Stage] = STAGES,
+               root: str = REPO, clock: Callable[[], float] = time.monotonic) -> List[dict]:
+  """Runs the ``selected`` stages of ``stage_list`` in order, each only if it fits before
+  ``deadline`` less ``train_reserve`` seconds and, for a benchmark, was not measured on
+  this ``gpu`` before; keeps each benchmark's JSON under ``root``/bench_results."""
+  rows, check_ok = [], None
+  for st in stage_list:
+    if st.name not in selected:
+      continue
+    kept = os.path.join(root, BENCH_DIR, f"{gpu}_{st.name}.json")
+    left = deadline - clock() - train_reserve
+    why = None
+    if st.bench and os.path.exists(kept) and not redo:
+      why = f"measured before: {os.path.relpath(kept, root)}"
+    elif st.needs_check and check_ok is False:
+      why = "the check failed"
+    elif left < 60.0 * st.minutes:
+      why = f"{left / 60:.1f} min left, {st.minutes:g} expected"
+    if why:
+      rows.append({"stage": st.name, "status": "skipped", "why": why})
+      continue
+    out = os.path.join(work, st.name)
+    os.makedirs(out, exist_ok=True)
+    t0 = clock()
+    rc = _run([a.replace("{out}", out) for a in st.argv], os.path.join(work, f"{st.name}.log"), left)
+    row = {"stage": st.name, "status": "ok" if rc == 0 else f"exit {rc}",
+           "seconds": round(clock() - t0, 1)}
+    if st.name == "check":
+      check_ok = rc == 0
+    if st.bench and rc == 0:
+      os.makedirs(os.path.dirname(kept), exist_ok=True)
+      shutil.copyfile(os.path.join(out, "benchmark.json"), kept)
+      row["kept"] = os.path.relpath(kept, root)
+    rows.append(row)
+  return rows
+
+
+def run_trainings(commands: Dict[str, list], stop_at: float, work: str) -> List[dict]:
+  """All families' ablations at once, sharing the device; one still running at ``stop_at``
+  (time.monotonic) gets a SIGTERM: its trainings checkpoint the episode under way and exit."""
+  env = dict(os.environ)
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", TRAIN_MEM_FRACTION)
+  t0 = time.monotonic()
+  procs = {}
+  for family, argv in commands.items():
+    log = open(os.path.join(work, f"train_{family}.log"), "a")
+    procs[family] = (subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log,
+                                      stderr=subprocess.STDOUT, env=env), log)
+  rows = []
+  for family, (proc, log) in procs.items():
+    try:  # a family that finished evaluates its variants, which may outlast the budget
+      rc = proc.wait(timeout=max(stop_at - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+      proc.terminate()  # ablation passes SIGTERM on: each training checkpoints and exits
+      try:
+        rc = proc.wait(timeout=90)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+    log.close()
+    status = {0: "finished", 75: "paused (resumable)"}.get(rc, f"exit {rc}")
+    rows.append({"stage": f"train_{family}", "status": status,
+                 "seconds": round(time.monotonic() - t0, 1)})
+  return rows
+
+
+def latest_checkpoints(workdir: str) -> Dict[str, int]:
+  """Each run folder under ``workdir`` -> its latest complete checkpoint step."""
+  latest = {}
+  for root, dirs, _ in os.walk(workdir):
+    if os.path.basename(root) == "checkpoints":
+      steps = [int(d) for d in dirs if d.isdigit()
+               and os.path.exists(os.path.join(root, d, "_CHECKPOINT_METADATA"))]
+      if steps:
+        latest[os.path.dirname(root)] = max(steps)
+      dirs[:] = []
+  return latest
+
+
+def pack(archive: str, paths: Sequence[str], root: str = REPO) -> List[str]:
+  """Writes ``paths`` (files or folders, relative to ``root``) to a .tar.gz, leaving out
+  logs and every checkpoint but each run's latest; returns the members written."""
+  members = []
+  with tarfile.open(archive, "w:gz") as tar:
+    for rel in paths:
+      full = os.path.join(root, rel)
+      if os.path.isfile(full):
+        tar.add(full, rel)
+        members.append(rel)
+        continue
+      latest = latest_checkpoints(full)
+      for folder, dirs, files in os.walk(full):
+        dirs.sort()
+        if os.path.basename(folder) == "checkpoints":
+          keep = str(latest.get(os.path.dirname(folder), ""))
+          dirs[:] = [d for d in dirs if d == keep]
+        for f in sorted(files):
+          if f.endswith(".log"):
+            continue
+          path = os.path.join(folder, f)
+          tar.add(path, os.path.relpath(path, root))
+          members.append(os.path.relpath(path, root))
+  return members
+
+
+def unpack(archive: str, repo: str = REPO) -> List[str]:
+  """Extracts a session archive into ``repo``: each run folder (one holding checkpoints/)
+  in it replaces the repository's; other files are added or overwritten."""
+  with tarfile.open(archive, "r:gz") as tar:
+    names = tar.getnames()
+    for name in names:
+      if os.path.isabs(name) or ".." in name.split("/"):
+        raise ValueError(f"{archive}: member {name!r} is outside the repository")
+    runs = sorted({n.split("/checkpoints/")[0] for n in names if "/checkpoints/" in n})
+    for run in runs:
+      shutil.rmtree(os.path.join(repo, run), ignore_errors=True)
+    if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+      tar.extractall(repo, filter="data")
+    else:
+      tar.extractall(repo)
+  return runs
+
+
+def _tail(path: str, lines: int = 30) -> str:
+  if not os.path.exists(path):
+    return ""
+  with open(path, errors="replace") as f:
+    return "".join(f.readlines()[-lines:])
+
+
+def summary(rows: List[dict], gpu: str, work: str, status: Dict[str, str]) -> str:
+  out = io.StringIO()
+  out.write(f"# GPU session on {gpu}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+            "| stage | status | seconds | note |\n|---|---|---|---|\n")
+  for r in rows:
+    out.write(f"| {r['stage']} | {r['status']} | {r.get('seconds', '')} | "
+              f"{r.get('why', r.get('kept', ''))} |\n")
+  for family, table in status.items():
+    out.write(f"\n## {family} trainings\n\n{table}")
+  for r in rows:
+    if "seconds" in r:
+      out.write(f"\n## {r['stage']}: end of its log\n\n```\n"
+                f"{_tail(os.path.join(work, r['stage'] + '.log'))}```\n")
+  return out.getvalue()
+
+
+def main(argv):
+  del argv
+  if _UNPACK.value:
+    runs = unpack(_UNPACK.value)
+    print(f"unpacked {_UNPACK.value}; replaced {len(runs)} run folders: {runs}")
+    return
+  deadline = time.monotonic() + 60.0 * _MINUTES.value
+  selected = _STAGES.value or list(STAGE_NAMES)
+  unknown = sorted(set(selected) - set(STAGE_NAMES))
+  if unknown:
+    raise app.UsageError(f"--stages: unknown {unknown}; allowed: {list(STAGE_NAMES)}")
+  if "train" in selected and not _DATA_PATH.value:
+    raise app.UsageError("--data_path: the trainings need an MNIST .npz (the device is offline);"
+                         " e.g. mnist10k.npz")
+  if _DATA_PATH.value and not os.path.isfile(_DATA_PATH.value):
+    raise app.UsageError(f"--data_path={_DATA_PATH.value!r} is not a file")
+  gpu = _GPU.value or gpu_name()
+  out = os.path.abspath(_OUT.value)
+  work = os.path.join(out, "work")
+  os.makedirs(work, exist_ok=True)
+  reserve = 60.0 * _TRAIN_MINUTES.value if "train" in selected else 0.0
+  rows = run_stages(selected, gpu, deadline, reserve, work, _REDO.value)
+  status = {}
+  if "train" in selected:
+    minutes = (deadline - time.monotonic()) / 60.0 - PACK_MINUTES
+    if minutes >= 1.0:
+      rows += run_trainings(train_commands(minutes, _DATA_PATH.value, _TRAIN_OVERRIDES.value),
+                            deadline - 30.0, work)
+    else:
+      rows.append({"stage": "train", "status": "skipped", "why": f"{minutes:.1f} min left"})
+    for family in TRAIN_FAMILIES:  # their progress, for session.md
+      status[family] = subprocess.run(
+          [sys.executable, "-m", "experiments.ablation", f"--family={family}", "--status",
+           f"--workdir={os.path.join(TRAIN_DIR, family)}"], cwd=REPO, capture_output=True,
+          text=True).stdout
+  kept = [r["kept"] for r in rows if "kept" in r]
+  trained = [os.path.join(TRAIN_DIR, f) for f in TRAIN_FAMILIES
+             if os.path.isdir(os.path.join(REPO, TRAIN_DIR, f))] if "train" in selected else []
+  members = pack(os.path.join(out, "session.tar.gz"), kept + trained)
+  with tarfile.open(os.path.join(out, "logs.tar.gz"), "w:gz") as tar:
+    tar.add(work, "logs", filter=lambda t: t if t.isdir() or t.name.endswith(".log") else None)
+    for f in trained:
+      for log in sorted(os.listdir(os.path.join(REPO, f))):
+        if log.endswith(".log"):
+          tar.add(os.path.join(REPO, f, log), os.path.join("logs", os.path.basename(f), log))
+  text = summary(rows, gpu, work, status)
+  with open(os.path.join(out, "session.md"), "w") as f:
+    f.write(text + f"\nsession.tar.gz: {len(members)} files\n")
+  shutil.rmtree(work)
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,146 @@
+"""The bounded GPU session: stage scheduling, and training state carried between machines."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+import chex
+import pytest
+
+from experiments import gpu_session
+from l2ojax.meta import trainer
+from tests.helpers.configs import tiny_quadratic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join("experiments", "results", "gpu_training", "dm", "dm")
+
+
+def _config():
+  return tiny_quadratic(episodes=5, checkpoint_every=4, validation_period=2)
+
+
+def test_a_run_packed_on_one_machine_resumes_on_another_to_the_same_theta(tmp_path):
+  full = trainer.train(_config(), str(tmp_path / "full"), progress=False)
+  here, there = tmp_path / "device", tmp_path / "repo"
+  for _ in range(3):  # three paused calls: checkpoints 1, 2, 3; orbax keeps 2 and 3
+    trainer.train(_config(), str(here / RUN), progress=False, max_seconds=0.0)
+  (here / RUN / "dm.log").write_text("a log stays out of the archive")
+  assert gpu_session.latest_checkpoints(str(here)) == {str(here / RUN): 3}
+  archive = str(tmp_path / "session.tar.gz")
+  members = gpu_session.pack(archive, [os.path.dirname(RUN)], root=str(here))
+  assert all("/checkpoints/" not in m or "/checkpoints/3/" in m for m in members)
+  assert any("/checkpoints/3/" in m for m in members)
+  assert not any(m.endswith(".log") for m in members)
+
+  stale = there / RUN / "checkpoints" / "1"  # what the repository held before
+  stale.mkdir(parents=True)
+  (there / RUN / "metrics.jsonl").write_text("{}\n")
+  assert gpu_session.unpack(archive, repo=str(there)) == [RUN]
+  assert sorted(os.listdir(there / RUN / "checkpoints")) == ["3"]
+  assert len((there / RUN / "metrics.jsonl").read_text().splitlines()) == 3
+
+  res = trainer.train(_config(), str(there / RUN), progress=False)
+  assert res.finished and res.episodes == 5
+  chex.assert_trees_all_equal(res.theta, full.theta)  # bitwise, on the CPU
+
+
+def test_unpack_refuses_members_outside_the_repository(tmp_path):
+  evil = tmp_path / "evil.tar.gz"
+  payload = tmp_path / "x.txt"
+  payload.write_text("x")
+  with tarfile.open(evil, "w:gz") as tar:
+    tar.add(payload, "../outside.txt")
+  with pytest.raises(ValueError, match="outside the repository"):
+    gpu_session.unpack(str(evil), repo=str(tmp_path / "repo"))
+
+
+def _writes_json(name, minutes=1.0, needs_check=False, code="pass"):
+  """A stage that runs ``code`` and writes {out}/benchmark.json."""
+  script = (f"import json, os, sys; {code}; "
+            f"json.dump({{'stage': {name!r}}}, open(os.path.join(sys.argv[1], 'benchmark.json'), 'w'))")
+  return gpu_session.Stage(name, ("-c", script, "{out}"), minutes, needs_check)
+
+
+def test_stages_run_in_order_and_skip_what_was_measured_failed_its_check_or_does_not_fit(
+    tmp_path):
+  stages = [gpu_session.Stage("check", ("-c", "raise SystemExit(3)"), 0.1, bench=False),
+            _writes_json("measured"), _writes_json("kernels", needs_check=True),
+            _writes_json("fits", minutes=1.0), _writes_json("too_long", minutes=5.0),
+            _writes_json("not_selected")]
+  (tmp_path / "bench_results").mkdir()
+  (tmp_path / "bench_results" / "h100_measured.json").write_text("{}")
+  work = tmp_path / "work"
+  work.mkdir()
+  now = [0.0]
+  rows = gpu_session.run_stages(
+      ["check", "measured", "kernels", "fits", "too_long"], "h100", deadline=360.0,
+      train_reserve=120.0, work=str(work), redo=False, stage_list=stages, root=str(tmp_path),
+      clock=lambda: now[0])
+  status = {r["stage"]: (r["status"], r.get("why", "")) for r in rows}
+  assert list(status) == ["check", "measured", "kernels", "fits", "too_long"]
+  assert status["check"][0] == "exit 3"
+  assert status["measured"] == ("skipped", "measured before: bench_results/h100_measured.json")
+  assert status["kernels"] == ("skipped", "the check failed")
+  assert status["fits"][0] == "ok"  # 4 min left after the reserve, 1 expected
+  assert status["too_long"] == ("skipped", "4.0 min left, 5 expected")
+  kept = json.loads((tmp_path / "bench_results" / "h100_fits.json").read_text())
+  assert kept == {"stage": "fits"}
+  assert (tmp_path / "bench_results" / "h100_measured.json").read_text() == "{}"
+
+  rows = gpu_session.run_stages(["measured"], "h100", 360.0, 120.0, str(work), redo=True,
+                                stage_list=stages, root=str(tmp_path), clock=lambda: now[0])
+  assert rows[0]["status"] == "ok" and "stage" in json.loads(
+      (tmp_path / "bench_results" / "h100_measured.json").read_text())
+
+
+def test_a_stage_past_its_time_is_stopped(tmp_path):
+  stages = [_writes_json("hangs", minutes=0.0, code="import time; time.sleep(60)")]
+  rows = gpu_session.run_stages(["hangs"], "h100", deadline=2.0, train_reserve=0.0,
+                                work=str(tmp_path), redo=False, stage_list=stages,
+                                root=str(tmp_path), clock=lambda: 0.0)
+  assert rows[0]["status"] == "exit 124"
+  assert not (tmp_path / "bench_results").exists()
+
+
+def test_trainings_run_at_once_and_a_paused_one_reads_as_resumable(tmp_path):
+  commands = {"dm": ["-c", "raise SystemExit(75)"], "scale": ["-c", "pass"],
+              "slow": ["-c", "import time; time.sleep(60)"]}
+  rows = gpu_session.run_trainings(commands, time.monotonic() + 5.0, work=str(tmp_path))
+  status = {r["stage"]: r["status"] for r in rows}
+  assert status["train_dm"] == "paused (resumable)"
+  assert status["train_scale"] == "finished"
+  assert status["train_slow"] == "exit -15"  # SIGTERM: a training would checkpoint and exit
+  assert max(r["seconds"] for r in rows) < 30
+
+
+def test_training_commands_resume_the_repositorys_runs_with_the_data_and_time_given():
+  cmds = gpu_session.train_commands(6.5, "mnist10k.npz", ["seed=1"])
+  assert set(cmds) == {"dm", "scale"}
+  dm, scale = cmds["dm"], cmds["scale"]
+  assert dm[:3] == ["-m", "experiments.ablation", "--family=dm"]
+  assert f"--workdir={os.path.join(gpu_session.TRAIN_DIR, 'dm')}" in dm
+  assert "--processes=5" in dm and "--max_minutes=6.50" in dm
+  assert "--override=meta.scan_unroll=20" in dm and "--override=meta.scan_unroll=20" not in scale
+  for cmd in (dm, scale):
+    assert "--override=seed=1" in cmd
+    assert f"--override=data.path={os.path.abspath('mnist10k.npz')}" in cmd
+
+
+@pytest.mark.parametrize("smi,short", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                       ("NVIDIA A100-SXM4-40GB", "a100"),
+                                       ("NVIDIA GeForce RTX 4090", "nvidia_geforce_rtx_4090")])
+def test_short_gpu_names(smi, short):
+  assert gpu_session.short_gpu_name(smi) == short
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stages=check,bogus"], "--stages: unknown ['bogus']"),
+    (["--stages=train"], "--data_path: the trainings need an MNIST .npz"),
+    (["--stages=train", "--data_path=/no/such.npz"], "--data_path='/no/such.npz' is not a file")])
+def test_bad_flags_are_named(args, message, tmp_path):
+  out = subprocess.run([sys.executable, "-m", "experiments.gpu_session", *args,
+                        f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode != 0 and message in out.stderr + out.stdout
