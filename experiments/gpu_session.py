@@ -16,11 +16,12 @@ runs, in order and within ``--minutes``:
   train          the paper-scale meta-trainings, resumed: the five L2O-DM variants
                  (experiments.ablation --family=dm) and L2O-Scale with and without
                  CL+IL (--family=scale), seven processes sharing the GPU, until the
-                 session's time is up; each pauses with a checkpoint
+                 session's time is up; each pauses with a checkpoint. L2O-DM uses the
+                 fused kernels once the check has passed on that GPU
 
-A benchmark stage runs only when its expected time still leaves
-``--train_minutes`` for the trainings, and is skipped when
-``bench_results/<gpu>_<stage>.json`` already exists (``--redo`` measures again):
+A stage runs only when its expected time still leaves ``--train_minutes`` for
+the trainings, and is skipped when ``bench_results/<gpu>_<stage>.json``
+already exists (the check's records that it passed; ``--redo`` runs them again):
 sessions too short for the whole list go on where the last one stopped. The
 trainings live in ``experiments/results/gpu_training/<family>/<variant>`` (a
 checkpoint, metrics.jsonl, calls.jsonl), so a session on a fresh machine resumes
@@ -39,9 +40,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -72,6 +75,9 @@ _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "runs/gpu_session"),
                            "Where session.tar.gz, session.md and logs.tar.gz go.")
 _GPU = flags.DEFINE_string("gpu", "", "Short name of the machine in file names (default: "
                            "from nvidia-smi, e.g. h100; cpu without one).")
+_TRAIN_LSTM_KERNEL = flags.DEFINE_enum(
+    "train_lstm_kernel", "auto", ["auto", "xla", "pallas"], "L2O-DM's LSTM stack in the "
+    "trainings; auto: the fused kernels where the check has passed on this GPU.")
 _UNPACK = flags.DEFINE_string("unpack", "", "Unpack this session.tar.gz into the repository "
                               "and exit.")
 
@@ -82,7 +88,9 @@ class Stage:
   argv: tuple            # python's arguments; "{out}" is the stage's output folder
   minutes: float         # expected duration: a stage starts only when this much is left
   needs_check: bool = False
-  bench: bool = True     # writes {out}/benchmark.json, kept as bench_results/<gpu>_<name>.json
+  # True: writes {out}/benchmark.json, kept as bench_results/<gpu>_<name>.json; False: that
+  # file records that it passed
+  bench: bool = True
 
 
 def _bench(name: str, minutes: float, *args: str, needs_check: bool = False) -> Stage:
@@ -91,8 +99,11 @@ def _bench(name: str, minutes: float, *args: str, needs_check: bool = False) -> 
 
 _PALLAS = ("--lstm_kernel=pallas", "--torch=off")
 STAGES = (
-    Stage("check", ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu",
-                    "tests/test_lstm_kernel.py"), 2.0, bench=False),
+    Stage("check", ("-c", "import sys, jax, pytest\n"
+                    "if jax.default_backend() != 'gpu':\n"
+                    "  sys.exit(f'check: no GPU (jax backend {jax.default_backend()})')\n"
+                    "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'gpu',\n"
+                    "                      'tests/test_lstm_kernel.py']))"), 2.0, bench=False),
     _bench("dm_pallas", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS, needs_check=True),
     _bench("dm_xla_torch", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
            "--torch_iters=10"),
@@ -105,19 +116,26 @@ STAGES = (
 )
 STAGE_NAMES = tuple(s.name for s in STAGES) + ("train",)
 # The trainings pause this long before the session's end (an episode under way, a
-# checkpoint, the evaluation of a finished family) and get a SIGTERM 30 s before it.
+# checkpoint, the evaluation of a finished family), get a SIGTERM 40 s before it and are
+# killed TRAIN_STOP_SECONDS later.
 PACK_MINUTES = 1.5
+TRAIN_STOP_SECONDS = 60.0
 
 
-def train_commands(minutes: float, data_path: str, overrides: Sequence[str]) -> Dict[str, list]:
-  """One experiments.ablation call per family, resuming its variants from TRAIN_DIR."""
+def train_commands(minutes: float, data_path: str, overrides: Sequence[str],
+                   lstm_kernel: str = "xla") -> Dict[str, list]:
+  """One experiments.ablation call per family, resuming its variants from TRAIN_DIR;
+  ``lstm_kernel`` is L2O-DM's (the same model either way: a run may change it on resuming)."""
   extra = [f"--override={o}" for o in overrides]
   if data_path:
     extra.append(f"--override=data.path={os.path.abspath(data_path)}")
+  own = {family: [f"--override={o}" for o in family_overrides]
+         for family, (_, family_overrides) in TRAIN_FAMILIES.items()}
+  own["dm"].append(f"--override=model.options.lstm_kernel={lstm_kernel}")
   return {family: ["-m", "experiments.ablation", f"--family={family}",
                    f"--workdir={os.path.join(TRAIN_DIR, family)}", f"--processes={n}",
-                   f"--max_minutes={minutes:.2f}", *[f"--override={o}" for o in own], *extra]
-          for family, (n, own) in TRAIN_FAMILIES.items()}
+                   f"--max_minutes={minutes:.2f}", *own[family], *extra]
+          for family, (n, _) in TRAIN_FAMILIES.items()}
 
 
 def short_gpu_name(name: str) -> str:
@@ -138,20 +156,37 @@ def gpu_name() -> str:
   return short_gpu_name(names[0]) if names else "cpu"
 
 
-def _run(argv: Sequence[str], log_path: str, timeout: float, env=None) -> int:
-  """Runs ``python argv`` in the repository; its output goes to ``log_path``. 124 on timeout."""
+def _start(argv: Sequence[str], log, env=None) -> subprocess.Popen:
+  """``python argv`` in the repository, in a process group of its own (see ``_stop``)."""
+  return subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log,
+                          stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> int:
+  """SIGTERM (a training checkpoints and exits; the ablation passes it on to its trainings),
+  then, after ``grace`` seconds, SIGKILL to the whole group: nothing may go on writing
+  into the run folders while they are packed."""
+  proc.terminate()
+  try:
+    return proc.wait(timeout=grace)
+  except subprocess.TimeoutExpired:
+    pass
+  finally:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)  # children left behind by the group's leader
+    except ProcessLookupError:
+      pass
+  return proc.wait()
+
+
+def _run(argv: Sequence[str], log_path: str, timeout: float) -> int:
+  """Runs ``python argv``; its output goes to ``log_path``. 124 when stopped at ``timeout``."""
   with open(log_path, "a") as log:
-    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
+    proc = _start(argv, log)
     try:
       return proc.wait(timeout=max(timeout, 1.0))
     except subprocess.TimeoutExpired:
-      proc.terminate()  # the trainings checkpoint on SIGTERM
-      try:
-        proc.wait(timeout=60)
-      except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+      _stop(proc, grace=30.0)
       return 124
 
 
@@ -168,7 +203,9 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
     kept = os.path.join(root, BENCH_DIR, f"{gpu}_{st.name}.json")
     left = deadline - clock() - train_reserve
     why = None
-    if st.bench and os.path.exists(kept) and not redo:
+    if st.name == "check" and os.path.exists(kept) and not redo:
+      check_ok = True
+    if os.path.exists(kept) and not redo:
       why = f"measured before: {os.path.relpath(kept, root)}"
     elif st.needs_check and check_ok is False:
       why = "the check failed"
@@ -185,9 +222,14 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
            "seconds": round(clock() - t0, 1)}
     if st.name == "check":
       check_ok = rc == 0
-    if st.bench and rc == 0:
+    if rc == 0:
       os.makedirs(os.path.dirname(kept), exist_ok=True)
-      shutil.copyfile(os.path.join(out, "benchmark.json"), kept)
+      if st.bench:
+        shutil.copyfile(os.path.join(out, "benchmark.json"), kept)
+      else:
+        with open(kept, "w") as f:
+          json.dump({"passed": True, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                     "log_tail": _tail(os.path.join(work, f"{st.name}.log"), 5)}, f, indent=2)
       row["kept"] = os.path.relpath(kept, root)
     rows.append(row)
   return rows
@@ -202,19 +244,13 @@ def run_trainings(commands: Dict[str, list], stop_at: float, work: str) -> List[
   procs = {}
   for family, argv in commands.items():
     log = open(os.path.join(work, f"train_{family}.log"), "a")
-    procs[family] = (subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log,
-                                      stderr=subprocess.STDOUT, env=env), log)
+    procs[family] = (_start(argv, log, env), log)
   rows = []
   for family, (proc, log) in procs.items():
     try:  # a family that finished evaluates its variants, which may outlast the budget
       rc = proc.wait(timeout=max(stop_at - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
-      proc.terminate()  # ablation passes SIGTERM on: each training checkpoints and exits
-      try:
-        rc = proc.wait(timeout=90)
-      except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = proc.wait()
+      rc = _stop(proc, grace=TRAIN_STOP_SECONDS)
     log.close()
     status = {0: "finished", 75: "paused (resumable)"}.get(rc, f"exit {rc}")
     rows.append({"stage": f"train_{family}", "status": status,
@@ -328,8 +364,13 @@ def main(argv):
   if "train" in selected:
     minutes = (deadline - time.monotonic()) / 60.0 - PACK_MINUTES
     if minutes >= 1.0:
-      rows += run_trainings(train_commands(minutes, _DATA_PATH.value, _TRAIN_OVERRIDES.value),
-                            deadline - 30.0, work)
+      kernel = _TRAIN_LSTM_KERNEL.value
+      if kernel == "auto":
+        passed = os.path.exists(os.path.join(REPO, BENCH_DIR, f"{gpu}_check.json"))
+        kernel = "pallas" if passed else "xla"
+      rows += run_trainings(train_commands(minutes, _DATA_PATH.value, _TRAIN_OVERRIDES.value,
+                                           kernel), deadline - 40.0, work)
+      next(r for r in rows if r["stage"] == "train_dm")["why"] = f"lstm_kernel={kernel}"
     else:
       rows.append({"stage": "train", "status": "skipped", "why": f"{minutes:.1f} min left"})
     for family in TRAIN_FAMILIES:  # their progress, for session.md

@@ -89,10 +89,33 @@ def test_stages_run_in_order_and_skip_what_was_measured_failed_its_check_or_does
   assert kept == {"stage": "fits"}
   assert (tmp_path / "bench_results" / "h100_measured.json").read_text() == "{}"
 
+  assert not (tmp_path / "bench_results" / "h100_check.json").exists()
+
   rows = gpu_session.run_stages(["measured"], "h100", 360.0, 120.0, str(work), redo=True,
                                 stage_list=stages, root=str(tmp_path), clock=lambda: now[0])
   assert rows[0]["status"] == "ok" and "stage" in json.loads(
       (tmp_path / "bench_results" / "h100_measured.json").read_text())
+
+
+def test_a_check_that_passed_is_kept_and_lets_the_next_session_skip_it(tmp_path):
+  stages = [gpu_session.Stage("check", ("-c", "print('3 passed')"), 0.1, bench=False),
+            _writes_json("kernels", needs_check=True)]
+  for session in range(2):
+    rows = gpu_session.run_stages(["check", "kernels"], "h200", 600.0, 0.0, str(tmp_path),
+                                  redo=False, stage_list=stages, root=str(tmp_path),
+                                  clock=lambda: 0.0)
+    if session == 0:
+      assert [r["status"] for r in rows] == ["ok", "ok"]
+      kept = json.loads((tmp_path / "bench_results" / "h200_check.json").read_text())
+      assert kept["passed"] and "3 passed" in kept["log_tail"]
+    else:
+      assert [r["status"] for r in rows] == ["skipped", "skipped"]
+      assert all(r["why"].startswith("measured before") for r in rows)
+  (tmp_path / "bench_results" / "h200_kernels.json").unlink()
+  rows = gpu_session.run_stages(["check", "kernels"], "h200", 600.0, 0.0, str(tmp_path),
+                                redo=False, stage_list=stages, root=str(tmp_path),
+                                clock=lambda: 0.0)
+  assert [r["status"] for r in rows] == ["skipped", "ok"]  # the kept check counts as passed
 
 
 def test_a_stage_past_its_time_is_stopped(tmp_path):
@@ -104,15 +127,39 @@ def test_a_stage_past_its_time_is_stopped(tmp_path):
   assert not (tmp_path / "bench_results").exists()
 
 
-def test_trainings_run_at_once_and_a_paused_one_reads_as_resumable(tmp_path):
+def test_trainings_run_at_once_and_a_paused_one_reads_as_resumable(tmp_path, monkeypatch):
+  monkeypatch.setattr(gpu_session, "TRAIN_STOP_SECONDS", 2.0)
+  pid_file = tmp_path / "child.pid"
+  # a training that ignores SIGTERM (one still compiling polls for it only later), and its child
+  stubborn = tmp_path / "stubborn.py"
+  stubborn.write_text(
+      "import os, signal, subprocess, sys, time\n"
+      "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+      "if sys.argv[1:] == ['child']:\n"
+      f"  open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+      "else:\n"
+      "  subprocess.Popen([sys.executable, __file__, 'child'])\n"
+      "time.sleep(120)\n")
   commands = {"dm": ["-c", "raise SystemExit(75)"], "scale": ["-c", "pass"],
-              "slow": ["-c", "import time; time.sleep(60)"]}
+              "slow": ["-c", "import time; time.sleep(60)"], "stubborn": [str(stubborn)]}
   rows = gpu_session.run_trainings(commands, time.monotonic() + 5.0, work=str(tmp_path))
   status = {r["stage"]: r["status"] for r in rows}
   assert status["train_dm"] == "paused (resumable)"
   assert status["train_scale"] == "finished"
   assert status["train_slow"] == "exit -15"  # SIGTERM: a training would checkpoint and exit
+  assert status["train_stubborn"] == "exit -9"
   assert max(r["seconds"] for r in rows) < 30
+  child = int(pid_file.read_text())
+  time.sleep(0.5)
+  assert not _running(child)  # killed with its group, not left writing into the runs
+
+
+def _running(pid: int) -> bool:
+  try:  # a killed orphan may stay a zombie until its new parent reaps it
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
 
 
 def test_training_commands_resume_the_repositorys_runs_with_the_data_and_time_given():
@@ -123,6 +170,10 @@ def test_training_commands_resume_the_repositorys_runs_with_the_data_and_time_gi
   assert f"--workdir={os.path.join(gpu_session.TRAIN_DIR, 'dm')}" in dm
   assert "--processes=5" in dm and "--max_minutes=6.50" in dm
   assert "--override=meta.scan_unroll=20" in dm and "--override=meta.scan_unroll=20" not in scale
+  assert "--override=model.options.lstm_kernel=xla" in dm
+  assert not any("lstm_kernel" in a for a in scale)  # L2O-Scale has no LSTM stack option
+  assert "--override=model.options.lstm_kernel=pallas" in gpu_session.train_commands(
+      1.0, "", [], lstm_kernel="pallas")["dm"]
   for cmd in (dm, scale):
     assert "--override=seed=1" in cmd
     assert f"--override=data.path={os.path.abspath('mnist10k.npz')}" in cmd
