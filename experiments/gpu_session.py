@@ -305,6 +305,9 @@ def unpack(archive: str, repo: str = REPO) -> List[str]:
     for name in names:
       if os.path.isabs(name) or ".." in name.split("/"):
         raise ValueError(f"{archive}: member {name!r} is outside the repository")
+      if not any(name == d or name.startswith(d + "/") for d in (BENCH_DIR, TRAIN_DIR)):
+        raise ValueError(f"{archive}: member {name!r} is neither under {BENCH_DIR}/ nor "
+                         f"under {TRAIN_DIR}/")
     runs = sorted({n.split("/checkpoints/")[0] for n in names if "/checkpoints/" in n})
     for run in runs:
       shutil.rmtree(os.path.join(repo, run), ignore_errors=True)

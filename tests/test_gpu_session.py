@@ -46,7 +46,7 @@ def test_a_run_packed_on_one_machine_resumes_on_another_to_the_same_theta(tmp_pa
   chex.assert_trees_all_equal(res.theta, full.theta)  # bitwise, on the CPU
 
 
-def test_unpack_refuses_members_outside_the_repository(tmp_path):
+def test_unpack_refuses_members_outside_the_sessions_folders(tmp_path):
   evil = tmp_path / "evil.tar.gz"
   payload = tmp_path / "x.txt"
   payload.write_text("x")
@@ -54,6 +54,11 @@ def test_unpack_refuses_members_outside_the_repository(tmp_path):
     tar.add(payload, "../outside.txt")
   with pytest.raises(ValueError, match="outside the repository"):
     gpu_session.unpack(str(evil), repo=str(tmp_path / "repo"))
+  with tarfile.open(evil, "w:gz") as tar:
+    tar.add(payload, "l2ojax/__init__.py")
+  with pytest.raises(ValueError, match="'l2ojax/__init__.py' is neither under bench_results/"):
+    gpu_session.unpack(str(evil), repo=str(tmp_path / "repo"))
+  assert not (tmp_path / "repo").exists()
 
 
 def _writes_json(name, minutes=1.0, needs_check=False, code="pass"):
