@@ -48,6 +48,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from typing import Callable, Dict, List, Sequence
 
@@ -62,24 +63,28 @@ TRAIN_DIR = os.path.join("experiments", "results", "gpu_training")
 TRAIN_FAMILIES = {"dm": (5, ("meta.scan_unroll=20",)), "scale": (2, ())}
 TRAIN_MEM_FRACTION = "0.12"  # seven processes on one GPU
 
-_MINUTES = flags.DEFINE_float("minutes", 9.0, "Wall-clock budget of the whole session.")
-_TRAIN_MINUTES = flags.DEFINE_float(
-    "train_minutes", 4.0, "Minutes kept for the trainings: a benchmark stage starts only when "
-    "its expected time leaves this much.")
-_STAGES = flags.DEFINE_list("stages", None, "Stages to consider (default: all, in order).")
-_REDO = flags.DEFINE_bool("redo", False, "Measure benchmark stages whose JSON exists.")
-_DATA_PATH = flags.DEFINE_string("data_path", "", "MNIST .npz for the trainings (offline).")
-_TRAIN_OVERRIDES = flags.DEFINE_multi_string(
-    "train_override", [], "An --override for every training (experiments.ablation's form).")
-_OUT = flags.DEFINE_string("out", os.environ.get("OUT", "runs/gpu_session"),
-                           "Where session.tar.gz, session.md and logs.tar.gz go.")
-_GPU = flags.DEFINE_string("gpu", "", "Short name of the machine in file names (default: "
-                           "from nvidia-smi, e.g. h100; cpu without one).")
-_TRAIN_LSTM_KERNEL = flags.DEFINE_enum(
-    "train_lstm_kernel", "auto", ["auto", "xla", "pallas"], "L2O-DM's LSTM stack in the "
-    "trainings; auto: the fused kernels where the check has passed on this GPU.")
-_UNPACK = flags.DEFINE_string("unpack", "", "Unpack this session.tar.gz into the repository "
-                              "and exit.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a program: its names (data_path, out)
+  are those of experiments.benchmark, which a process may import beside this module."""
+  flags.DEFINE_float("minutes", 9.0, "Wall-clock budget of the whole session.")
+  flags.DEFINE_float("train_minutes", 4.0, "Minutes kept for the trainings: a benchmark stage "
+                     "starts only when its expected time leaves this much.")
+  flags.DEFINE_list("stages", None, "Stages to consider (default: all, in order).")
+  flags.DEFINE_bool("redo", False, "Run again the stages done before on this GPU.")
+  flags.DEFINE_string("data_path", "", "MNIST .npz for the trainings (offline).")
+  flags.DEFINE_multi_string("train_override", [], "An --override for every training "
+                            "(experiments.ablation's form).")
+  flags.DEFINE_string("out", os.environ.get("OUT", "runs/gpu_session"),
+                      "Where session.tar.gz, session.md and logs.tar.gz go.")
+  flags.DEFINE_string("gpu", "", "Short name of the machine in file names (default: "
+                      "from nvidia-smi, e.g. h100; cpu without one).")
+  flags.DEFINE_enum("train_lstm_kernel", "auto", ["auto", "xla", "pallas"], "L2O-DM's LSTM "
+                    "stack in the trainings; auto: the fused kernels where the check has "
+                    "passed on this GPU.")
+  flags.DEFINE_string("unpack", "", "Unpack this session.tar.gz into the repository and exit.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,15 +150,19 @@ def short_gpu_name(name: str) -> str:
 
 
 def gpu_name() -> str:
-  """The first GPU's short name from nvidia-smi (a JAX backend would take the GPU's
-  memory in this process); "cpu" without one."""
-  try:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
-  except (OSError, subprocess.SubprocessError):
-    return "cpu"
-  names = out.strip().splitlines()
-  return short_gpu_name(names[0]) if names else "cpu"
+  """The first accelerator's short name, from nvidia-smi or else from JAX in a child
+  process (a JAX backend in this one would hold the GPU's memory); "cpu" without one."""
+  commands = (["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+              [sys.executable, "-c", "import jax; d = jax.devices()[0]; "
+               "print(d.device_kind if d.platform != 'cpu' else '')"])
+  for cmd in commands:
+    try:
+      out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+      continue
+    names = out.strip().splitlines()
+    return short_gpu_name(names[0]) if names and names[0].strip() else "cpu"
+  return "cpu"
 
 
 def _start(argv: Sequence[str], log, env=None) -> subprocess.Popen:
@@ -192,10 +201,11 @@ def _run(argv: Sequence[str], log_path: str, timeout: float) -> int:
 
 def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve: float,
                work: str, redo: bool, stage_list: Sequence[Stage] = STAGES,
-               root: str = REPO, clock: Callable[[], float] = time.monotonic) -> List[dict]:
+               root: str = REPO, clock: Callable[[], float] = time.monotonic,
+               after_each: Callable[[List[dict]], object] = lambda rows: None) -> List[dict]:
   """Runs the ``selected`` stages of ``stage_list`` in order, each only if it fits before
-  ``deadline`` less ``train_reserve`` seconds and, for a benchmark, was not measured on
-  this ``gpu`` before; keeps each benchmark's JSON under ``root``/bench_results."""
+  ``deadline`` less ``train_reserve`` seconds and was not done on this ``gpu`` before;
+  keeps each one's JSON under ``root``/bench_results and calls ``after_each(rows)``."""
   rows, check_ok = [], None
   for st in stage_list:
     if st.name not in selected:
@@ -232,6 +242,7 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
                      "log_tail": _tail(os.path.join(work, f"{st.name}.log"), 5)}, f, indent=2)
       row["kept"] = os.path.relpath(kept, root)
     rows.append(row)
+    after_each(rows)
   return rows
 
 
@@ -343,60 +354,69 @@ def summary(rows: List[dict], gpu: str, work: str, status: Dict[str, str]) -> st
 
 def main(argv):
   del argv
-  if _UNPACK.value:
-    runs = unpack(_UNPACK.value)
-    print(f"unpacked {_UNPACK.value}; replaced {len(runs)} run folders: {runs}")
+  if FLAGS.unpack:
+    runs = unpack(FLAGS.unpack)
+    print(f"unpacked {FLAGS.unpack}; replaced {len(runs)} run folders: {runs}")
     return
-  deadline = time.monotonic() + 60.0 * _MINUTES.value
-  selected = _STAGES.value or list(STAGE_NAMES)
+  deadline = time.monotonic() + 60.0 * FLAGS.minutes
+  selected = FLAGS.stages or list(STAGE_NAMES)
   unknown = sorted(set(selected) - set(STAGE_NAMES))
   if unknown:
     raise app.UsageError(f"--stages: unknown {unknown}; allowed: {list(STAGE_NAMES)}")
-  if "train" in selected and not _DATA_PATH.value:
+  if "train" in selected and not FLAGS.data_path:
     raise app.UsageError("--data_path: the trainings need an MNIST .npz (the device is offline);"
                          " e.g. mnist10k.npz")
-  if _DATA_PATH.value and not os.path.isfile(_DATA_PATH.value):
-    raise app.UsageError(f"--data_path={_DATA_PATH.value!r} is not a file")
-  gpu = _GPU.value or gpu_name()
-  out = os.path.abspath(_OUT.value)
-  work = os.path.join(out, "work")
-  os.makedirs(work, exist_ok=True)
-  reserve = 60.0 * _TRAIN_MINUTES.value if "train" in selected else 0.0
-  rows = run_stages(selected, gpu, deadline, reserve, work, _REDO.value)
-  status = {}
+  if FLAGS.data_path and not os.path.isfile(FLAGS.data_path):
+    raise app.UsageError(f"--data_path={FLAGS.data_path!r} is not a file")
+  gpu = FLAGS.gpu or gpu_name()
+  out = os.path.abspath(FLAGS.out)
+  os.makedirs(out, exist_ok=True)
+  work = tempfile.mkdtemp(prefix="gpu_session_")  # stage folders and logs; not under OUT
+  reserve = 60.0 * FLAGS.train_minutes if "train" in selected else 0.0
+  rows = run_stages(selected, gpu, deadline, reserve, work, FLAGS.redo,
+                    after_each=lambda rows: report(out, work, rows, gpu))
   if "train" in selected:
     minutes = (deadline - time.monotonic()) / 60.0 - PACK_MINUTES
     if minutes >= 1.0:
-      kernel = _TRAIN_LSTM_KERNEL.value
+      kernel = FLAGS.train_lstm_kernel
       if kernel == "auto":
         passed = os.path.exists(os.path.join(REPO, BENCH_DIR, f"{gpu}_check.json"))
         kernel = "pallas" if passed else "xla"
-      rows += run_trainings(train_commands(minutes, _DATA_PATH.value, _TRAIN_OVERRIDES.value,
+      rows += run_trainings(train_commands(minutes, FLAGS.data_path, FLAGS.train_override,
                                            kernel), deadline - 40.0, work)
       next(r for r in rows if r["stage"] == "train_dm")["why"] = f"lstm_kernel={kernel}"
     else:
       rows.append({"stage": "train", "status": "skipped", "why": f"{minutes:.1f} min left"})
-    for family in TRAIN_FAMILIES:  # their progress, for session.md
-      status[family] = subprocess.run(
-          [sys.executable, "-m", "experiments.ablation", f"--family={family}", "--status",
-           f"--workdir={os.path.join(TRAIN_DIR, family)}"], cwd=REPO, capture_output=True,
-          text=True).stdout
+    print(report(out, work, rows, gpu, trained=True))
+  else:
+    print(report(out, work, rows, gpu))
+  shutil.rmtree(work)
+
+
+def report(out: str, work: str, rows: List[dict], gpu: str, trained: bool = False) -> str:
+  """Writes OUT/session.tar.gz (the kept JSON; with ``trained``, the run folders), logs.tar.gz
+  and session.md for what has run so far; called after every stage, so a session stopped
+  from outside still returns what it finished."""
   kept = [r["kept"] for r in rows if "kept" in r]
-  trained = [os.path.join(TRAIN_DIR, f) for f in TRAIN_FAMILIES
-             if os.path.isdir(os.path.join(REPO, TRAIN_DIR, f))] if "train" in selected else []
-  members = pack(os.path.join(out, "session.tar.gz"), kept + trained)
+  runs = [os.path.join(TRAIN_DIR, f) for f in TRAIN_FAMILIES
+          if trained and os.path.isdir(os.path.join(REPO, TRAIN_DIR, f))]
+  members = pack(os.path.join(out, "session.tar.gz"), kept + runs)
   with tarfile.open(os.path.join(out, "logs.tar.gz"), "w:gz") as tar:
     tar.add(work, "logs", filter=lambda t: t if t.isdir() or t.name.endswith(".log") else None)
-    for f in trained:
+    for f in runs:
       for log in sorted(os.listdir(os.path.join(REPO, f))):
         if log.endswith(".log"):
           tar.add(os.path.join(REPO, f, log), os.path.join("logs", os.path.basename(f), log))
-  text = summary(rows, gpu, work, status)
+  status = {family: subprocess.run(  # the trainings' progress
+      [sys.executable, "-m", "experiments.ablation", f"--family={family}", "--status",
+       f"--workdir={os.path.join(TRAIN_DIR, family)}"], cwd=REPO, capture_output=True,
+      text=True).stdout for family in TRAIN_FAMILIES} if trained else {}
+  text = summary(rows, gpu, work, status) + f"\nsession.tar.gz: {len(members)} files\n"
   with open(os.path.join(out, "session.md"), "w") as f:
-    f.write(text + f"\nsession.tar.gz: {len(members)} files\n")
-  shutil.rmtree(work)
-  print(text)
+    f.write(text)
+  return text
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -78,11 +78,12 @@ def test_stages_run_in_order_and_skip_what_was_measured_failed_its_check_or_does
   (tmp_path / "bench_results" / "h100_measured.json").write_text("{}")
   work = tmp_path / "work"
   work.mkdir()
-  now = [0.0]
+  now, reported = [0.0], []
   rows = gpu_session.run_stages(
       ["check", "measured", "kernels", "fits", "too_long"], "h100", deadline=360.0,
       train_reserve=120.0, work=str(work), redo=False, stage_list=stages, root=str(tmp_path),
-      clock=lambda: now[0])
+      clock=lambda: now[0], after_each=lambda rows: reported.append(rows[-1]["stage"]))
+  assert reported == ["check", "fits"]  # after each stage that ran
   status = {r["stage"]: (r["status"], r.get("why", "")) for r in rows}
   assert list(status) == ["check", "measured", "kernels", "fits", "too_long"]
   assert status["check"][0] == "exit 3"
@@ -200,3 +201,18 @@ def test_bad_flags_are_named(args, message, tmp_path):
                         f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode != 0 and message in out.stderr + out.stdout
+
+
+def test_a_session_without_a_gpu_fails_its_check_and_reports_it(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "experiments.gpu_session", "--stages=check",
+                        "--gpu=nogpu", f"--out={tmp_path}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  report = (tmp_path / "session.md").read_text()
+  assert "| check | exit 1 |" in report and "check: no GPU (jax backend cpu)" in report
+  assert sorted(os.listdir(tmp_path)) == ["logs.tar.gz", "session.md", "session.tar.gz"]
+  with tarfile.open(tmp_path / "session.tar.gz") as tar:
+    assert tar.getnames() == []  # nothing kept: a failed check records nothing
+  with tarfile.open(tmp_path / "logs.tar.gz") as tar:
+    assert "logs/check.log" in tar.getnames()
+  assert not os.path.exists(os.path.join(ROOT, "bench_results", "nogpu_check.json"))
