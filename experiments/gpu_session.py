@@ -17,7 +17,9 @@ runs, in order and within ``--minutes``:
                  (experiments.ablation --family=dm) and L2O-Scale with and without
                  CL+IL (--family=scale), seven processes sharing the GPU, until the
                  session's time is up; each pauses with a checkpoint. L2O-DM uses the
-                 fused kernels once the check has passed on that GPU
+                 fused kernels once the check has passed on that GPU (unless W1 at
+                 B = 8 was measured faster with XLA's ops there); under CUDA MPS
+                 where it starts and a JAX client works under it (``--nomps``: not)
 
 A stage runs only when its expected time still leaves ``--train_minutes`` for
 the trainings, and is skipped when ``bench_results/<gpu>_<stage>.json``
@@ -50,7 +52,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from absl import app, flags
 
@@ -82,8 +84,8 @@ def define_flags() -> None:
   flags.DEFINE_string("gpu", "", "Short name of the machine in file names (default: "
                       "from nvidia-smi, e.g. h100; cpu without one).")
   flags.DEFINE_enum("train_lstm_kernel", "auto", ["auto", "xla", "pallas"], "L2O-DM's LSTM "
-                    "stack in the trainings; auto: the fused kernels where the check has "
-                    "passed on this GPU.")
+                    "stack in the trainings; auto: see training_kernel.")
+  flags.DEFINE_bool("mps", True, "Run the trainings under CUDA MPS where it starts and works.")
   flags.DEFINE_string("unpack", "", "Unpack this session.tar.gz into the repository and exit.")
 
 
@@ -246,10 +248,48 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
   return rows
 
 
-def run_trainings(commands: Dict[str, list], stop_at: float, work: str) -> List[dict]:
+MPS_CONTROL = "nvidia-cuda-mps-control"
+MPS_PROBE = ("-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))")
+
+
+def start_mps(work: str, probe: Sequence[str] = MPS_PROBE) -> Optional[Dict[str, str]]:
+  """Starts CUDA's multi-process service, so that the trainings' kernels (each process is
+  latency-bound at B = 8) may run side by side instead of taking turns on the GPU. Returns
+  the variables its clients need, or None where it is missing or a JAX client fails
+  under it (then it is stopped again and the trainings take turns)."""
+  control = shutil.which(MPS_CONTROL)
+  if control is None:
+    return None
+  env = {"CUDA_MPS_PIPE_DIRECTORY": os.path.join(work, "mps_pipe"),
+         "CUDA_MPS_LOG_DIRECTORY": os.path.join(work, "mps_log")}
+  for d in env.values():
+    os.makedirs(d, exist_ok=True)
+  full = {**os.environ, **env}
+  try:
+    subprocess.run([control, "-d"], env=full, check=True, timeout=60, capture_output=True)
+    out = subprocess.run([sys.executable, *probe], env=full, timeout=180, capture_output=True,
+                         text=True)
+  except (OSError, subprocess.SubprocessError):
+    stop_mps(env)
+    return None
+  if out.returncode != 0 or out.stdout.strip() != "3.0":
+    stop_mps(env)
+    return None
+  return env
+
+
+def stop_mps(env: Dict[str, str]) -> None:
+  control = shutil.which(MPS_CONTROL)
+  if control is not None:
+    subprocess.run([control], input="quit\n", env={**os.environ, **env}, text=True,
+                   timeout=60, capture_output=True)
+
+
+def run_trainings(commands: Dict[str, list], stop_at: float, work: str,
+                  extra_env: Optional[Dict[str, str]] = None) -> List[dict]:
   """All families' ablations at once, sharing the device; one still running at ``stop_at``
   (time.monotonic) gets a SIGTERM: its trainings checkpoint the episode under way and exit."""
-  env = dict(os.environ)
+  env = {**os.environ, **(extra_env or {})}
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", TRAIN_MEM_FRACTION)
   t0 = time.monotonic()
   procs = {}
@@ -267,6 +307,24 @@ def run_trainings(commands: Dict[str, list], stop_at: float, work: str) -> List[
     rows.append({"stage": f"train_{family}", "status": status,
                  "seconds": round(time.monotonic() - t0, 1)})
   return rows
+
+
+def training_kernel(bench_dir: str, gpu: str, batch: int = 8) -> str:
+  """L2O-DM's LSTM stack for the trainings: "pallas" once the check has passed on this GPU,
+  unless both stacks' W1 at the trainings' B is measured there and XLA's ops are faster."""
+  if not os.path.exists(os.path.join(bench_dir, f"{gpu}_check.json")):
+    return "xla"
+  speed = {}
+  for kernel, stage in (("pallas", "dm_pallas"), ("xla", "dm_xla_torch")):
+    path = os.path.join(bench_dir, f"{gpu}_{stage}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        speed[kernel] = next((r["steps_per_s"] for r in json.load(f)["rows"]
+                              if r["workload"] == "W1" and r["model"] == "dm"
+                              and r["B"] == batch), None)
+  if speed.get("pallas") and speed.get("xla") and speed["xla"] > speed["pallas"]:
+    return "xla"
+  return "pallas"
 
 
 def latest_checkpoints(workdir: str) -> Dict[str, int]:
@@ -380,11 +438,16 @@ def main(argv):
     if minutes >= 1.0:
       kernel = FLAGS.train_lstm_kernel
       if kernel == "auto":
-        passed = os.path.exists(os.path.join(REPO, BENCH_DIR, f"{gpu}_check.json"))
-        kernel = "pallas" if passed else "xla"
-      rows += run_trainings(train_commands(minutes, FLAGS.data_path, FLAGS.train_override,
-                                           kernel), deadline - 40.0, work)
-      next(r for r in rows if r["stage"] == "train_dm")["why"] = f"lstm_kernel={kernel}"
+        kernel = training_kernel(os.path.join(REPO, BENCH_DIR), gpu)
+      mps = start_mps(work) if FLAGS.mps else None
+      try:
+        rows += run_trainings(train_commands(minutes, FLAGS.data_path, FLAGS.train_override,
+                                             kernel), deadline - 40.0, work, mps)
+      finally:
+        if mps is not None:
+          stop_mps(mps)
+      next(r for r in rows if r["stage"] == "train_dm")["why"] = (
+          f"lstm_kernel={kernel}; {'under' if mps else 'without'} CUDA MPS")
     else:
       rows.append({"stage": "train", "status": "skipped", "why": f"{minutes:.1f} min left"})
     print(report(out, work, rows, gpu, trained=True))

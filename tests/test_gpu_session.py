@@ -216,3 +216,57 @@ def test_a_session_without_a_gpu_fails_its_check_and_reports_it(tmp_path):
   with tarfile.open(tmp_path / "logs.tar.gz") as tar:
     assert "logs/check.log" in tar.getnames()
   assert not os.path.exists(os.path.join(ROOT, "bench_results", "nogpu_check.json"))
+
+
+def test_the_trainings_use_the_fused_kernels_once_checked_unless_measured_slower(tmp_path):
+  def bench(stage, steps_per_s):
+    rows = [{"workload": "W1", "model": "dm", "B": b, "steps_per_s": steps_per_s * b}
+            for b in (1, 8, 64)] + [{"workload": "W2", "model": "dm"}]
+    (tmp_path / f"h100_{stage}.json").write_text(json.dumps({"rows": rows}))
+
+  assert gpu_session.training_kernel(str(tmp_path), "h100") == "xla"  # not checked
+  (tmp_path / "h100_check.json").write_text('{"passed": true}')
+  assert gpu_session.training_kernel(str(tmp_path), "h100") == "pallas"
+  bench("dm_pallas", 900.0)
+  assert gpu_session.training_kernel(str(tmp_path), "h100") == "pallas"  # XLA's not measured
+  bench("dm_xla_torch", 1000.0)
+  assert gpu_session.training_kernel(str(tmp_path), "h100") == "xla"
+  bench("dm_pallas", 1100.0)
+  assert gpu_session.training_kernel(str(tmp_path), "h100") == "pallas"
+  assert gpu_session.training_kernel(str(tmp_path), "h200") == "xla"  # another GPU's check
+
+
+def _fake_mps_control(tmp_path, monkeypatch):
+  """An nvidia-cuda-mps-control on PATH that records how it was called."""
+  calls = tmp_path / "calls.txt"
+  control = tmp_path / "bin" / gpu_session.MPS_CONTROL
+  control.parent.mkdir()
+  control.write_text(f"#!{sys.executable}\n"
+                     "import os, sys\n"
+                     f"with open({str(calls)!r}, 'a') as f:\n"
+                     "  f.write(' '.join(sys.argv[1:] or [sys.stdin.read().strip()]) + ' '\n"
+                     "          + os.environ['CUDA_MPS_PIPE_DIRECTORY'] + '\\n')\n")
+  control.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{control.parent}{os.pathsep}{os.environ['PATH']}")
+  return calls
+
+
+def test_mps_is_started_for_the_trainings_and_stopped_after(tmp_path, monkeypatch):
+  calls = _fake_mps_control(tmp_path, monkeypatch)
+  env = gpu_session.start_mps(str(tmp_path), probe=("-c", "print(3.0)"))
+  assert env["CUDA_MPS_PIPE_DIRECTORY"] == str(tmp_path / "mps_pipe")
+  rows = gpu_session.run_trainings(
+      {"dm": ["-c", "import os; assert os.environ['CUDA_MPS_PIPE_DIRECTORY']"]},
+      time.monotonic() + 30.0, str(tmp_path), env)
+  assert rows[0]["status"] == "finished"  # the trainings see the service's variables
+  gpu_session.stop_mps(env)
+  pipe = str(tmp_path / "mps_pipe")
+  assert calls.read_text().splitlines() == [f"-d {pipe}", f"quit {pipe}"]
+
+
+def test_mps_is_stopped_and_left_out_where_a_jax_client_fails_under_it(tmp_path, monkeypatch):
+  calls = _fake_mps_control(tmp_path, monkeypatch)
+  assert gpu_session.start_mps(str(tmp_path), probe=("-c", "raise SystemExit(1)")) is None
+  assert [l.split()[0] for l in calls.read_text().splitlines()] == ["-d", "quit"]
+  monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+  assert gpu_session.start_mps(str(tmp_path)) is None  # not installed
