@@ -110,7 +110,7 @@ STAGES = (
                     "if jax.default_backend() != 'gpu':\n"
                     "  sys.exit(f'check: no GPU (jax backend {jax.default_backend()})')\n"
                     "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'gpu',\n"
-                    "                      'tests/test_lstm_kernel.py']))"), 2.0, bench=False),
+                    "                      'tests/test_lstm_kernel.py']))"), 2.5, bench=False),
     _bench("dm_pallas", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS, needs_check=True),
     _bench("dm_xla_torch", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
            "--torch_iters=10"),
