@@ -229,7 +229,8 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
     out = os.path.join(work, st.name)
     os.makedirs(out, exist_ok=True)
     t0 = clock()
-    rc = _run([a.replace("{out}", out) for a in st.argv], os.path.join(work, f"{st.name}.log"), left)
+    log = os.path.join(work, f"{st.name}.log")
+    rc = _run([a.replace("{out}", out) for a in st.argv], log, left)
     row = {"stage": st.name, "status": "ok" if rc == 0 else f"exit {rc}",
            "seconds": round(clock() - t0, 1)}
     if st.name == "check":
@@ -241,7 +242,7 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
       else:
         with open(kept, "w") as f:
           json.dump({"passed": True, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                     "log_tail": _tail(os.path.join(work, f"{st.name}.log"), 5)}, f, indent=2)
+                     "log_tail": _tail(log, 5)}, f, indent=2)
       row["kept"] = os.path.relpath(kept, root)
     rows.append(row)
     after_each(rows)

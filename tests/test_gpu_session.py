@@ -63,8 +63,8 @@ def test_unpack_refuses_members_outside_the_sessions_folders(tmp_path):
 
 def _writes_json(name, minutes=1.0, needs_check=False, code="pass"):
   """A stage that runs ``code`` and writes {out}/benchmark.json."""
-  script = (f"import json, os, sys; {code}; "
-            f"json.dump({{'stage': {name!r}}}, open(os.path.join(sys.argv[1], 'benchmark.json'), 'w'))")
+  script = (f"import json, os, sys; {code}; json.dump({{'stage': {name!r}}}, "
+            "open(os.path.join(sys.argv[1], 'benchmark.json'), 'w'))")
   return gpu_session.Stage(name, ("-c", script, "{out}"), minutes, needs_check)
 
 
