@@ -87,6 +87,7 @@ def define_flags() -> None:
                     "stack in the trainings; auto: see training_kernel.")
   flags.DEFINE_bool("mps", True, "Run the trainings under CUDA MPS where it starts and works.")
   flags.DEFINE_string("unpack", "", "Unpack this session.tar.gz into the repository and exit.")
+  flags.DEFINE_bool("plan", False, "Print what a session on --gpu would run, and exit.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,6 +423,9 @@ def main(argv):
   unknown = sorted(set(selected) - set(STAGE_NAMES))
   if unknown:
     raise app.UsageError(f"--stages: unknown {unknown}; allowed: {list(STAGE_NAMES)}")
+  if FLAGS.plan:
+    print(plan(selected, FLAGS.gpu or gpu_name(), FLAGS.redo), end="")
+    return
   if "train" in selected and not FLAGS.data_path:
     raise app.UsageError("--data_path: the trainings need an MNIST .npz (the device is offline);"
                          " e.g. mnist10k.npz")
@@ -455,6 +459,33 @@ def main(argv):
   else:
     print(report(out, work, rows, gpu))
   shutil.rmtree(work)
+
+
+def plan(selected: Sequence[str], gpu: str, redo: bool, root: str = REPO) -> str:
+  """The stages a session on ``gpu`` would consider, in order, and the trainings' state."""
+  lines = [f"GPU {gpu}:"]
+  for st in STAGES:
+    if st.name in selected:
+      kept = os.path.join(root, BENCH_DIR, f"{gpu}_{st.name}.json")
+      done = os.path.exists(kept) and not redo
+      lines.append(f"  {st.name:<13} {'done: ' + os.path.relpath(kept, root) if done else 'to run'}"
+                   f" ({st.minutes:g} min expected)")
+  if "train" in selected:
+    kernel = training_kernel(os.path.join(root, BENCH_DIR), gpu)
+    if kernel == "xla" and "check" in selected and not os.path.exists(
+        os.path.join(root, BENCH_DIR, f"{gpu}_check.json")):
+      kernel = "xla, pallas if the check passes"
+    lines.append(f"  train         L2O-DM with lstm_kernel={kernel}; runs in {TRAIN_DIR}:")
+    for family in TRAIN_FAMILIES:
+      folder = os.path.join(root, TRAIN_DIR, family)
+      runs = sorted(d for d in os.listdir(folder)
+                    if os.path.isdir(os.path.join(folder, d))) if os.path.isdir(folder) else []
+      latest = latest_checkpoints(folder) if runs else {}
+      lines.append(f"    {family}: " + (", ".join(
+          f"{r} (episode {latest.get(os.path.join(folder, r), 0)}"
+          f"{', done' if os.path.exists(os.path.join(folder, r, 'theta.msgpack')) else ''})"
+          for r in runs) or "not started"))
+  return "\n".join(lines) + "\n"
 
 
 def report(out: str, work: str, rows: List[dict], gpu: str, trained: bool = False) -> str:

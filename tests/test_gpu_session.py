@@ -270,3 +270,26 @@ def test_mps_is_stopped_and_left_out_where_a_jax_client_fails_under_it(tmp_path,
   assert [l.split()[0] for l in calls.read_text().splitlines()] == ["-d", "quit"]
   monkeypatch.setenv("PATH", str(tmp_path / "empty"))
   assert gpu_session.start_mps(str(tmp_path)) is None  # not installed
+
+
+def test_the_plan_names_what_is_done_and_how_far_each_training_got(tmp_path):
+  bench = tmp_path / "bench_results"
+  bench.mkdir()
+  (bench / "h100_check.json").write_text('{"passed": true}')
+  runs = tmp_path / gpu_session.TRAIN_DIR / "dm"
+  for step in (50, 100):
+    (runs / "dm" / "checkpoints" / str(step)).mkdir(parents=True)
+    (runs / "dm" / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").write_text("{}")
+  (runs / "dm" / "checkpoints" / "150.orbax-checkpoint-tmp-1").mkdir()  # a save cut short
+  (runs / "dm_cl").mkdir()
+  (runs / "dm_cl" / "theta.msgpack").write_bytes(b"")
+  text = gpu_session.plan(["check", "dm_pallas", "train"], "h100", redo=False, root=str(tmp_path))
+  assert text.splitlines() == [
+      "GPU h100:",
+      "  check         done: bench_results/h100_check.json (2.5 min expected)",
+      "  dm_pallas     to run (2 min expected)",
+      f"  train         L2O-DM with lstm_kernel=pallas; runs in {gpu_session.TRAIN_DIR}:",
+      "    dm: dm (episode 100), dm_cl (episode 0, done)",
+      "    scale: not started"]
+  text = gpu_session.plan(["check", "train"], "h200", redo=False, root=str(tmp_path))
+  assert "lstm_kernel=xla, pallas if the check passes;" in text
