@@ -202,6 +202,11 @@ def _run(argv: Sequence[str], log_path: str, timeout: float) -> int:
       return 124
 
 
+def kept_path(root: str, gpu: str, stage: str) -> str:
+  """Where a stage done on ``gpu`` keeps its JSON; its existence means done."""
+  return os.path.join(root, BENCH_DIR, f"{gpu}_{stage}.json")
+
+
 def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve: float,
                work: str, redo: bool, stage_list: Sequence[Stage] = STAGES,
                root: str = REPO, clock: Callable[[], float] = time.monotonic,
@@ -213,7 +218,7 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
   for st in stage_list:
     if st.name not in selected:
       continue
-    kept = os.path.join(root, BENCH_DIR, f"{gpu}_{st.name}.json")
+    kept = kept_path(root, gpu, st.name)
     left = deadline - clock() - train_reserve
     why = None
     if st.name == "check" and os.path.exists(kept) and not redo:
@@ -466,14 +471,14 @@ def plan(selected: Sequence[str], gpu: str, redo: bool, root: str = REPO) -> str
   lines = [f"GPU {gpu}:"]
   for st in STAGES:
     if st.name in selected:
-      kept = os.path.join(root, BENCH_DIR, f"{gpu}_{st.name}.json")
+      kept = kept_path(root, gpu, st.name)
       done = os.path.exists(kept) and not redo
       lines.append(f"  {st.name:<13} {'done: ' + os.path.relpath(kept, root) if done else 'to run'}"
                    f" ({st.minutes:g} min expected)")
   if "train" in selected:
     kernel = training_kernel(os.path.join(root, BENCH_DIR), gpu)
     if kernel == "xla" and "check" in selected and not os.path.exists(
-        os.path.join(root, BENCH_DIR, f"{gpu}_check.json")):
+        kept_path(root, gpu, "check")):
       kernel = "xla, pallas if the check passes"
     lines.append(f"  train         L2O-DM with lstm_kernel={kernel}; runs in {TRAIN_DIR}:")
     for family in TRAIN_FAMILIES:
