@@ -54,7 +54,7 @@ import optax
 from absl import app, flags
 
 from experiments import hugepages
-from l2ojax import models, optimizees
+from l2ojax import gpu, models, optimizees
 from l2ojax.meta import remat as remat_lib
 from l2ojax.meta import sharding as sharding_lib
 from l2ojax.meta import step as step_lib
@@ -83,6 +83,10 @@ _GRADIENT_CHUNKS = flags.DEFINE_integer(
     "gradient_chunks", 0, "L2O-DM's and RNNProp's partial sums of the LSTM weights' gradient "
     "in a loop of steps (0: the meta-step's choice for B with the fused kernels on a GPU, "
     "else 64 on a GPU, 1 elsewhere; see cells.auto_gradient_chunks).")
+_OPTIMIZEE_KERNEL = flags.DEFINE_enum(
+    "optimizee_kernel", "xla", list(gpu.KERNELS), "The MNIST MLP's loss and gradient per "
+    "step: XLA's ops, or one fused Pallas kernel on a GPU (W1 and W2, for every optimizer; "
+    "see optimizees.mlp_kernel).")
 _SHARD = flags.DEFINE_bool("shard", False, "Shard the meta-batch over all devices.")
 _WORKLOADS = flags.DEFINE_list("workloads", ["w1", "w2"], "Which workloads to run.")
 _W2_STEPS = flags.DEFINE_integer("w2_steps", 10_000, "W2 optimizee steps.")
@@ -259,6 +263,27 @@ def _fusion_bytes(comps, name: str) -> int:
   return total
 
 
+# Fused kernels that read only the rows of a table that an index operand names:
+# kernel name -> (the table operands, the index operand).
+_GATHERING_KERNELS = {"mlp_value_and_grad": ((0, 1), 2)}
+
+
+def _custom_call_bytes(line: str, shape: str, args: List[str], shapes: Dict[str, str]) -> int:
+  """Operands and output in full, but of a table that a gathering kernel reads
+  (``_GATHERING_KERNELS``) only the rows it gathers (one per int32 index)."""
+  sizes = [_bytes(shapes.get(a, "")) for a in args]
+  named = re.search(r'name = "(\w+)"', line)
+  tables, index = _GATHERING_KERNELS.get(named.group(1) if named else "", ((), None))
+  if index is not None and index < len(args):
+    gathered = sizes[index] // 4
+    for t in tables:
+      dims = re.search(r"\[(\d+)", shapes.get(args[t], ""))
+      rows = int(dims.group(1)) if dims else 0
+      if rows:
+        sizes[t] = min(sizes[t], sizes[t] // rows * gathered)
+  return _bytes(shape) + sum(sizes)
+
+
 def loop_bytes(text: str) -> List[int]:
   """Per loop body (as ``loop_ops_by_kind``): bytes its kernels read and write per
   iteration, estimated from the shapes of the compiled program (``_fusion_bytes``;
@@ -278,6 +303,8 @@ def loop_bytes(text: str) -> List[int]:
       # an asynchronous fusion (fusion-start ... fusion-done) moves what its computation does
       if op in ("fusion", "fusion-start") and called and called.group(1) in comps:
         total += _fusion_bytes(comps, called.group(1))
+      elif op == "custom-call":
+        total += _custom_call_bytes(line, shape, args, shapes)
       else:
         total += _bytes(shape) + sum(_bytes(shapes.get(a, "")) for a in args)
     found.append(total)
@@ -620,11 +647,11 @@ def main(argv):
     else:
       path = random_mnist_npz(tmp, seed=_SEED.value)
       data = "random uint8 data of MNIST's shape (10000 x 28 x 28, random labels), no download"
-    optimizee = optimizees.get("mnist_mlp", path=path)
+    optimizee = optimizees.get("mnist_mlp", path=path, kernel=_OPTIMIZEE_KERNEL.value)
   result = {"machine": machine(), "data": data, "notes": notes, "rows": [],
             "flags": {f: flags.FLAGS[f].value for f in
                       ("models", "batch_sizes", "segment", "iters", "warmup", "rounds", "remat",
-                       "remat_chunk", "unroll", "dm_state_dtype", "lstm_kernel", "gradient_chunks",
+                       "remat_chunk", "unroll", "dm_state_dtype", "lstm_kernel", "gradient_chunks", "optimizee_kernel",
                        "shard", "workloads", "w2_steps", "w2_optimizees", "w2_repeats",
                        "torch_iters")}}
   for note in notes:

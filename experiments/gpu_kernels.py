@@ -137,7 +137,8 @@ def report(label: str, program: Tuple[str, Optional[int], float],
 
 def main(argv):
   del argv
-  optimizee = optimizees.get("mnist_mlp", path=benchmark.random_mnist_npz("/tmp", n=1000))
+  optimizee = optimizees.get("mnist_mlp", path=benchmark.random_mnist_npz("/tmp", n=1000),
+                             kernel=benchmark._OPTIMIZEE_KERNEL.value)
   unroll = benchmark._UNROLL.value
   names = [m for m in benchmark._MODELS.value]
   # The default backend here is the CPU: resolve "0 = the meta-step's choice, else the
@@ -150,7 +151,8 @@ def main(argv):
                           or cells.GRADIENT_CHUNKS)
   print(f"jax {jax.__version__}, target {H100.split('device_description_str: ')[1].strip()}, "
         f"lstm_kernel={benchmark._LSTM_KERNEL.value}, gradient_chunks="
-        f"{benchmark._GRADIENT_CHUNKS.value or 'auto'}, unroll={unroll}", flush=True)
+        f"{benchmark._GRADIENT_CHUNKS.value or 'auto'}, unroll={unroll}, "
+        f"optimizee_kernel={benchmark._OPTIMIZEE_KERNEL.value}", flush=True)
   if "w1" in _WORKLOADS.value:
     for model in names:
       for b in [int(x) for x in benchmark._BATCH_SIZES.value]:
@@ -200,7 +202,7 @@ def ptxas_report(folder: str = PTX_DIR, arch: str = "sm_90a") -> None:
   for path in paths:
     with open(path) as f:
       text = f.read()
-    for name in re.findall(r"\.entry\s+(lstm_stack_\w+)\(", text):
+    for name in re.findall(r"\.entry\s+((?:lstm_stack|mlp)_\w+)\(", text):
       info = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.devnull],
                             capture_output=True, text=True).stderr
       found = [re.search(pattern, info) for pattern in (

@@ -174,3 +174,36 @@ def test_loop_bytes_and_kernels_of_an_asynchronous_fusion():
   index_bytes = 4
   assert benchmark.loop_bytes(_ASYNC_SLICE_LOOP) == [2 * slice_bytes + index_bytes + dot_bytes]
   assert benchmark.loop_ops_by_kind(_ASYNC_SLICE_LOOP) == [{"fusion-start": 1, "dot": 1}]
+
+
+_GATHER_LOOP = """
+%body (p: (u8[10000,784], s32[10000], s32[4,128], f32[8,8])) -> (u8[10000,784], s32[10000], s32[4,128], f32[8,8]) {
+  %p = (u8[10000,784]{1,0}, s32[10000]{0}, s32[4,128]{1,0}, f32[8,8]{1,0}) parameter(0)
+  %images = u8[10000,784]{1,0} get-tuple-element(%p), index=0
+  %labels = s32[10000]{0} get-tuple-element(%p), index=1
+  %idx = s32[4,128]{1,0} get-tuple-element(%p), index=2
+  %w = f32[8,8]{1,0} get-tuple-element(%p), index=3
+  %call = (f32[4]{0}, f32[4,8,8]{2,1,0}) custom-call(%images, %labels, %idx, %w), custom_call_target="__gpu$xla.gpu.triton", backend_config={grid_x = 4 : i32, ir = "...", name = "KERNEL", num_warps = 4 : i32}
+  %dot = f32[8,8]{1,0} dot(%w, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %tuple = (u8[10000,784]{1,0}, s32[10000]{0}, s32[4,128]{1,0}, f32[8,8]{1,0}) tuple(%images, %labels, %idx, %w)
+}
+
+ENTRY %main (a: (u8[10000,784], s32[10000], s32[4,128], f32[8,8])) -> (u8[10000,784], s32[10000], s32[4,128], f32[8,8]) {
+  %a = (u8[10000,784]{1,0}, s32[10000]{0}, s32[4,128]{1,0}, f32[8,8]{1,0}) parameter(0)
+  ROOT %while = (u8[10000,784]{1,0}, s32[10000]{0}, s32[4,128]{1,0}, f32[8,8]{1,0}) while(%a), condition=%cond, body=%body
+}
+"""
+
+
+def test_loop_bytes_of_a_kernel_that_gathers_rows_of_a_table():
+  """The fused MLP kernel reads only its minibatches' rows of the image table (4
+  programs x 128 of 10,000 rows): not the whole table every step. Another
+  custom call with the same operands reads them in full."""
+  from experiments import benchmark
+  rest = 4 * 128 * 4 + 8 * 8 * 4 + 4 * 4 + 4 * 8 * 8 * 4  # idx, w, outputs
+  dot_bytes = 3 * 8 * 8 * 4
+  gathered = 4 * 128 * (784 + 4)
+  assert benchmark.loop_bytes(_GATHER_LOOP.replace("KERNEL", "mlp_value_and_grad")) == [
+      gathered + rest + dot_bytes]
+  assert benchmark.loop_bytes(_GATHER_LOOP.replace("KERNEL", "other_kernel")) == [
+      10000 * (784 + 4) + rest + dot_bytes]

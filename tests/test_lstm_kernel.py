@@ -7,7 +7,6 @@ kernel; ``test_fused_kernel_on_gpu`` runs it compiled where a GPU exists.
 """
 import dataclasses
 import importlib
-import inspect
 import re
 import sys
 
@@ -22,24 +21,10 @@ import pytest
 from l2ojax import models, optimizees
 from l2ojax.meta.unroll import batch_rollout
 from l2ojax.optimizees import quadratic
+from tests.helpers.lowering import lower_for_cuda
 
 cells = importlib.import_module("l2ojax.models.cells")
 lstm_kernel = importlib.import_module("l2ojax.models.lstm_kernel")
-
-
-def _lower_for_cuda(fn, *args):
-  """jitted ``fn`` traced and lowered for CUDA without a GPU. From jax 0.11 the Pallas
-  Triton lowering reads the target's kind from the abstract mesh: name an H100 there."""
-  abstract_device = getattr(jax.sharding, "AbstractDevice", None)
-  if (jax.default_backend() == "gpu" or abstract_device is None  # older jax: no target needed
-      or "platform" not in inspect.signature(abstract_device).parameters):
-    return fn.trace(*args).lower(lowering_platforms=("cuda",))
-  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                       platform="gpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("d",), (jax.sharding.AxisType.Auto,),
-                                   abstract_device=device)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return fn.trace(*args).lower(lowering_platforms=("cuda",))
 
 
 def _stack(key, n_in, sizes, n_out=1, lead=(300,), state_dtype=jnp.float32):
@@ -225,7 +210,7 @@ def test_kernel_lowers_for_gpu():
   def forward(padded, x, hs, cs):
     return lstm_kernel.stack_forward(padded, x, hs, cs, 1, interpret=False, with_gates=True)
 
-  text = _lower_for_cuda(jax.jit(forward), stack.layouts.padded, x, [s.h for s in states],
+  text = lower_for_cuda(jax.jit(forward), stack.layouts.padded, x, [s.h for s in states],
                          [s.c for s in states]).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1
   assert "lstm_stack_forward" in text
@@ -238,7 +223,7 @@ def test_pallas_option_picks_the_kernel_only_for_cuda(name):
   keys = jax.random.split(jax.random.PRNGKey(1), 2)
   run = jax.jit(lambda th: batch_rollout(models.get(name, lstm_kernel="pallas").transform(th),
                                          quadratic(dim=8), keys, 3))
-  assert _lower_for_cuda(run, theta).as_text().count("__gpu$xla.gpu.triton") == 1
+  assert lower_for_cuda(run, theta).as_text().count("__gpu$xla.gpu.triton") == 1
   assert "triton" not in run.trace(theta).lower(lowering_platforms=("cpu",)).as_text()
 
 
@@ -254,7 +239,7 @@ def test_differentiated_stack_lowers_its_backward_pass_to_a_kernel(kernel, backw
                                  quadratic(dim=8), keys, 3))
 
   meta_grad = jax.jit(jax.grad(loss))
-  text = _lower_for_cuda(meta_grad, theta).as_text()
+  text = lower_for_cuda(meta_grad, theta).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1 + backward_kernels
   assert ("lstm_stack_backward" in text) == bool(backward_kernels)
   assert "triton" not in meta_grad.trace(theta).lower(lowering_platforms=("cpu",)).as_text()

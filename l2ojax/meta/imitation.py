@@ -86,8 +86,7 @@ def imitation_unroll(teacher: optax.GradientTransformation, learner: optax.Gradi
   if k < 1:
     raise ValueError(f"imitation.k must be >= 1, got {k}")
   keys = jax.random.split(key, num_steps * k + 1)
-  xs, loss_fn = unroll_lib.step_inputs(optimizee, keys[:-1])
-  loss_and_grad = jax.value_and_grad(loss_fn)
+  xs, loss_and_grad = unroll_lib.step_inputs(optimizee, keys[:-1])
 
   def teacher_step(carry, x):
     params, t_state = carry

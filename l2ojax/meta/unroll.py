@@ -66,17 +66,22 @@ _first_order_loss.defvjp(_first_order_loss_fwd, _first_order_loss_bwd)
 
 
 def step_inputs(optimizee: Optimizee, step_keys: chex.Array) -> Tuple[Any, Any]:
-  """(xs, loss_fn): what each step's loss takes, stacked over steps, and that loss.
+  """(xs, loss_and_grad): what each step's loss takes, stacked over steps, and
+  ``(params, instance, x) -> (loss, gradient)``.
 
   An optimizee that draws minibatches exposes ``minibatch(key)`` and
   ``batch_loss(params, instance, batch)`` (with ``loss(params, instance, key)
   == batch_loss(params, instance, minibatch(key))``); then every step's
   minibatch is drawn before the loop, in one batched draw instead of a chain
-  of small random-number kernels per step. The values are the same.
+  of small random-number kernels per step. The values are the same. Its
+  ``batch_value_and_grad``, where it has one (a fused kernel), replaces
+  ``jax.value_and_grad(batch_loss)``.
   """
   if hasattr(optimizee, "minibatch") and hasattr(optimizee, "batch_loss"):
-    return jax.vmap(optimizee.minibatch)(step_keys), optimizee.batch_loss
-  return step_keys, optimizee.loss
+    loss_and_grad = getattr(optimizee, "batch_value_and_grad",
+                            jax.value_and_grad(optimizee.batch_loss))
+    return jax.vmap(optimizee.minibatch)(step_keys), loss_and_grad
+  return step_keys, jax.value_and_grad(optimizee.loss)
 
 
 def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: UnrollState,
@@ -101,8 +106,7 @@ def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: Un
   if remat_chunk < 0 or unroll < 1:
     raise ValueError(f"scan_steps: remat_chunk={remat_chunk} must be >= 0 and "
                      f"unroll={unroll} >= 1")
-  xs, loss_fn = step_inputs(optimizee, step_keys)
-  loss_and_grad = jax.value_and_grad(loss_fn)
+  xs, loss_and_grad = step_inputs(optimizee, step_keys)
 
   flat_params = flat_carry and len(
       {jnp.result_type(p) for p in jax.tree_util.tree_leaves(state.params)}) == 1
@@ -114,7 +118,10 @@ def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: Un
   def body(carry, x):
     carried, opt_state = carry
     params = unravel(carried)
-    loss, grads = loss_and_grad(params, state.instance, x)
+    # first order: the step's loss and gradient are constants of the meta-gradient
+    # (its derivative flows through _first_order_loss), so nothing differentiates them
+    loss, grads = loss_and_grad(params if second_order else jax.lax.stop_gradient(params),
+                                state.instance, x)
     if not second_order:
       grads = jax.lax.stop_gradient(grads)
       # one saved vector per step for the backward pass, not one per leaf

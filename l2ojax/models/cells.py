@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from l2ojax import gpu
 from l2ojax.models import lstm_kernel
 
 
@@ -190,30 +191,12 @@ def _stack_core(kernel, layouts, grad, x, hs, cs):
   return _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=False)
 
 
-def _on_gpu(kernel, fused, xla, *args):
-  """``fused(*args)`` where the program is lowered for a CUDA GPU (or interpreted, on
-  request), ``xla(*args)`` elsewhere: the same function.
-
-  A Pallas kernel has no derivative of its own, so the fused version takes
-  ``xla``'s: a gradient of the stack's gradient (or of the pass that keeps
-  its residuals) differentiates XLA's ops. Both take every differentiable
-  value as an argument (the stack's layouts first), closing over none.
-  """
-  kernel_only = fused
-  fused = jax.custom_jvp(kernel_only)
-  fused.defjvp(lambda primals, tangents: (kernel_only(*primals),
-                                           jax.jvp(xla, primals, tangents)[1]))
-  if kernel == "pallas_interpret":
-    return fused(*args)
-  return jax.lax.platform_dependent(*args, cuda=fused, default=xla)
-
-
 def _flat(a: chex.Array) -> chex.Array:
   return a.reshape((-1, a.shape[-1]))
 
 
 def _fused_or_xla(kernel, layouts, x, hs, cs, with_gates):
-  """The fused forward kernel or XLA's ops (``_on_gpu``): (out, h's, c's[, ts]) as
+  """The fused forward kernel or XLA's ops (``gpu.on_gpu``): (out, h's, c's[, ts]) as
   ``_xla_stack``."""
   def fused(layouts, x, hs, cs):
     lead = x.shape[:-1]
@@ -230,7 +213,7 @@ def _fused_or_xla(kernel, layouts, x, hs, cs, with_gates):
     outs = (out, _cast_like(h_news, hs), _cast_like(c_news, cs))
     return outs + ((ts,) if with_gates else ())
 
-  return _on_gpu(kernel, fused, xla, layouts, x, hs, cs)
+  return gpu.on_gpu(kernel, fused, xla, layouts, x, hs, cs)
 
 
 def _cast_like(arrays, likes):
@@ -319,7 +302,7 @@ def _stack_core_bwd(kernel, res, cotangents):
     return (d_grad.astype(layouts.w_out.dtype), unflat(dx, layouts.ws[0]),
             tuple(map(unflat, dhs, dh_news)), tuple(map(unflat, dcs, dc_news)))
 
-  return (d_layouts,) + _on_gpu(kernel, fused, xla, layouts, *saved, *cotangents)
+  return (d_layouts,) + gpu.on_gpu(kernel, fused, xla, layouts, *saved, *cotangents)
 
 
 def _xla_stack_backward(layouts, k, inputs, gates, d_out, dh_news, dc_news):

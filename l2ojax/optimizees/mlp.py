@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from l2ojax import gpu
 from l2ojax.optimizees import data as data_lib
+from l2ojax.optimizees import mlp_kernel
 
 ACTIVATIONS = {"sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu, "tanh": jnp.tanh}
 
@@ -20,6 +22,10 @@ class MLP:
 
   The images (uint8, [N, D]) and labels are pytree leaves, so a jitted step
   takes them as device arguments rather than baking them in as constants.
+  ``kernel``: how ``batch_value_and_grad`` computes a step's loss and gradient
+  (``mlp_kernel``; one hidden layer only): "xla" (autodiff of ``batch_loss``),
+  "pallas" (one fused kernel where the program is compiled for a GPU, XLA's
+  ops elsewhere) or "pallas_interpret".
   """
 
   images: chex.Array
@@ -30,6 +36,7 @@ class MLP:
   num_classes: int = struct.field(pytree_node=False, default=10)
   init_scale: float = struct.field(pytree_node=False, default=0.01)
   name: str = struct.field(pytree_node=False, default="mnist_mlp")
+  kernel: str = struct.field(pytree_node=False, default="xla")
 
   def init(self, key: chex.PRNGKey) -> Tuple[dict, tuple]:
     sizes = (self.images.shape[-1],) + tuple(self.hidden_sizes) + (self.num_classes,)
@@ -64,10 +71,29 @@ class MLP:
     labels = jax.nn.one_hot(self.labels[idx], self.num_classes, dtype=x.dtype)
     return optax.softmax_cross_entropy(x, labels).mean()
 
+  def batch_value_and_grad(self, params: dict, instance: tuple,
+                           idx: chex.Array) -> Tuple[chex.Array, dict]:
+    """``jax.value_and_grad(batch_loss)``, by ``kernel``."""
+    xla = jax.value_and_grad(self.batch_loss)
+    if self.kernel == "xla":
+      return xla(params, instance, idx)
+
+    def fused(params, instance, idx):
+      del instance
+      loss, (dw1, db1, dw2, db2) = mlp_kernel.value_and_grad(
+          self.images, self.labels, idx, params["layer_0"]["w"], params["layer_0"]["b"],
+          params["layer_1"]["w"], params["layer_1"]["b"], self.activation,
+          interpret=self.kernel == "pallas_interpret")
+      grads = {"layer_0": {"w": dw1, "b": db1}, "layer_1": {"w": dw2, "b": db2}}
+      return loss, jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+
+    return gpu.on_gpu(self.kernel, fused, xla, params, instance, idx)
+
 
 def mlp(dataset: str = "mnist", hidden_sizes: Sequence[int] = (20,), activation: str = "sigmoid",
         batch_size: int = 128, init_scale: float = 0.01, source: str = "auto", path: str = "",
-        split: str = "test", data_dir: str = "", name: str = "mnist_mlp") -> MLP:
+        split: str = "test", data_dir: str = "", name: str = "mnist_mlp",
+        kernel: str = "xla") -> MLP:
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation={activation!r}; allowed: {sorted(ACTIVATIONS)}")
   hidden_sizes = tuple(int(h) for h in hidden_sizes)
@@ -75,6 +101,9 @@ def mlp(dataset: str = "mnist", hidden_sizes: Sequence[int] = (20,), activation:
     raise ValueError(f"hidden_sizes {hidden_sizes} and batch_size {batch_size} must be >= 1")
   ds = data_lib.load(dataset, source=source, path=path, split=split, data_dir=data_dir)
   images = jnp.asarray(ds.images.reshape(ds.images.shape[0], -1))
+  num_classes = int(ds.labels.max()) + 1 if ds.labels.size else 10
+  if kernel != "xla":
+    mlp_kernel.check_sizes(kernel, hidden_sizes, batch_size, num_classes)
   return MLP(images=images, labels=jnp.asarray(ds.labels), hidden_sizes=hidden_sizes,
              activation=activation, batch_size=batch_size, init_scale=init_scale,
-             num_classes=int(ds.labels.max()) + 1 if ds.labels.size else 10, name=name)
+             num_classes=num_classes, name=name, kernel=kernel)
