@@ -9,6 +9,10 @@ runs, in order and within ``--minutes``:
                  with a bfloat16 state); the stages marked * need it to pass
   dm_pallas*     W1 of L2O-DM with the fused kernels, B = 1, 8, 64, and W2
   dm_xla_torch   W1 of L2O-DM with XLA's ops beside the PyTorch peer, B = 1, 8, 64
+  check_mlp      the GPU test of tests/test_mlp_kernel.py: the fused MNIST-MLP loss and
+                 gradient kernel gives XLA's values and Adam curves; + needs it too
+  dm_fused_mlp*+ W1 of L2O-DM with both fused kernels (the LSTM stack's and the
+                 MLP's), B = 1, 8, and W2 (Adam and L2O-DM on the fused MLP)
   dm_bf16*       the fused kernels with a bfloat16 LSTM state, B = 1, 64, 256
                  without remat, and W2
   rnnprop*       W1 of RNNProp with the fused kernels, B = 1, 8, 64
@@ -18,7 +22,8 @@ runs, in order and within ``--minutes``:
                  CL+IL (--family=scale), seven processes sharing the GPU, until the
                  session's time is up; each pauses with a checkpoint. L2O-DM uses the
                  fused kernels once the check has passed on that GPU (unless W1 at
-                 B = 8 was measured faster with XLA's ops there); under CUDA MPS
+                 B = 8 was measured faster with XLA's ops there), every family the
+                 fused MLP kernel once check_mlp has passed there; under CUDA MPS
                  where it starts and a JAX client works under it (``--nomps``: not)
 
 A stage runs only when its expected time still leaves ``--train_minutes`` for
@@ -85,6 +90,9 @@ def define_flags() -> None:
                       "from nvidia-smi, e.g. h100; cpu without one).")
   flags.DEFINE_enum("train_lstm_kernel", "auto", ["auto", "xla", "pallas"], "L2O-DM's LSTM "
                     "stack in the trainings; auto: see training_kernel.")
+  flags.DEFINE_enum("train_optimizee_kernel", "auto", ["auto", "xla", "pallas"], "The MNIST "
+                    "MLP's loss and gradient in the trainings; auto: pallas once check_mlp "
+                    "passed on this GPU.")
   flags.DEFINE_bool("mps", True, "Run the trainings under CUDA MPS where it starts and works.")
   flags.DEFINE_string("unpack", "", "Unpack this session.tar.gz into the repository and exit.")
   flags.DEFINE_bool("plan", False, "Print what a session on --gpu would run, and exit.")
@@ -95,30 +103,39 @@ class Stage:
   name: str
   argv: tuple            # python's arguments; "{out}" is the stage's output folder
   minutes: float         # expected duration: a stage starts only when this much is left
-  needs_check: bool = False
+  needs: tuple = ()      # the checks (stages with bench=False) that must have passed
   # True: writes {out}/benchmark.json, kept as bench_results/<gpu>_<name>.json; False: that
   # file records that it passed
   bench: bool = True
 
 
-def _bench(name: str, minutes: float, *args: str, needs_check: bool = False) -> Stage:
-  return Stage(name, ("-m", "experiments.benchmark", *args, "--out={out}"), minutes, needs_check)
+def _bench(name: str, minutes: float, *args: str, needs: tuple = ()) -> Stage:
+  return Stage(name, ("-m", "experiments.benchmark", *args, "--out={out}"), minutes, needs)
+
+
+def _gpu_tests(name: str, minutes: float, test_file: str) -> Stage:
+  """A check: the GPU-only tests of ``test_file`` (fails at once without a GPU)."""
+  return Stage(name, ("-c", "import sys, jax, pytest\n"
+                      "if jax.default_backend() != 'gpu':\n"
+                      f"  sys.exit(f'{name}: no GPU (jax backend {{jax.default_backend()}})')\n"
+                      "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'gpu',\n"
+                      f"                      {test_file!r}]))"), minutes, bench=False)
 
 
 _PALLAS = ("--lstm_kernel=pallas", "--torch=off")
 STAGES = (
-    Stage("check", ("-c", "import sys, jax, pytest\n"
-                    "if jax.default_backend() != 'gpu':\n"
-                    "  sys.exit(f'check: no GPU (jax backend {jax.default_backend()})')\n"
-                    "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'gpu',\n"
-                    "                      'tests/test_lstm_kernel.py']))"), 2.5, bench=False),
-    _bench("dm_pallas", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS, needs_check=True),
+    _gpu_tests("check", 2.5, "tests/test_lstm_kernel.py"),
+    _bench("dm_pallas", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS, needs=("check",)),
     _bench("dm_xla_torch", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
            "--torch_iters=10"),
+    _gpu_tests("check_mlp", 1.0, "tests/test_mlp_kernel.py"),
+    # both fused kernels: the fewest kernels per optimizee step (W1 B = 1, W2)
+    _bench("dm_fused_mlp", 1.5, "--models=dm", "--batch_sizes=1,8", "--optimizee_kernel=pallas",
+           *_PALLAS, needs=("check", "check_mlp")),
     _bench("dm_bf16", 2.0, "--models=dm", "--batch_sizes=1,64,256", "--dm_state_dtype=bfloat16",
-           "--remat=none", "--remat_chunk=0", *_PALLAS, needs_check=True),
+           "--remat=none", "--remat_chunk=0", *_PALLAS, needs=("check",)),
     _bench("rnnprop", 1.5, "--models=rnnprop", "--batch_sizes=1,8,64", "--workloads=w1",
-           *_PALLAS, needs_check=True),
+           *_PALLAS, needs=("check",)),
     _bench("scale", 1.5, "--models=scale", "--batch_sizes=1,8,64", "--workloads=w1",
            "--torch=off"),
 )
@@ -131,12 +148,15 @@ TRAIN_STOP_SECONDS = 60.0
 
 
 def train_commands(minutes: float, data_path: str, overrides: Sequence[str],
-                   lstm_kernel: str = "xla") -> Dict[str, list]:
+                   lstm_kernel: str = "xla", optimizee_kernel: str = "xla") -> Dict[str, list]:
   """One experiments.ablation call per family, resuming its variants from TRAIN_DIR;
-  ``lstm_kernel`` is L2O-DM's (the same model either way: a run may change it on resuming)."""
+  ``lstm_kernel`` is L2O-DM's, ``optimizee_kernel`` the MNIST MLP's of every family (the
+  same functions either way: a run may change them on resuming)."""
   extra = [f"--override={o}" for o in overrides]
   if data_path:
     extra.append(f"--override=data.path={os.path.abspath(data_path)}")
+  if optimizee_kernel != "xla":
+    extra.append(f"--override=optimizee.options.kernel={optimizee_kernel}")
   own = {family: [f"--override={o}" for o in family_overrides]
          for family, (_, family_overrides) in TRAIN_FAMILIES.items()}
   own["dm"].append(f"--override=model.options.lstm_kernel={lstm_kernel}")
@@ -214,19 +234,21 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
   """Runs the ``selected`` stages of ``stage_list`` in order, each only if it fits before
   ``deadline`` less ``train_reserve`` seconds and was not done on this ``gpu`` before;
   keeps each one's JSON under ``root``/bench_results and calls ``after_each(rows)``."""
-  rows, check_ok = [], None
+  rows, passed = [], {}  # check -> whether it passed (this session, or kept from one before)
   for st in stage_list:
     if st.name not in selected:
       continue
     kept = kept_path(root, gpu, st.name)
     left = deadline - clock() - train_reserve
     why = None
-    if st.name == "check" and os.path.exists(kept) and not redo:
-      check_ok = True
+    if not st.bench and os.path.exists(kept) and not redo:
+      passed[st.name] = True
+    missing = [c for c in st.needs if not passed.get(c, os.path.exists(kept_path(root, gpu, c)))]
     if os.path.exists(kept) and not redo:
       why = f"measured before: {os.path.relpath(kept, root)}"
-    elif st.needs_check and check_ok is False:
-      why = "the check failed"
+    elif missing:
+      why = " and ".join(f"the {c} " + ("failed" if c in passed else "has not passed")
+                         for c in missing)
     elif left < 60.0 * st.minutes:
       why = f"{left / 60:.1f} min left, {st.minutes:g} expected"
     if why:
@@ -239,8 +261,8 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
     rc = _run([a.replace("{out}", out) for a in st.argv], log, left)
     row = {"stage": st.name, "status": "ok" if rc == 0 else f"exit {rc}",
            "seconds": round(clock() - t0, 1)}
-    if st.name == "check":
-      check_ok = rc == 0
+    if not st.bench:
+      passed[st.name] = rc == 0
     if rc == 0:
       os.makedirs(os.path.dirname(kept), exist_ok=True)
       if st.bench:
@@ -332,6 +354,12 @@ def training_kernel(bench_dir: str, gpu: str, batch: int = 8) -> str:
   if speed.get("pallas") and speed.get("xla") and speed["xla"] > speed["pallas"]:
     return "xla"
   return "pallas"
+
+
+def training_optimizee_kernel(root: str, gpu: str) -> str:
+  """The MNIST MLP's loss and gradient in the trainings: "pallas" once check_mlp has passed
+  on this GPU (in a meta-step the kernel only removes launches)."""
+  return "pallas" if os.path.exists(kept_path(root, gpu, "check_mlp")) else "xla"
 
 
 def latest_checkpoints(workdir: str) -> Dict[str, int]:
@@ -449,15 +477,20 @@ def main(argv):
       kernel = FLAGS.train_lstm_kernel
       if kernel == "auto":
         kernel = training_kernel(os.path.join(REPO, BENCH_DIR), gpu)
+      optimizee_kernel = FLAGS.train_optimizee_kernel
+      if optimizee_kernel == "auto":
+        optimizee_kernel = training_optimizee_kernel(REPO, gpu)
       mps = start_mps(work) if FLAGS.mps else None
       try:
         rows += run_trainings(train_commands(minutes, FLAGS.data_path, FLAGS.train_override,
-                                             kernel), deadline - 40.0, work, mps)
+                                             kernel, optimizee_kernel), deadline - 40.0, work,
+                              mps)
       finally:
         if mps is not None:
           stop_mps(mps)
       next(r for r in rows if r["stage"] == "train_dm")["why"] = (
-          f"lstm_kernel={kernel}; {'under' if mps else 'without'} CUDA MPS")
+          f"lstm_kernel={kernel}, optimizee kernel={optimizee_kernel}; "
+          f"{'under' if mps else 'without'} CUDA MPS")
     else:
       rows.append({"stage": "train", "status": "skipped", "why": f"{minutes:.1f} min left"})
     print(report(out, work, rows, gpu, trained=True))
@@ -480,7 +513,11 @@ def plan(selected: Sequence[str], gpu: str, redo: bool, root: str = REPO) -> str
     if kernel == "xla" and "check" in selected and not os.path.exists(
         kept_path(root, gpu, "check")):
       kernel = "xla, pallas if the check passes"
-    lines.append(f"  train         L2O-DM with lstm_kernel={kernel}; runs in {TRAIN_DIR}:")
+    optimizee_kernel = training_optimizee_kernel(root, gpu)
+    if optimizee_kernel == "xla" and "check_mlp" in selected:
+      optimizee_kernel = "xla, pallas if check_mlp passes"
+    lines.append(f"  train         L2O-DM with lstm_kernel={kernel}, the MLP's kernel "
+                 f"{optimizee_kernel}; runs in {TRAIN_DIR}:")
     for family in TRAIN_FAMILIES:
       folder = os.path.join(root, TRAIN_DIR, family)
       runs = sorted(d for d in os.listdir(folder)

@@ -61,17 +61,17 @@ def test_unpack_refuses_members_outside_the_sessions_folders(tmp_path):
   assert not (tmp_path / "repo").exists()
 
 
-def _writes_json(name, minutes=1.0, needs_check=False, code="pass"):
+def _writes_json(name, minutes=1.0, needs=(), code="pass"):
   """A stage that runs ``code`` and writes {out}/benchmark.json."""
   script = (f"import json, os, sys; {code}; json.dump({{'stage': {name!r}}}, "
             "open(os.path.join(sys.argv[1], 'benchmark.json'), 'w'))")
-  return gpu_session.Stage(name, ("-c", script, "{out}"), minutes, needs_check)
+  return gpu_session.Stage(name, ("-c", script, "{out}"), minutes, needs)
 
 
 def test_stages_run_in_order_and_skip_what_was_measured_failed_its_check_or_does_not_fit(
     tmp_path):
   stages = [gpu_session.Stage("check", ("-c", "raise SystemExit(3)"), 0.1, bench=False),
-            _writes_json("measured"), _writes_json("kernels", needs_check=True),
+            _writes_json("measured"), _writes_json("kernels", needs=("check",)),
             _writes_json("fits", minutes=1.0), _writes_json("too_long", minutes=5.0),
             _writes_json("not_selected")]
   (tmp_path / "bench_results").mkdir()
@@ -105,7 +105,7 @@ def test_stages_run_in_order_and_skip_what_was_measured_failed_its_check_or_does
 
 def test_a_check_that_passed_is_kept_and_lets_the_next_session_skip_it(tmp_path):
   stages = [gpu_session.Stage("check", ("-c", "print('3 passed')"), 0.1, bench=False),
-            _writes_json("kernels", needs_check=True)]
+            _writes_json("kernels", needs=("check",))]
   for session in range(2):
     rows = gpu_session.run_stages(["check", "kernels"], "h200", 600.0, 0.0, str(tmp_path),
                                   redo=False, stage_list=stages, root=str(tmp_path),
@@ -122,6 +122,27 @@ def test_a_check_that_passed_is_kept_and_lets_the_next_session_skip_it(tmp_path)
                                 redo=False, stage_list=stages, root=str(tmp_path),
                                 clock=lambda: 0.0)
   assert [r["status"] for r in rows] == ["skipped", "ok"]  # the kept check counts as passed
+
+
+def test_a_stage_needing_two_checks_runs_only_once_both_passed(tmp_path):
+  """Each check gates what needs it: one that failed, or never ran (no time), keeps its
+  stages out; one kept from an earlier session counts as passed."""
+  def check(name, rc):
+    return gpu_session.Stage(name, ("-c", f"raise SystemExit({rc})"), 0.1, bench=False)
+
+  both = _writes_json("both", needs=("check", "check_mlp"))
+  lstm_only = _writes_json("lstm_only", needs=("check",))
+  run = lambda stages, selected: {r["stage"]: (r["status"], r.get("why", "")) for r in (
+      gpu_session.run_stages(selected, "h100", 600.0, 0.0, str(tmp_path), redo=False,
+                             stage_list=stages, root=str(tmp_path), clock=lambda: 0.0))}
+  status = run([check("check", 0), check("check_mlp", 1), both, lstm_only],
+               ["check", "check_mlp", "both", "lstm_only"])
+  assert status["both"] == ("skipped", "the check_mlp failed")
+  assert status["lstm_only"][0] == "ok"
+  status = run([check("check_mlp", 0), both], ["both"])  # check_mlp not selected: never ran
+  assert status["both"] == ("skipped", "the check_mlp has not passed")
+  status = run([check("check_mlp", 0), both], ["check_mlp", "both"])
+  assert status["check_mlp"][0] == "ok" and status["both"][0] == "ok"
 
 
 def test_a_stage_past_its_time_is_stopped(tmp_path):
@@ -180,6 +201,10 @@ def test_training_commands_resume_the_repositorys_runs_with_the_data_and_time_gi
   assert not any("lstm_kernel" in a for a in scale)  # L2O-Scale has no LSTM stack option
   assert "--override=model.options.lstm_kernel=pallas" in gpu_session.train_commands(
       1.0, "", [], lstm_kernel="pallas")["dm"]
+  assert not any("optimizee.options.kernel" in a for a in dm + scale)
+  fused = gpu_session.train_commands(1.0, "", [], optimizee_kernel="pallas")
+  for cmd in fused.values():  # every family trains on the same MLP
+    assert "--override=optimizee.options.kernel=pallas" in cmd
   for cmd in (dm, scale):
     assert "--override=seed=1" in cmd
     assert f"--override=data.path={os.path.abspath('mnist10k.npz')}" in cmd
@@ -288,8 +313,13 @@ def test_the_plan_names_what_is_done_and_how_far_each_training_got(tmp_path):
       "GPU h100:",
       "  check         done: bench_results/h100_check.json (2.5 min expected)",
       "  dm_pallas     to run (2 min expected)",
-      f"  train         L2O-DM with lstm_kernel=pallas; runs in {gpu_session.TRAIN_DIR}:",
+      f"  train         L2O-DM with lstm_kernel=pallas, the MLP's kernel xla; runs in "
+      f"{gpu_session.TRAIN_DIR}:",
       "    dm: dm (episode 100), dm_cl (episode 0, done)",
       "    scale: not started"]
-  text = gpu_session.plan(["check", "train"], "h200", redo=False, root=str(tmp_path))
-  assert "lstm_kernel=xla, pallas if the check passes;" in text
+  text = gpu_session.plan(["check", "check_mlp", "train"], "h200", redo=False,
+                          root=str(tmp_path))
+  assert ("lstm_kernel=xla, pallas if the check passes, the MLP's kernel xla, pallas if "
+          "check_mlp passes;") in text
+  (bench / "h200_check_mlp.json").write_text('{"passed": true}')
+  assert "the MLP's kernel pallas;" in gpu_session.plan(["train"], "h200", False, str(tmp_path))
