@@ -121,12 +121,33 @@ def test_an_unknown_kernel_is_named(tiny_image_npz):
     _mlp(tiny_image_npz, "triton")
 
 
-def test_shapes_that_do_not_chain_are_named():
-  images, labels = jnp.zeros((10, 12), jnp.uint8), jnp.zeros((10,), jnp.int32)
-  w1, b1, w2, b2 = jnp.zeros((12, 4)), jnp.zeros(4), jnp.zeros((5, 3)), jnp.zeros(3)
-  with pytest.raises(ValueError, match=r"w2 \(5, 3\).*do not chain"):
-    mlp_kernel.value_and_grad(images, labels, jnp.zeros(4, jnp.int32), w1, b1, w2, b2,
-                              "sigmoid", interpret=True)
+def test_params_that_are_not_a_one_hidden_layer_mlp_are_named():
+  params = {"layer_0": {"w": jnp.zeros((12, 4)), "b": jnp.zeros(4)},
+            "layer_1": {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}}
+  with pytest.raises(ValueError, match=r"one-hidden-layer MLP's params"):
+    mlp_kernel.layout(params, flat=True)
+  params["layer_1"]["w"] = jnp.zeros((4, 3))
+  at = mlp_kernel.layout(params, flat=True)  # ravel_pytree's order: b1, w1, b2, w2
+  assert at.where == ((0, 4), (0, 0), (0, 55), (0, 52)) and at.sizes == (67,)
+  assert mlp_kernel.layout(params, flat=False).sizes == (48, 4, 12, 3)
+  with pytest.raises(ValueError, match=r"do not fit 10 inputs"):
+    mlp_kernel.value_and_grad(jnp.zeros((6, 10), jnp.uint8), jnp.zeros(6, jnp.int32),
+                              jnp.zeros(4, jnp.int32), (jnp.zeros(67),), at, "sigmoid",
+                              interpret=True)
+
+
+def test_the_flat_and_the_leafwise_layouts_agree(tiny_image_npz):
+  """On the flat vector an unroll carries, and on the leaves: the same loss and gradient."""
+  from jax.flatten_util import ravel_pytree
+  mlp = _mlp(tiny_image_npz, "pallas_interpret", batch_size=16)
+  params, instance = mlp.init(jax.random.PRNGKey(0))
+  idx = mlp.minibatch(jax.random.PRNGKey(1))
+  flat, unravel = ravel_pytree(params)
+  loss, flat_grad = mlp.flat_batch_value_and_grad(flat, unravel, instance, idx)
+  want = jax.value_and_grad(mlp.batch_loss)(params, instance, idx)
+  chex.assert_trees_all_close((loss, unravel(flat_grad)), want, atol=1e-6, rtol=1e-5)
+  chex.assert_trees_all_close(mlp.batch_value_and_grad(params, instance, idx), want,
+                              atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernel: needs a GPU")

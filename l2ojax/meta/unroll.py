@@ -115,17 +115,26 @@ def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: Un
   else:
     start, unravel = state.params, lambda p: p
 
+  # an optimizee that computes a step's loss and gradient on the flat vector itself
+  flat_loss_and_grad = (getattr(optimizee, "flat_batch_value_and_grad", None)
+                        if flat_params and hasattr(optimizee, "minibatch") else None)
+
   def body(carry, x):
     carried, opt_state = carry
     params = unravel(carried)
     # first order: the step's loss and gradient are constants of the meta-gradient
     # (its derivative flows through _first_order_loss), so nothing differentiates them
-    loss, grads = loss_and_grad(params if second_order else jax.lax.stop_gradient(params),
-                                state.instance, x)
+    at = carried if second_order else jax.lax.stop_gradient(carried)
+    if flat_loss_and_grad is not None:
+      loss, flat_grads = flat_loss_and_grad(at, unravel, state.instance, x)
+      grads = unravel(flat_grads)
+    else:
+      loss, grads = loss_and_grad(unravel(at), state.instance, x)
+      flat_grads = ravel_pytree(grads)[0] if flat_params else None
     if not second_order:
       grads = jax.lax.stop_gradient(grads)
       # one saved vector per step for the backward pass, not one per leaf
-      known = ravel_pytree(grads)[0] if flat_params else grads
+      known = jax.lax.stop_gradient(flat_grads) if flat_params else grads
       loss = _first_order_loss(carried, jax.lax.stop_gradient(loss), known)
     updates, opt_state = _call_update(tx, grads, opt_state, params, loss)
     if flat_params:

@@ -1,7 +1,7 @@
 """Multi-layer perceptrons on an image data set held on the device."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import chex
 import jax
@@ -80,14 +80,31 @@ class MLP:
 
     def fused(params, instance, idx):
       del instance
-      loss, (dw1, db1, dw2, db2) = mlp_kernel.value_and_grad(
-          self.images, self.labels, idx, params["layer_0"]["w"], params["layer_0"]["b"],
-          params["layer_1"]["w"], params["layer_1"]["b"], self.activation,
+      loss, grads = mlp_kernel.value_and_grad(
+          self.images, self.labels, idx, mlp_kernel.pieces(params),
+          mlp_kernel.layout(params, flat=False), self.activation,
           interpret=self.kernel == "pallas_interpret")
-      grads = {"layer_0": {"w": dw1, "b": db1}, "layer_1": {"w": dw2, "b": db2}}
-      return loss, jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+      return loss, mlp_kernel.unpieces(params, grads)
 
     return gpu.on_gpu(self.kernel, fused, xla, params, instance, idx)
+
+  def flat_batch_value_and_grad(self, flat: chex.Array, unravel: Callable, instance: tuple,
+                                idx: chex.Array) -> Tuple[chex.Array, chex.Array]:
+    """``batch_value_and_grad`` of ``unravel(flat)``, the gradient raveled like ``flat``:
+    for an unroll that carries the parameters as one vector (the fused kernel then
+    reads and writes that vector, not its slices)."""
+    xla = jax.value_and_grad(lambda f, inst, i: self.batch_loss(unravel(f), inst, i))
+    if self.kernel == "xla":
+      return xla(flat, instance, idx)
+
+    def fused(flat, instance, idx):
+      del instance
+      loss, (grad,) = mlp_kernel.value_and_grad(
+          self.images, self.labels, idx, (flat,), mlp_kernel.layout(unravel(flat), flat=True),
+          self.activation, interpret=self.kernel == "pallas_interpret")
+      return loss, grad.astype(flat.dtype)
+
+    return gpu.on_gpu(self.kernel, fused, xla, flat, instance, idx)
 
 
 def mlp(dataset: str = "mnist", hidden_sizes: Sequence[int] = (20,), activation: str = "sigmoid",

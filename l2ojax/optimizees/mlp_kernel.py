@@ -18,7 +18,7 @@ masked loads, and the padded lanes contribute exactly zero.
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import NamedTuple, Sequence, Tuple
 
 import chex
 import jax
@@ -78,16 +78,90 @@ def _activation(name: str, z: jax.Array) -> Tuple[jax.Array, jax.Array]:
   raise ValueError(f"mlp_kernel: activation {name!r}; allowed: relu, sigmoid, tanh")
 
 
-def _kernel(images_ref, labels_ref, idx_ref, w1_ref, b1_ref, w2_ref, b2_ref,
-            loss_ref, dw1_ref, db1_ref, dw2_ref, db2_ref, *, activation: str):
+PARAMS = ("w1", "b1", "w2", "b2")
+
+
+class Layout(NamedTuple):
+  """Where the MLP's parameters lie in the 1-D pieces the kernel reads (and where it
+  writes their gradient): per parameter of ``PARAMS`` (w1 [inputs, hidden], b1,
+  w2 [hidden, classes], b2, each row-major) its piece and offset there."""
+  inputs: int
+  hidden: int
+  classes: int
+  where: Tuple[Tuple[int, int], ...]  # per parameter: (piece, offset)
+  sizes: Tuple[int, ...]              # per piece
+
+
+def _mlp_leaves(params: dict) -> Tuple[chex.Array, ...]:
+  """(w1, b1, w2, b2) of a one-hidden-layer MLP's params, checked."""
+  try:
+    w1, b1 = params["layer_0"]["w"], params["layer_0"]["b"]
+    w2, b2 = params["layer_1"]["w"], params["layer_1"]["b"]
+    ok = (sorted(params) == ["layer_0", "layer_1"] and w1.ndim == 2 and w2.ndim == 2
+          and w2.shape[0] == w1.shape[1] and b1.shape == (w1.shape[1],)
+          and b2.shape == (w2.shape[1],))
+  except (KeyError, TypeError, AttributeError):
+    ok = False
+  if not ok:
+    raise ValueError("mlp_kernel: expected a one-hidden-layer MLP's params "
+                     f"{{layer_0, layer_1: {{w, b}}}}, got {jax.tree_util.tree_map(jnp.shape, params)}")
+  return w1, b1, w2, b2
+
+
+def layout(params: dict, flat: bool) -> Layout:
+  """The ``Layout`` of a one-hidden-layer MLP's ``{"layer_0": {"w", "b"}, "layer_1":
+  {"w", "b"}}``: with ``flat``, the one vector ``jax.flatten_util.ravel_pytree(params)``;
+  else the four leaves, each raveled (``pieces``)."""
+  w1, b1, w2, b2 = _mlp_leaves(params)
+  if not flat:
+    return Layout(w1.shape[0], w1.shape[1], w2.shape[1], tuple((i, 0) for i in range(4)),
+                  tuple(a.size for a in (w1, b1, w2, b2)))
+  offsets, at = {}, 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    offsets[jax.tree_util.keystr(path)] = at
+    at += leaf.size
+  names = (("layer_0", "w"), ("layer_0", "b"), ("layer_1", "w"), ("layer_1", "b"))
+  return Layout(w1.shape[0], w1.shape[1], w2.shape[1],
+                tuple((0, offsets[f"['{l}']['{n}']"]) for l, n in names), (at,))
+
+
+def pieces(params: dict) -> Tuple[chex.Array, ...]:
+  """The four leaves (w1, b1, w2, b2) raveled: what the kernel reads with
+  ``layout(params, flat=False)`` (a reshape, no copy)."""
+  return tuple(a.reshape(-1) for a in _mlp_leaves(params))
+
+
+def unpieces(params: dict, grads: Sequence[chex.Array]) -> dict:
+  """The kernel's gradient pieces (``flat=False``) in the tree of ``params``."""
+  w1, b1, w2, b2 = (g.reshape(a.shape).astype(a.dtype)
+                    for g, a in zip(grads, _mlp_leaves(params)))
+  return {"layer_0": {"w": w1, "b": b1}, "layer_1": {"w": w2, "b": b2}}
+
+
+def _kernel(images_ref, labels_ref, idx_ref, *refs, at: Layout, activation: str):
+  # refs: the parameters' pieces | the loss, the gradient's pieces
+  num = len(at.sizes)
+  param_refs, loss_ref, grad_refs = refs[:num], refs[num], refs[num + 1:]
   pl, plt = _pallas()
   m, = idx_ref.shape
-  d, hidden = w1_ref.shape
-  classes = w2_ref.shape[1]
+  d, hidden, classes = at.inputs, at.hidden, at.classes
   mp, hp, cp = _padded(m), _padded(hidden), _padded(classes)
   rows, h_cols, c_cols = jnp.arange(mp), jnp.arange(hp), jnp.arange(cp)
   row_ok, h_ok, c_ok = rows < m, h_cols < hidden, c_cols < classes
   idx = plt.load(idx_ref.at[rows], mask=row_ok, other=0)
+
+  def place(name, index, mask):  # (piece, where in it)
+    piece, offset = at.where[PARAMS.index(name)]
+    # masked lanes point past the piece: an interpreted masked store writes every lane
+    return piece, jnp.where(mask, offset + index, at.sizes[piece])
+
+  def load(name, index, mask):
+    piece, where = place(name, index, mask)
+    return plt.load(param_refs[piece].at[where], mask=mask, other=0.0)
+
+  def store(name, index, mask, value):
+    piece, where = place(name, index, mask)
+    plt.store(grad_refs[piece].at[where], value, mask=mask)
 
   def chunk_cols(k):
     cols = k * CHUNK + jnp.arange(CHUNK)
@@ -99,20 +173,22 @@ def _kernel(images_ref, labels_ref, idx_ref, w1_ref, b1_ref, w2_ref, b2_ref,
                  mask=row_ok[:, None] & ok[None, :], other=0)
     return x.astype(jnp.float32) / 255.0
 
+  w1_index = lambda cols: cols[:, None] * hidden + h_cols[None, :]
+  w2_index = h_cols[:, None] * classes + c_cols[None, :]
+  w2_ok = h_ok[:, None] & c_ok[None, :]
+
   def first_layer(k, acc):
     cols, ok = chunk_cols(k)
-    w = plt.load(w1_ref.at[cols[:, None], h_cols[None, :]],
-                 mask=ok[:, None] & h_ok[None, :], other=0.0)
+    w = load("w1", w1_index(cols), ok[:, None] & h_ok[None, :])
     return acc + jnp.dot(minibatch(k), w)
 
   chunks = -(-d // CHUNK)
   z = jax.lax.fori_loop(0, chunks, first_layer, jnp.zeros((mp, hp), jnp.float32))
-  z = z + plt.load(b1_ref.at[h_cols], mask=h_ok, other=0.0)[None, :]
+  z = z + load("b1", h_cols, h_ok)[None, :]
   h, dact = _activation(activation, z)
   h = jnp.where(h_ok[None, :], h, 0.0)
-  w2 = plt.load(w2_ref.at[h_cols[:, None], c_cols[None, :]],
-                mask=h_ok[:, None] & c_ok[None, :], other=0.0)
-  logits = jnp.dot(h, w2) + plt.load(b2_ref.at[c_cols], mask=c_ok, other=0.0)[None, :]
+  w2 = load("w2", w2_index, w2_ok)
+  logits = jnp.dot(h, w2) + load("b2", c_cols, c_ok)[None, :]
   logits = jnp.where(c_ok[None, :], logits, -1e30)
   top = jnp.max(logits, axis=1)
   e = jnp.exp(logits - top[:, None])
@@ -124,33 +200,35 @@ def _kernel(images_ref, labels_ref, idx_ref, w1_ref, b1_ref, w2_ref, b2_ref,
 
   d_logits = jnp.where(row_ok[:, None] & c_ok[None, :],
                        (e / total[:, None] - one_hot) / m, 0.0)
-  plt.store(dw2_ref.at[h_cols[:, None], c_cols[None, :]],
-            jax.lax.dot_general(h, d_logits, (((0,), (0,)), ((), ()))),
-            mask=h_ok[:, None] & c_ok[None, :])
-  plt.store(db2_ref.at[c_cols], jnp.sum(d_logits, axis=0), mask=c_ok)
+  store("w2", w2_index, w2_ok, jax.lax.dot_general(h, d_logits, (((0,), (0,)), ((), ()))))
+  store("b2", c_cols, c_ok, jnp.sum(d_logits, axis=0))
   dh = jax.lax.dot_general(d_logits, w2, (((1,), (1,)), ((), ())))
   dz = jnp.where(h_ok[None, :], dh * dact, 0.0)
-  plt.store(db1_ref.at[h_cols], jnp.sum(dz, axis=0), mask=h_ok)
+  store("b1", h_cols, h_ok, jnp.sum(dz, axis=0))
 
   def weight_gradient(k, carry):
     cols, ok = chunk_cols(k)
     dw = jax.lax.dot_general(minibatch(k), dz, (((0,), (0,)), ((), ())))
-    plt.store(dw1_ref.at[cols[:, None], h_cols[None, :]], dw,
-              mask=ok[:, None] & h_ok[None, :])
+    store("w1", w1_index(cols), ok[:, None] & h_ok[None, :], dw)
     return carry
 
   jax.lax.fori_loop(0, chunks, weight_gradient, 0)
 
 
-def value_and_grad(images: chex.Array, labels: chex.Array, idx: chex.Array, w1: chex.Array,
-                   b1: chex.Array, w2: chex.Array, b2: chex.Array, activation: str,
+def value_and_grad(images: chex.Array, labels: chex.Array, idx: chex.Array,
+                   params: Sequence[chex.Array], at: Layout, activation: str,
                    interpret: bool = False) -> Tuple[chex.Array, Tuple[chex.Array, ...]]:
-  """(mean cross-entropy of the rows ``idx`` of ``images``/``labels``, its gradient
-  (dw1, db1, dw2, db2)) of the MLP softmax(act(x / 255 @ w1 + b1) @ w2 + b2).
+  """(mean cross-entropy of the rows ``idx`` of ``images``/``labels``, its gradient) of
+  the MLP softmax(act(x / 255 @ w1 + b1) @ w2 + b2) whose parameters are the 1-D
+  arrays ``params`` laid out as ``at`` says (``layout``); the gradient as arrays
+  of the same shapes and layout.
 
   ``images``: [N, D] uint8 (or any dtype, divided by 255 like the MLP
   optimizee's), ``labels``: [N] integers, ``idx``: [M] row indices. The
   whole table stays in device memory; the kernel reads only the M rows.
+  ``params`` is one vector where an unroll carries the parameters flat (XLA
+  then passes the carry itself: slicing it into leaves would be a kernel per
+  leaf), else the leaves, raveled (concatenating them would be a kernel).
   ``interpret``: run the program on the current backend instead of compiling
   it for a GPU (tests).
   """
@@ -158,17 +236,18 @@ def value_and_grad(images: chex.Array, labels: chex.Array, idx: chex.Array, w1: 
   if images.ndim != 2 or labels.shape != images.shape[:1] or idx.ndim != 1:
     raise ValueError(f"mlp_kernel.value_and_grad: images [N, D], labels [N], idx [M]; got "
                      f"{images.shape}, {labels.shape}, {idx.shape}")
-  if w1.shape != (images.shape[1], b1.shape[0]) or w2.shape != (b1.shape[0], b2.shape[0]):
-    raise ValueError(f"mlp_kernel.value_and_grad: w1 {w1.shape}, b1 {b1.shape}, w2 "
-                     f"{w2.shape}, b2 {b2.shape} do not chain from {images.shape[1]} inputs")
+  if images.shape[1] != at.inputs or tuple(jnp.shape(p) for p in params) != tuple(
+      (n,) for n in at.sizes):
+    raise ValueError(f"mlp_kernel.value_and_grad: parameters "
+                     f"{[jnp.shape(p) for p in params]} laid out as {at} do not fit "
+                     f"{images.shape[1]} inputs")
   f32 = jnp.float32
-  out_shape = [jax.ShapeDtypeStruct((), f32)] + [jax.ShapeDtypeStruct(a.shape, f32)
-                                                 for a in (w1, b1, w2, b2)]
   loss, *grads = pl.pallas_call(
-      functools.partial(_kernel, activation=activation), out_shape=out_shape,
+      functools.partial(_kernel, at=at, activation=activation),
+      out_shape=[jax.ShapeDtypeStruct((), f32)] + [jax.ShapeDtypeStruct((n,), f32)
+                                                   for n in at.sizes],
       compiler_params=plt.CompilerParams(num_warps=NUM_WARPS * max(1, _padded(idx.shape[0]) // 128),
                                          num_stages=1),
       interpret=interpret, name="mlp_value_and_grad",
-  )(images, labels.astype(jnp.int32), idx.astype(jnp.int32), *(a.astype(f32)
-                                                               for a in (w1, b1, w2, b2)))
+  )(images, labels.astype(jnp.int32), idx.astype(jnp.int32), *(p.astype(f32) for p in params))
   return loss, tuple(grads)
