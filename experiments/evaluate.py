@@ -59,14 +59,23 @@ _MACHINE = flags.DEFINE_string("machine", "", "Machine to name in the summary (d
                                "platform and device kind).")
 _MODEL_OPTIONS = flags.DEFINE_list("model_options", [], "Overrides of the learned optimizer's "
                                     "options, NAME=VALUE,... (e.g. state_dtype=bfloat16).")
+_OPTIMIZEE_KERNEL = flags.DEFINE_enum(
+    "optimizee_kernel", "xla", ["xla", "pallas"], "The MLP problems' loss and gradient per "
+    "step: XLA's ops, or one fused Pallas kernel on a GPU (one hidden layer only; "
+    "optimizees.mlp_kernel).")
 _RELU_ON_LOGITS = flags.DEFINE_bool("relu_on_logits", False, "Conv nets: ReLU on the logits, "
                                     "as the paper's code did (to reproduce its figures).")
+
+
+MLP_PROBLEMS = ("mnist_mlp", "mnist_relu", "mnist_deeper", "fashion_mlp")
 
 
 def build(name: str, paths: dict):
   options = {}
   if name in ("mnist_conv", "cifar_conv"):
     options["relu_on_logits"] = _RELU_ON_LOGITS.value
+  if _OPTIMIZEE_KERNEL.value != "xla" and name in MLP_PROBLEMS:
+    options["kernel"] = _OPTIMIZEE_KERNEL.value
   if optimizees.uses_data(name):
     options.update(source=_SOURCE.value, path=paths.get(name, _PATH.value),
                    split=_SPLIT.value, data_dir=_DATA_DIR.value)

@@ -111,6 +111,23 @@ def test_evaluate_cli_overrides_the_learned_optimizers_options(tmp_path, tiny_im
   assert bad.returncode != 0 and "hiden" in bad.stderr and "state_dtype" in bad.stderr
 
 
+def test_evaluate_cli_with_the_fused_mlp_kernel(tmp_path, tiny_image_npz):
+  """--optimizee_kernel=pallas: off a GPU the MLP's own ops run, so the same curves; an MLP
+  the kernel cannot take is named."""
+  common = ("--optimizer=dm_cl_il_mnist", "--steps=20", "--seeds=2", "--tune_seeds=1",
+            "--baselines=adam", "--adam_learning_rates=0.01", f"--data_path={tiny_image_npz}")
+  out = {k: _run_evaluate(f"--workdir={tmp_path / k}", "--problems=mnist_mlp",
+                          f"--optimizee_kernel={k}", *common) for k in ("xla", "pallas")}
+  assert all(o.returncode == 0 for o in out.values()), out["pallas"].stderr[-3000:]
+  curves = {k: evaluation.read_curves_csv(str(tmp_path / k / "eval_mnist_mlp.csv"))
+            for k in out}
+  for name in curves["xla"]:
+    np.testing.assert_allclose(curves["pallas"][name], curves["xla"][name], rtol=1e-5)
+  deeper = _run_evaluate(f"--workdir={tmp_path / 'd'}", "--problems=mnist_deeper",
+                         "--optimizee_kernel=pallas", *common)
+  assert deeper.returncode != 0 and "one hidden layer; hidden_sizes=(20, 20)" in deeper.stderr
+
+
 def test_evaluate_cli_rejects_unknown_problem(tmp_path):
   out = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path}",
                         "--problems=imagenet_resnet"], cwd=ROOT, capture_output=True, text=True,
