@@ -202,6 +202,26 @@ def test_unknown_kernel_names_the_field():
                              cells.linear_init(jax.random.PRNGKey(1), 4, 1), kernel="tpu")
 
 
+@pytest.mark.parametrize("sizes", [(20, 20), (32,)], ids=["packed", "unpacked"])
+def test_forward_kernel_preprocesses_the_gradient_itself(sizes):
+  """``log_and_sign_k``: the kernel reads the gradient and computes log_and_sign in its
+  lanes (beside h where it fits, in a tile of its own where it does not): the same
+  outputs as from the preprocessed x, over gradients from 1e-12 to 10 and 0."""
+  from l2ojax.models import preprocess
+  layers, readout, _, states = _stack(jax.random.PRNGKey(3), 2, sizes, lead=(300,))
+  stack = cells.lstm_stack_prepare(layers, readout, kernel="pallas_interpret")
+  g = jnp.concatenate([jnp.logspace(-12, 1, 299) * jnp.where(jnp.arange(299) % 2, 1, -1),
+                       jnp.zeros(1)])
+  hs, cs = [s.h for s in states], [s.c for s in states]
+  want = lstm_kernel.stack_forward(stack.layouts.padded, preprocess.log_and_sign(g, 5.0),
+                                   hs, cs, 1, interpret=True)
+  got = lstm_kernel.stack_forward(stack.layouts.padded, g, hs, cs, 1, interpret=True,
+                                  log_and_sign_k=5.0)
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"gradient \(300,\) does not match x \(300, 3\)"):
+    cells.lstm_stack_run(stack, jnp.zeros((300, 3)), states, (g, 5.0))
+
+
 def test_kernel_lowers_for_gpu():
   """The kernel lowers to one Triton custom call (block shapes, dot tiles, masks)."""
   layers, readout, x, states = _stack(jax.random.PRNGKey(4), 2, (20, 20), lead=(15910,))

@@ -129,7 +129,9 @@ def test_params_that_are_not_a_one_hidden_layer_mlp_are_named():
   params["layer_1"]["w"] = jnp.zeros((4, 3))
   at = mlp_kernel.layout(params, flat=True)  # ravel_pytree's order: b1, w1, b2, w2
   assert at.where == ((0, 4), (0, 0), (0, 55), (0, 52)) and at.sizes == (67,)
-  assert mlp_kernel.layout(params, flat=False).sizes == (48, 4, 12, 3)
+  leafwise = mlp_kernel.layout(params, flat=False)
+  assert leafwise.sizes == (48, 4, 12, 3) and leafwise.where[2] == (2, 0)
+  assert leafwise.flat_offsets == at.flat_offsets == (4, 0, 55, 52)  # the gradient: flat
   with pytest.raises(ValueError, match=r"do not fit 10 inputs"):
     mlp_kernel.value_and_grad(jnp.zeros((6, 10), jnp.uint8), jnp.zeros(6, jnp.int32),
                               jnp.zeros(4, jnp.int32), (jnp.zeros(67),), at, "sigmoid",

@@ -176,44 +176,51 @@ class _Layouts(NamedTuple):
   padded: Optional[lstm_kernel.PaddedStack]  # None: XLA's ops
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stack_core(kernel, layouts, grad, x, hs, cs):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _stack_core(kernel, log_sign_k, layouts, grad, x, g, hs, cs):
   """Stacked pre-scaled cells (layer l's h' is layer l + 1's x), then the read-out.
 
   Computed from ``layouts``; the weights' gradient flows to ``grad``
   (``LSTMStack``: the same weights, flat, in partial sums), the layouts get
   none. ``kernel`` (``lstm_stack_prepare``) says which passes run as fused GPU
-  kernels.
+  kernels. ``log_sign_k``: None, or ``x`` is ``preprocess.log_and_sign(g, k)``
+  and a fused forward kernel computes it from ``g`` itself (``g`` gets no
+  gradient: x carries it).
   """
   del grad
   if kernel == "xla":
     return _xla_stack(layouts, x, hs, cs)[0]
-  return _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=False)
+  return _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=False, g=g,
+                       log_sign_k=log_sign_k)
 
 
 def _flat(a: chex.Array) -> chex.Array:
   return a.reshape((-1, a.shape[-1]))
 
 
-def _fused_or_xla(kernel, layouts, x, hs, cs, with_gates):
+def _fused_or_xla(kernel, layouts, x, hs, cs, with_gates, g=None, log_sign_k=None):
   """The fused forward kernel or XLA's ops (``gpu.on_gpu``): (out, h's, c's[, ts]) as
-  ``_xla_stack``."""
-  def fused(layouts, x, hs, cs):
+  ``_xla_stack``. With ``log_sign_k`` the kernel reads ``g`` and preprocesses it
+  itself (``_stack_core``); XLA's ops read ``x``."""
+  def fused(layouts, x, g, hs, cs):
     lead = x.shape[:-1]
-    outs = lstm_kernel.stack_forward(layouts.padded, _flat(x), [_flat(h) for h in hs],
-                                     [_flat(c) for c in cs], layouts.w_out.shape[1],
+    outs = lstm_kernel.stack_forward(layouts.padded,
+                                     _flat(x) if log_sign_k is None else g.reshape(-1),
+                                     [_flat(h) for h in hs], [_flat(c) for c in cs],
+                                     layouts.w_out.shape[1],
                                      interpret=kernel == "pallas_interpret",
-                                     with_gates=with_gates)
+                                     with_gates=with_gates, log_and_sign_k=log_sign_k)
     unflat = lambda a: a.reshape(lead + a.shape[-1:])
     return (unflat(outs[0]),) + tuple(tuple(unflat(a) for a in group) for group in outs[1:])
 
-  def xla(layouts, x, hs, cs):
+  def xla(layouts, x, g, hs, cs):
+    del g
     (out, h_news, c_news), ts = _xla_stack(layouts, x, [h.astype(x.dtype) for h in hs],
                                            [c.astype(x.dtype) for c in cs])
     outs = (out, _cast_like(h_news, hs), _cast_like(c_news, cs))
     return outs + ((ts,) if with_gates else ())
 
-  return gpu.on_gpu(kernel, fused, xla, layouts, x, hs, cs)
+  return gpu.on_gpu(kernel, fused, xla, layouts, x, g, hs, cs)
 
 
 def _cast_like(arrays, likes):
@@ -250,7 +257,7 @@ def _xla_stack(layouts, x, hs, cs):
   return (x @ layouts.w_out + layouts.b_out, tuple(h_news), tuple(c_news)), tuple(ts)
 
 
-def _stack_core_fwd(kernel, layouts, grad, x, hs, cs):
+def _stack_core_fwd(kernel, log_sign_k, layouts, grad, x, g, hs, cs):
   # Each layer's inputs, as ``_lstm_core``, but not the outputs h' that feed the
   # next layer and the read-out: the step after saves them again as its h. As
   # one array per kind, so that a loop of steps stacks them in one kernel each
@@ -259,12 +266,14 @@ def _stack_core_fwd(kernel, layouts, grad, x, hs, cs):
   # recomputes them, the gates' tanh.
   inputs = _saved_inputs(x, hs, cs)
   if kernel in ("pallas", "pallas_interpret"):
-    outs = _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=False)
+    outs = _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=False, g=g,
+                         log_sign_k=log_sign_k)
     return outs, (layouts, grad.shape[0], (inputs,))
   if kernel == "xla":
     outs, ts = _xla_stack(layouts, x, hs, cs)
   else:
-    *outs, ts = _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=True)
+    *outs, ts = _fused_or_xla(kernel, layouts, x, hs, cs, with_gates=True, g=g,
+                              log_sign_k=log_sign_k)
   return tuple(outs), (layouts, grad.shape[0], (inputs, jnp.concatenate(ts, axis=-1)))
 
 
@@ -282,11 +291,16 @@ def _split_inputs(layouts, inputs):
   return x, hcs[:len(hidden)], hcs[len(hidden):]
 
 
-def _stack_core_bwd(kernel, res, cotangents):
+def _stack_core_bwd(kernel, log_sign_k, res, cotangents):
   layouts, k, saved = res
   d_layouts = jax.tree_util.tree_map(jnp.zeros_like, layouts)
+
+  def with_dg(d_grad, dx, dhs, dcs):  # g's gradient flows through x (_stack_core)
+    return (d_layouts, d_grad, dx, None if log_sign_k is None else jnp.zeros_like(dx[..., 0]),
+            dhs, dcs)
+
   if len(saved) == 2:
-    return (d_layouts,) + _xla_stack_backward(layouts, k, *saved, *cotangents)
+    return with_dg(*_xla_stack_backward(layouts, k, *saved, *cotangents))
 
   def xla(layouts, inputs, d_out, dh_news, dc_news):  # the gates recomputed by XLA's ops
     ts = _xla_stack(layouts, *_split_inputs(layouts, inputs))[1]
@@ -302,7 +316,7 @@ def _stack_core_bwd(kernel, res, cotangents):
     return (d_grad.astype(layouts.w_out.dtype), unflat(dx, layouts.ws[0]),
             tuple(map(unflat, dhs, dh_news)), tuple(map(unflat, dcs, dc_news)))
 
-  return (d_layouts,) + gpu.on_gpu(kernel, fused, xla, layouts, *saved, *cotangents)
+  return with_dg(*gpu.on_gpu(kernel, fused, xla, layouts, *saved, *cotangents))
 
 
 def _xla_stack_backward(layouts, k, inputs, gates, d_out, dh_news, dc_news):
@@ -419,13 +433,17 @@ def lstm_stack_prepare(layers: Sequence[dict], readout: dict, forget_bias: float
   return LSTMStack(layouts, jnp.broadcast_to(flat, (k,) + flat.shape), kernel)
 
 
-def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState]
+def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState],
+                   log_and_sign_of: Optional[Tuple[chex.Array, float]] = None
                    ) -> Tuple[chex.Array, Tuple[LSTMState, ...]]:
   """One step of a prepared stack: (read-out [rows, n_out], new states).
 
   The new states come in the dtypes of ``states``; a state stored narrower than
   the weights (bfloat16) is computed on in theirs. The fused kernels read and
   write such a state in its own dtype, and backprop keeps it so.
+  ``log_and_sign_of``: (g, k) where ``x`` is ``preprocess.log_and_sign(g, k)``:
+  the fused forward kernel then reads g and preprocesses it itself, so that
+  nothing writes x for it (XLA's ops, and backprop's saved inputs, use x).
   """
   dtype = jnp.promote_types(states[0].h.dtype, stack.grad.dtype)
   cast = lambda a: a.astype(dtype)
@@ -435,7 +453,12 @@ def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState]
   narrow = (stack.kernel != "xla" and len(state_dtypes) == 1
             and _narrow(states[0].h.dtype, dtype))
   as_computed = (lambda a: a) if narrow else cast
-  out, hs, cs = _stack_core(stack.kernel, layouts, cast(stack.grad), cast(x),
+  g, k = (None, None) if log_and_sign_of is None else log_and_sign_of
+  if g is not None and (g.shape != x.shape[:-1] or x.shape[-1] != 2):
+    raise ValueError(f"lstm_stack_run: log_and_sign_of's gradient {g.shape} does not match "
+                     f"x {x.shape} (its two features per row)")
+  out, hs, cs = _stack_core(stack.kernel, None if k is None else float(k), layouts,
+                            cast(stack.grad), cast(x), None if g is None else cast(g),
                             tuple(as_computed(s.h) for s in states),
                             tuple(as_computed(s.c) for s in states))
   return out, tuple(LSTMState(h.astype(s.h.dtype), c.astype(s.c.dtype))

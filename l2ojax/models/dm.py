@@ -101,7 +101,9 @@ class DM:
     once, rather than in every step).
     """
     stack = theta if isinstance(theta, cells.LSTMStack) else self.prepare(theta)
-    out, new_states = cells.lstm_stack_run(stack, self._features(g), state.lstm)
+    # the fused forward kernel preprocesses g itself (no launch of its own for x)
+    fused_input = (g, self.k) if self.preprocessing == "log_and_sign" else None
+    out, new_states = cells.lstm_stack_run(stack, self._features(g), state.lstm, fused_input)
     return self.scale * out[:, 0], DMState(new_states)
 
   def init_state(self, params: chex.ArrayTree) -> DMState:

@@ -30,11 +30,12 @@ XLA's ops remain the default path on every backend.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Rows per program and warps per program (read when a program is traced).
 BLOCK_ROWS = 64  # at 128 the variant writing the gates spills registers (ptxas, sm_90a)
@@ -101,7 +102,7 @@ def pad_stack(ws: Sequence[chex.Array], bs: Sequence[chex.Array], w_out: chex.Ar
 
 
 def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: int,
-            with_gates: bool):
+            with_gates: bool, log_and_sign_k: Optional[float]):
   # refs: x, h_0.., c_0.., wx_0.., wh_0.., b_0.., w_out, b_out | out, h'_0.., c'_0.. [, t_0..]
   x_ref, refs = refs[0], refs[1:]
   h_refs, c_refs = refs[:num_layers], refs[num_layers:2 * num_layers]
@@ -131,13 +132,25 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
     mask = row_ok & (cols < width)[None, :]
     plt.store(ref.at[rows[:, None], offset + cols[None, :]], value.astype(ref.dtype), mask=mask)
 
+  def inputs(lanes, shift=0):
+    """x in lanes [shift, shift + n_in) of a [rows, lanes] tile, the rest 0."""
+    if log_and_sign_k is None:
+      return load(x_ref, n_in, lanes, shift).astype(jnp.float32)
+    # x_ref is the gradient g [n]: x = preprocess.log_and_sign(g, k), computed here
+    g = plt.load(x_ref.at[rows], mask=rows < n, other=0.0).astype(jnp.float32)[:, None]
+    eps = float(np.finfo(np.float32).eps)
+    log = jnp.maximum(jnp.log(jnp.abs(g) + eps) / log_and_sign_k, -1.0)
+    sign = jnp.clip(g * float(np.exp(log_and_sign_k)), -1.0, 1.0)
+    lane = jnp.arange(lanes)[None, :]
+    return jnp.where(lane == shift, log, jnp.where(lane == shift + 1, sign, 0.0))
+
   packed = packs_input(n_in, sizes[0])
-  x = None if packed else load(x_ref, n_in).astype(jnp.float32)
+  x = None if packed else inputs(_padded(n_in))
   for l, hidden in enumerate(sizes):
     h = load(h_refs[l], hidden).astype(jnp.float32)
     c = load(c_refs[l], hidden).astype(jnp.float32)
     if l == 0 and packed:  # [h, x, 0] in one tile
-      h = h + load(x_ref, n_in, _padded(hidden), hidden).astype(jnp.float32)
+      h = h + inputs(_padded(hidden), hidden)
     # one tanh per gate: i, f, o = (1 + t) / 2 and j = t (weights pre-scaled)
     t = [jnp.tanh((jnp.dot(h, wh_refs[l][g]) if x is None
                    else jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g]))
@@ -155,8 +168,13 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
 
 def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
                   cs: Sequence[chex.Array], n_out: int, interpret: bool = False,
-                  with_gates: bool = False) -> Tuple[chex.Array, ...]:
+                  with_gates: bool = False, log_and_sign_k: Optional[float] = None
+                  ) -> Tuple[chex.Array, ...]:
   """(read-out [n, n_out], new h's, new c's) of the stack on rows ``x`` [n, n_in].
+
+  ``log_and_sign_k``: ``x`` is a gradient [n] and the stack's input is
+  ``preprocess.log_and_sign(x, k)`` [n, 2], computed in the kernel (one
+  launch per step fewer than preprocessing before it).
 
   ``hs``, ``cs``: per layer [n, hidden], float32 or narrower (bfloat16); the new
   h's and c's come in their dtypes, the rest in float32 like the weights.
@@ -166,9 +184,15 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
   slow) instead of compiling it for a GPU.
   """
   pl, plt = _pallas()
-  if x.ndim != 2:
-    raise ValueError(f"lstm_kernel.stack_forward: x must be [rows, features], got {x.shape}")
-  n, n_in = x.shape
+  if log_and_sign_k is None:
+    if x.ndim != 2:
+      raise ValueError(f"lstm_kernel.stack_forward: x must be [rows, features], got {x.shape}")
+    n, n_in = x.shape
+  elif x.ndim == 1:
+    (n,), n_in = x.shape, 2
+  else:
+    raise ValueError(f"lstm_kernel.stack_forward: with log_and_sign_k, x is a gradient "
+                     f"[rows], got {x.shape}")
   sizes = tuple(h.shape[-1] for h in hs)
   dtype = jnp.float32
   # h and c are read and written in their own dtype (a bfloat16 state stays narrow in
@@ -177,7 +201,7 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
                + [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*hs, *cs)]
                + [jax.ShapeDtypeStruct((n, 4 * s), dtype) for s in sizes if with_gates])
   kernel = functools.partial(_kernel, num_layers=len(sizes), sizes=sizes, n_in=n_in,
-                             n_out=n_out, with_gates=with_gates)
+                             n_out=n_out, with_gates=with_gates, log_and_sign_k=log_and_sign_k)
   out, *new = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(pl.cdiv(n, BLOCK_ROWS),),
       compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1),

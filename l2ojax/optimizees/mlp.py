@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.flatten_util import ravel_pytree
 
 from l2ojax import gpu
 from l2ojax.optimizees import data as data_lib
@@ -80,11 +81,12 @@ class MLP:
 
     def fused(params, instance, idx):
       del instance
-      loss, grads = mlp_kernel.value_and_grad(
+      loss, grad = mlp_kernel.value_and_grad(
           self.images, self.labels, idx, mlp_kernel.pieces(params),
           mlp_kernel.layout(params, flat=False), self.activation,
           interpret=self.kernel == "pallas_interpret")
-      return loss, mlp_kernel.unpieces(params, grads)
+      flat, unravel = ravel_pytree(params)
+      return loss, unravel(grad.astype(flat.dtype))
 
     return gpu.on_gpu(self.kernel, fused, xla, params, instance, idx)
 
@@ -99,7 +101,7 @@ class MLP:
 
     def fused(flat, instance, idx):
       del instance
-      loss, (grad,) = mlp_kernel.value_and_grad(
+      loss, grad = mlp_kernel.value_and_grad(
           self.images, self.labels, idx, (flat,), mlp_kernel.layout(unravel(flat), flat=True),
           self.activation, interpret=self.kernel == "pallas_interpret")
       return loss, grad.astype(flat.dtype)

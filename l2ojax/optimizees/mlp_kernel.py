@@ -82,14 +82,17 @@ PARAMS = ("w1", "b1", "w2", "b2")
 
 
 class Layout(NamedTuple):
-  """Where the MLP's parameters lie in the 1-D pieces the kernel reads (and where it
-  writes their gradient): per parameter of ``PARAMS`` (w1 [inputs, hidden], b1,
-  w2 [hidden, classes], b2, each row-major) its piece and offset there."""
+  """Where the MLP's parameters lie in the 1-D pieces the kernel reads: per
+  parameter of ``PARAMS`` (w1 [inputs, hidden], b1, w2 [hidden, classes], b2,
+  each row-major) its piece and offset there; and where it writes their
+  gradient, always one vector in ``ravel_pytree``'s order (what a learned
+  optimizer reads; a leafwise optimizer's kernels read its slices)."""
   inputs: int
   hidden: int
   classes: int
   where: Tuple[Tuple[int, int], ...]  # per parameter: (piece, offset)
   sizes: Tuple[int, ...]              # per piece
+  flat_offsets: Tuple[int, ...]       # per parameter: its offset in the gradient vector
 
 
 def _mlp_leaves(params: dict) -> Tuple[chex.Array, ...]:
@@ -113,16 +116,17 @@ def layout(params: dict, flat: bool) -> Layout:
   {"w", "b"}}``: with ``flat``, the one vector ``jax.flatten_util.ravel_pytree(params)``;
   else the four leaves, each raveled (``pieces``)."""
   w1, b1, w2, b2 = _mlp_leaves(params)
-  if not flat:
-    return Layout(w1.shape[0], w1.shape[1], w2.shape[1], tuple((i, 0) for i in range(4)),
-                  tuple(a.size for a in (w1, b1, w2, b2)))
   offsets, at = {}, 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     offsets[jax.tree_util.keystr(path)] = at
     at += leaf.size
   names = (("layer_0", "w"), ("layer_0", "b"), ("layer_1", "w"), ("layer_1", "b"))
-  return Layout(w1.shape[0], w1.shape[1], w2.shape[1],
-                tuple((0, offsets[f"['{l}']['{n}']"]) for l, n in names), (at,))
+  flat_offsets = tuple(offsets[f"['{l}']['{n}']"] for l, n in names)
+  if flat:
+    return Layout(w1.shape[0], w1.shape[1], w2.shape[1], tuple((0, o) for o in flat_offsets),
+                  (at,), flat_offsets)
+  return Layout(w1.shape[0], w1.shape[1], w2.shape[1], tuple((i, 0) for i in range(4)),
+                tuple(a.size for a in (w1, b1, w2, b2)), flat_offsets)
 
 
 def pieces(params: dict) -> Tuple[chex.Array, ...]:
@@ -131,17 +135,11 @@ def pieces(params: dict) -> Tuple[chex.Array, ...]:
   return tuple(a.reshape(-1) for a in _mlp_leaves(params))
 
 
-def unpieces(params: dict, grads: Sequence[chex.Array]) -> dict:
-  """The kernel's gradient pieces (``flat=False``) in the tree of ``params``."""
-  w1, b1, w2, b2 = (g.reshape(a.shape).astype(a.dtype)
-                    for g, a in zip(grads, _mlp_leaves(params)))
-  return {"layer_0": {"w": w1, "b": b1}, "layer_1": {"w": w2, "b": b2}}
-
-
 def _kernel(images_ref, labels_ref, idx_ref, *refs, at: Layout, activation: str):
   # refs: the parameters' pieces | the loss, the gradient's pieces
   num = len(at.sizes)
-  param_refs, loss_ref, grad_refs = refs[:num], refs[num], refs[num + 1:]
+  param_refs, (loss_ref, grad_ref) = refs[:num], refs[num:]
+  grad_size = sum(at.sizes)
   pl, plt = _pallas()
   m, = idx_ref.shape
   d, hidden, classes = at.inputs, at.hidden, at.classes
@@ -160,8 +158,8 @@ def _kernel(images_ref, labels_ref, idx_ref, *refs, at: Layout, activation: str)
     return plt.load(param_refs[piece].at[where], mask=mask, other=0.0)
 
   def store(name, index, mask, value):
-    piece, where = place(name, index, mask)
-    plt.store(grad_refs[piece].at[where], value, mask=mask)
+    where = jnp.where(mask, at.flat_offsets[PARAMS.index(name)] + index, grad_size)
+    plt.store(grad_ref.at[where], value, mask=mask)
 
   def chunk_cols(k):
     cols = k * CHUNK + jnp.arange(CHUNK)
@@ -217,11 +215,11 @@ def _kernel(images_ref, labels_ref, idx_ref, *refs, at: Layout, activation: str)
 
 def value_and_grad(images: chex.Array, labels: chex.Array, idx: chex.Array,
                    params: Sequence[chex.Array], at: Layout, activation: str,
-                   interpret: bool = False) -> Tuple[chex.Array, Tuple[chex.Array, ...]]:
+                   interpret: bool = False) -> Tuple[chex.Array, chex.Array]:
   """(mean cross-entropy of the rows ``idx`` of ``images``/``labels``, its gradient) of
   the MLP softmax(act(x / 255 @ w1 + b1) @ w2 + b2) whose parameters are the 1-D
-  arrays ``params`` laid out as ``at`` says (``layout``); the gradient as arrays
-  of the same shapes and layout.
+  arrays ``params`` laid out as ``at`` says (``layout``); the gradient as one
+  vector, raveled as ``jax.flatten_util.ravel_pytree`` ravels the params.
 
   ``images``: [N, D] uint8 (or any dtype, divided by 255 like the MLP
   optimizee's), ``labels``: [N] integers, ``idx``: [M] row indices. The
@@ -242,12 +240,11 @@ def value_and_grad(images: chex.Array, labels: chex.Array, idx: chex.Array,
                      f"{[jnp.shape(p) for p in params]} laid out as {at} do not fit "
                      f"{images.shape[1]} inputs")
   f32 = jnp.float32
-  loss, *grads = pl.pallas_call(
+  loss, grad = pl.pallas_call(
       functools.partial(_kernel, at=at, activation=activation),
-      out_shape=[jax.ShapeDtypeStruct((), f32)] + [jax.ShapeDtypeStruct((n,), f32)
-                                                   for n in at.sizes],
+      out_shape=[jax.ShapeDtypeStruct((), f32), jax.ShapeDtypeStruct((sum(at.sizes),), f32)],
       compiler_params=plt.CompilerParams(num_warps=NUM_WARPS * max(1, _padded(idx.shape[0]) // 128),
                                          num_stages=1),
       interpret=interpret, name="mlp_value_and_grad",
   )(images, labels.astype(jnp.int32), idx.astype(jnp.int32), *(p.astype(f32) for p in params))
-  return loss, tuple(grads)
+  return loss, grad
