@@ -75,7 +75,8 @@ def step_inputs(optimizee: Optimizee, step_keys: chex.Array) -> Tuple[Any, Any]:
   minibatch is drawn before the loop, in one batched draw instead of a chain
   of small random-number kernels per step. The values are the same. Its
   ``batch_value_and_grad``, where it has one (a fused kernel), replaces
-  ``jax.value_and_grad(batch_loss)``.
+  ``jax.value_and_grad(batch_loss)`` (and ``scan_steps`` with a flat carry
+  prefers its ``flat_batch_value_and_grad(flat, unravel, instance, batch)``).
   """
   if hasattr(optimizee, "minibatch") and hasattr(optimizee, "batch_loss"):
     loss_and_grad = getattr(optimizee, "batch_value_and_grad",
