@@ -27,3 +27,21 @@ def on_gpu(kernel: str, fused: Callable, xla: Callable, *args):
   if kernel == "pallas_interpret":
     return fused(*args)
   return jax.lax.platform_dependent(*args, cuda=fused, default=xla)
+
+
+def pallas_triton(what: str, instead: str):
+  """(pallas, its Triton backend), imported when a kernel is built: an experimental
+  API whose changes should break the fused kernel (``what``), not the import of
+  l2ojax; the error names the way out (``instead``)."""
+  try:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+  except ImportError as e:
+    raise ImportError(f"{what} needs Pallas's Triton backend (jax.experimental.pallas.triton), "
+                      f"which jax {jax.__version__} does not provide ({e}); use {instead}") from e
+  return pl, plt
+
+
+def padded(size: int) -> int:
+  """The power of two >= 16 that holds ``size``: Triton's product tiles."""
+  return max(16, 1 << (size - 1).bit_length())

@@ -152,6 +152,17 @@ def test_the_flat_and_the_leafwise_layouts_agree(tiny_image_npz):
                               atol=1e-6, rtol=1e-5)
 
 
+def test_a_jax_without_pallas_triton_is_named(monkeypatch, tiny_image_npz):
+  import sys
+  import jax.experimental.pallas as pallas
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+  monkeypatch.delattr(pallas, "triton", raising=False)
+  mlp = _mlp(tiny_image_npz, "pallas_interpret", batch_size=16)
+  params, instance = mlp.init(jax.random.PRNGKey(0))
+  with pytest.raises(ImportError, match=r"fused MLP kernel needs Pallas's Triton.*kernel='xla'"):
+    mlp.batch_value_and_grad(params, instance, mlp.minibatch(jax.random.PRNGKey(1)))
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernel: needs a GPU")
 def test_fused_mlp_on_gpu(tiny_image_npz):
   """Compiled on a GPU: the same loss and gradient as XLA's ops (both TF32 products),

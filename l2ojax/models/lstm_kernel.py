@@ -37,26 +37,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from l2ojax import gpu
+
 # Rows per program and warps per program (read when a program is traced).
 BLOCK_ROWS = 64  # at 128 the variant writing the gates spills registers (ptxas, sm_90a)
 NUM_WARPS = 4
 
 
-def _padded(size: int) -> int:
-  return max(16, 1 << (size - 1).bit_length())
+_padded = gpu.padded
 
 
 def _pallas():
-  """(pallas, its Triton backend), imported when a kernel is built: an experimental
-  API whose changes should break the fused kernel, not the import of l2ojax."""
-  try:
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plt
-  except ImportError as e:
-    raise ImportError(f"lstm_kernel: the fused LSTM kernels need Pallas's Triton backend "
-                      f"(jax.experimental.pallas.triton), which jax {jax.__version__} does not "
-                      f"provide ({e}); use lstm_kernel='xla'") from e
-  return pl, plt
+  return gpu.pallas_triton("lstm_kernel: the fused LSTM kernels", "lstm_kernel='xla'")
 
 
 def packs_input(n_in: int, hidden: int) -> bool:

@@ -35,19 +35,11 @@ MAX_ROWS = 512
 MAX_WIDTH = 128
 
 
-def _padded(size: int) -> int:
-  return max(16, 1 << (size - 1).bit_length())
+_padded = gpu.padded
 
 
 def _pallas():
-  try:
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plt
-  except ImportError as e:
-    raise ImportError(f"mlp_kernel: the fused MLP kernel needs Pallas's Triton backend "
-                      f"(jax.experimental.pallas.triton), which jax {jax.__version__} does not "
-                      f"provide ({e}); use kernel='xla'") from e
-  return pl, plt
+  return gpu.pallas_triton("mlp_kernel: the fused MLP kernel", "kernel='xla'")
 
 
 def check_sizes(kernel: str, hidden_sizes, batch_size: int, num_classes: int) -> None:
@@ -136,7 +128,7 @@ def pieces(params: dict) -> Tuple[chex.Array, ...]:
 
 
 def _kernel(images_ref, labels_ref, idx_ref, *refs, at: Layout, activation: str):
-  # refs: the parameters' pieces | the loss, the gradient's pieces
+  # refs: the parameters' pieces | the loss, the gradient (one vector)
   num = len(at.sizes)
   param_refs, (loss_ref, grad_ref) = refs[:num], refs[num:]
   grad_size = sum(at.sizes)
