@@ -651,7 +651,8 @@ def main(argv):
   result = {"machine": machine(), "data": data, "notes": notes, "rows": [],
             "flags": {f: flags.FLAGS[f].value for f in
                       ("models", "batch_sizes", "segment", "iters", "warmup", "rounds", "remat",
-                       "remat_chunk", "unroll", "dm_state_dtype", "lstm_kernel", "gradient_chunks", "optimizee_kernel",
+                       "remat_chunk", "unroll", "dm_state_dtype", "lstm_kernel", "gradient_chunks",
+                       "optimizee_kernel",
                        "shard", "workloads", "w2_steps", "w2_optimizees", "w2_repeats",
                        "torch_iters")}}
   for note in notes:

@@ -35,9 +35,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 from l2ojax import gpu
+from l2ojax.models import preprocess
 
 # Rows per program and warps per program (read when a program is traced).
 BLOCK_ROWS = 64  # at 128 the variant writing the gates spills registers (ptxas, sm_90a)
@@ -130,9 +129,7 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
       return load(x_ref, n_in, lanes, shift).astype(jnp.float32)
     # x_ref is the gradient g [n]: x = preprocess.log_and_sign(g, k), computed here
     g = plt.load(x_ref.at[rows], mask=rows < n, other=0.0).astype(jnp.float32)[:, None]
-    eps = float(np.finfo(np.float32).eps)
-    log = jnp.maximum(jnp.log(jnp.abs(g) + eps) / log_and_sign_k, -1.0)
-    sign = jnp.clip(g * float(np.exp(log_and_sign_k)), -1.0, 1.0)
+    log, sign = preprocess.log_and_sign_parts(g, log_and_sign_k)
     lane = jnp.arange(lanes)[None, :]
     return jnp.where(lane == shift, log, jnp.where(lane == shift + 1, sign, 0.0))
 

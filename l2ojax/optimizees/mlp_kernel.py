@@ -98,8 +98,9 @@ def _mlp_leaves(params: dict) -> Tuple[chex.Array, ...]:
   except (KeyError, TypeError, AttributeError):
     ok = False
   if not ok:
+    shapes = jax.tree_util.tree_map(jnp.shape, params)
     raise ValueError("mlp_kernel: expected a one-hidden-layer MLP's params "
-                     f"{{layer_0, layer_1: {{w, b}}}}, got {jax.tree_util.tree_map(jnp.shape, params)}")
+                     f"{{layer_0, layer_1: {{w, b}}}}, got {shapes}")
   return w1, b1, w2, b2
 
 
@@ -235,8 +236,8 @@ def value_and_grad(images: chex.Array, labels: chex.Array, idx: chex.Array,
   loss, grad = pl.pallas_call(
       functools.partial(_kernel, at=at, activation=activation),
       out_shape=[jax.ShapeDtypeStruct((), f32), jax.ShapeDtypeStruct((sum(at.sizes),), f32)],
-      compiler_params=plt.CompilerParams(num_warps=NUM_WARPS * max(1, _padded(idx.shape[0]) // 128),
-                                         num_stages=1),
+      compiler_params=plt.CompilerParams(
+          num_warps=NUM_WARPS * max(1, _padded(idx.shape[0]) // 128), num_stages=1),
       interpret=interpret, name="mlp_value_and_grad",
   )(images, labels.astype(jnp.int32), idx.astype(jnp.int32), *(p.astype(f32) for p in params))
   return loss, grad
