@@ -99,6 +99,9 @@ _TORCH_SCRIPT = flags.DEFINE_string("torch_script", "", "Path of the torch peer 
 _DATA_PATH = flags.DEFINE_string("data_path", "", "An MNIST .npz; default: random data.")
 _OUT = flags.DEFINE_string("out", ".", "Folder for benchmark.json.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "W1: after timing each B, trace 3 "
+                                   "meta-iterations with jax.profiler into this folder and "
+                                   "print the device's kernels by total time.")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -371,6 +374,42 @@ def remat_for(batch_size: int) -> Optional[str]:
   return None if choice == "none" else choice
 
 
+# ---------------------------------------------------------------- profiles
+
+def device_kernel_times(profile, top: int = 12) -> List[Dict[str, Any]]:
+  """The ``top`` kernels of a ``jax.profiler.ProfileData``'s GPU planes by total time:
+  name, count, total and mean microseconds (events on the planes' stream lines only, so
+  a kernel is counted once, not again on the "XLA Ops" line); [] without a GPU plane."""
+  totals = collections.defaultdict(lambda: [0, 0.0])
+  for plane in profile.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      if not line.name.startswith("Stream"):
+        continue
+      for event in line.events:
+        t = totals[event.name]
+        t[0] += 1
+        t[1] += event.duration_ns / 1e3
+  rows = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+  return [{"kernel": k[:120], "count": n, "total_us": round(us, 1), "mean_us": round(us / n, 2)}
+          for k, (n, us) in rows]
+
+
+def profile_w1(w1: "W1Run", folder: str, iters: int = 3) -> List[Dict[str, Any]]:
+  """Traces ``iters`` meta-iterations of ``w1`` into ``folder``; prints and returns
+  ``device_kernel_times`` of the trace."""
+  import glob
+  with jax.profiler.trace(folder):
+    w1.time(iters, warmup=0)
+  paths = sorted(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True))
+  times = device_kernel_times(jax.profiler.ProfileData.from_file(paths[-1])) if paths else []
+  for t in times:
+    print(f"    {t['total_us'] / iters:10.1f} us/iter {t['count'] // iters:6d} x "
+          f"{t['mean_us']:8.2f} us  {t['kernel']}")
+  return times
+
+
 # ---------------------------------------------------------------- W1
 
 class W1Run:
@@ -491,6 +530,8 @@ def run_w1(names: List[str], optimizee, with_torch: bool, rows: List[Dict[str, A
           row["error"] = "out of memory: " + str(e).splitlines()[0][:200]
           break
         row["runs"].append(run)
+        if _PROFILE_DIR.value:
+          row["kernel_times"] = profile_w1(w1, os.path.join(_PROFILE_DIR.value, f"w1_{model}_b{b}"))
         if with_torch and model == "dm":
           t = time_torch(b, _SEGMENT.value, _TORCH_ITERS.value, device)
           if "error" in t:

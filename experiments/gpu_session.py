@@ -21,9 +21,9 @@ runs, in order and within ``--minutes``:
                  (experiments.ablation --family=dm) and L2O-Scale with and without
                  CL+IL (--family=scale), seven processes sharing the GPU, until the
                  session's time is up; each pauses with a checkpoint. L2O-DM uses the
-                 fused kernels once the check has passed on that GPU (unless W1 at
-                 B = 8 was measured faster with XLA's ops there), every family the
-                 fused MLP kernel once check_mlp has passed there; under CUDA MPS
+                 fused LSTM kernels, every family the fused MLP kernel, only where
+                 its check has passed on that GPU and W1 at B = 8 was measured
+                 faster with it than without it there; under CUDA MPS
                  where it starts and a JAX client works under it (``--nomps``: not)
 
 A stage runs only when its expected time still leaves ``--train_minutes`` for
@@ -340,28 +340,41 @@ def run_trainings(commands: Dict[str, list], stop_at: float, work: str,
   return rows
 
 
+def w1_speed(bench_dir: str, gpu: str, stage: str, batch: int) -> Optional[float]:
+  """L2O-DM's W1 optimizee-steps/s at ``batch`` in stage ``stage``'s kept JSON on ``gpu``;
+  None where it was not measured."""
+  path = os.path.join(bench_dir, f"{gpu}_{stage}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return next((r.get("steps_per_s") for r in json.load(f)["rows"]
+                 if r["workload"] == "W1" and r["model"] == "dm" and r["B"] == batch), None)
+
+
+def _timed_faster(bench_dir: str, gpu: str, check: str, fused: str, other: str,
+                  batch: int) -> str:
+  """"pallas" where ``check`` passed on ``gpu`` and stage ``fused`` measured W1 at ``batch``
+  faster than stage ``other``, else "xla"."""
+  if not os.path.exists(os.path.join(bench_dir, f"{gpu}_{check}.json")):
+    return "xla"
+  with_kernel = w1_speed(bench_dir, gpu, fused, batch)
+  without = w1_speed(bench_dir, gpu, other, batch)
+  return "pallas" if with_kernel and without and with_kernel > without else "xla"
+
+
 def training_kernel(bench_dir: str, gpu: str, batch: int = 8) -> str:
-  """L2O-DM's LSTM stack for the trainings: "pallas" once the check has passed on this GPU,
-  unless both stacks' W1 at the trainings' B is measured there and XLA's ops are faster."""
-  if not os.path.exists(os.path.join(bench_dir, f"{gpu}_check.json")):
-    return "xla"
-  speed = {}
-  for kernel, stage in (("pallas", "dm_pallas"), ("xla", "dm_xla_torch")):
-    path = os.path.join(bench_dir, f"{gpu}_{stage}.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        speed[kernel] = next((r["steps_per_s"] for r in json.load(f)["rows"]
-                              if r["workload"] == "W1" and r["model"] == "dm"
-                              and r["B"] == batch), None)
-  if speed.get("pallas") and speed.get("xla") and speed["xla"] > speed["pallas"]:
-    return "xla"
-  return "pallas"
+  """L2O-DM's LSTM stack for the trainings: "pallas" only where the check has passed on
+  this GPU and both stacks' W1 at the trainings' B were measured there, the fused kernels
+  faster (on an H100 their backward kernel was 7x slower than XLA's ops at first)."""
+  return _timed_faster(bench_dir, gpu, "check", "dm_pallas", "dm_xla_torch", batch)
 
 
-def training_optimizee_kernel(root: str, gpu: str) -> str:
-  """The MNIST MLP's loss and gradient in the trainings: "pallas" once check_mlp has passed
-  on this GPU (in a meta-step the kernel only removes launches)."""
-  return "pallas" if os.path.exists(kept_path(root, gpu, "check_mlp")) else "xla"
+def training_optimizee_kernel(root: str, gpu: str, batch: int = 8) -> str:
+  """The MNIST MLP's loss and gradient in the trainings: "pallas" only where check_mlp has
+  passed on this GPU and W1 at the trainings' B was measured faster with it there (one
+  program per optimizee: at small B it was slower than XLA's ops on an H100)."""
+  return _timed_faster(os.path.join(root, BENCH_DIR), gpu, "check_mlp", "dm_fused_mlp",
+                       "dm_pallas", batch)
 
 
 def latest_checkpoints(workdir: str) -> Dict[str, int]:
@@ -514,10 +527,11 @@ def plan(selected: Sequence[str], gpu: str, redo: bool, root: str = REPO) -> str
     kernel = training_kernel(os.path.join(root, BENCH_DIR), gpu)
     if kernel == "xla" and "check" in selected and not os.path.exists(
         kept_path(root, gpu, "check")):
-      kernel = "xla, pallas if the check passes"
+      kernel = "xla, pallas if the check passes and it is timed faster"
     optimizee_kernel = training_optimizee_kernel(root, gpu)
-    if optimizee_kernel == "xla" and "check_mlp" in selected:
-      optimizee_kernel = "xla, pallas if check_mlp passes"
+    if optimizee_kernel == "xla" and "check_mlp" in selected and not os.path.exists(
+        kept_path(root, gpu, "check_mlp")):
+      optimizee_kernel = "xla, pallas if check_mlp passes and it is timed faster"
     lines.append(f"  train         L2O-DM with lstm_kernel={kernel}, the MLP's kernel "
                  f"{optimizee_kernel}; runs in {TRAIN_DIR}:")
     for family in TRAIN_FAMILIES:

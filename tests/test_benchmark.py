@@ -207,3 +207,25 @@ def test_loop_bytes_of_a_kernel_that_gathers_rows_of_a_table():
       gathered + rest + dot_bytes]
   assert benchmark.loop_bytes(_GATHER_LOOP.replace("KERNEL", "other_kernel")) == [
       10000 * (784 + 4) + rest + dot_bytes]
+
+
+def test_device_kernel_times_sums_each_kernel_on_the_gpu_streams_only():
+  from experiments import benchmark
+  plane = '''planes {{ id: {id} name: "{name}"
+    lines {{ id: 1 name: "Stream #13(Compute)"
+      events {{ metadata_id: 1 offset_ps: 0 duration_ps: 5000000 }}
+      events {{ metadata_id: 2 offset_ps: 6000000 duration_ps: 1000000 }}
+      events {{ metadata_id: 1 offset_ps: 8000000 duration_ps: 3000000 }} }}
+    lines {{ id: 2 name: "XLA Ops" events {{ metadata_id: 1 offset_ps: 0 duration_ps: 5000000 }} }}
+    event_metadata {{ key: 1 value {{ id: 1 name: "lstm_stack_backward" }} }}
+    event_metadata {{ key: 2 value {{ id: 2 name: "gemm_fusion" }} }} }}
+  '''
+  gpu = plane.format(id=1, name="/device:GPU:0")
+  host = plane.format(id=2, name="/host:CPU")
+  times = benchmark.device_kernel_times(jax.profiler.ProfileData.from_text_proto(gpu + host))
+  assert times == [
+      {"kernel": "lstm_stack_backward", "count": 2, "total_us": 8.0, "mean_us": 4.0},
+      {"kernel": "gemm_fusion", "count": 1, "total_us": 1.0, "mean_us": 1.0}]
+  assert benchmark.device_kernel_times(jax.profiler.ProfileData.from_text_proto(host)) == []
+  assert len(benchmark.device_kernel_times(jax.profiler.ProfileData.from_text_proto(gpu),
+                                           top=1)) == 1

@@ -243,22 +243,34 @@ def test_a_session_without_a_gpu_fails_its_check_and_reports_it(tmp_path):
   assert not os.path.exists(os.path.join(ROOT, "bench_results", "nogpu_check.json"))
 
 
-def test_the_trainings_use_the_fused_kernels_once_checked_unless_measured_slower(tmp_path):
-  def bench(stage, steps_per_s):
+def test_the_trainings_use_a_fused_kernel_only_once_checked_and_timed_faster(tmp_path):
+  def bench(stage, steps_per_s, folder=tmp_path):
     rows = [{"workload": "W1", "model": "dm", "B": b, "steps_per_s": steps_per_s * b}
             for b in (1, 8, 64)] + [{"workload": "W2", "model": "dm"}]
-    (tmp_path / f"h100_{stage}.json").write_text(json.dumps({"rows": rows}))
+    (folder / f"h100_{stage}.json").write_text(json.dumps({"rows": rows}))
 
   assert gpu_session.training_kernel(str(tmp_path), "h100") == "xla"  # not checked
   (tmp_path / "h100_check.json").write_text('{"passed": true}')
-  assert gpu_session.training_kernel(str(tmp_path), "h100") == "pallas"
+  assert gpu_session.training_kernel(str(tmp_path), "h100") == "xla"  # not timed
   bench("dm_pallas", 900.0)
-  assert gpu_session.training_kernel(str(tmp_path), "h100") == "pallas"  # XLA's not measured
+  assert gpu_session.training_kernel(str(tmp_path), "h100") == "xla"  # XLA's not measured
   bench("dm_xla_torch", 1000.0)
   assert gpu_session.training_kernel(str(tmp_path), "h100") == "xla"
   bench("dm_pallas", 1100.0)
   assert gpu_session.training_kernel(str(tmp_path), "h100") == "pallas"
   assert gpu_session.training_kernel(str(tmp_path), "h200") == "xla"  # another GPU's check
+
+  # the MLP's kernel: its own check, then W1 with it (dm_fused_mlp) against dm_pallas
+  root = tmp_path / "root"
+  kept = root / gpu_session.BENCH_DIR
+  kept.mkdir(parents=True)
+  bench("dm_pallas", 1000.0, kept)
+  bench("dm_fused_mlp", 1100.0, kept)
+  assert gpu_session.training_optimizee_kernel(str(root), "h100") == "xla"  # not checked
+  (kept / "h100_check_mlp.json").write_text('{"passed": true}')
+  assert gpu_session.training_optimizee_kernel(str(root), "h100") == "pallas"
+  bench("dm_fused_mlp", 990.0, kept)
+  assert gpu_session.training_optimizee_kernel(str(root), "h100") == "xla"
 
 
 def _fake_mps_control(tmp_path, monkeypatch):
@@ -313,13 +325,17 @@ def test_the_plan_names_what_is_done_and_how_far_each_training_got(tmp_path):
       "GPU h100:",
       "  check         done: bench_results/h100_check.json (2.5 min expected)",
       "  dm_pallas     to run (2 min expected)",
-      f"  train         L2O-DM with lstm_kernel=pallas, the MLP's kernel xla; runs in "
+      f"  train         L2O-DM with lstm_kernel=xla, the MLP's kernel xla; runs in "
       f"{gpu_session.TRAIN_DIR}:",
       "    dm: dm (episode 100), dm_cl (episode 0, done)",
       "    scale: not started"]
   text = gpu_session.plan(["check", "check_mlp", "train"], "h200", redo=False,
                           root=str(tmp_path))
-  assert ("lstm_kernel=xla, pallas if the check passes, the MLP's kernel xla, pallas if "
-          "check_mlp passes;") in text
+  assert ("lstm_kernel=xla, pallas if the check passes and it is timed faster, the MLP's "
+          "kernel xla, pallas if check_mlp passes and it is timed faster;") in text
   (bench / "h200_check_mlp.json").write_text('{"passed": true}')
+  assert "the MLP's kernel xla;" in gpu_session.plan(["train"], "h200", False, str(tmp_path))
+  for stage, speed in (("dm_pallas", 1000.0), ("dm_fused_mlp", 1200.0)):
+    (bench / f"h200_{stage}.json").write_text(json.dumps({"rows": [
+        {"workload": "W1", "model": "dm", "B": 8, "steps_per_s": speed}]}))
   assert "the MLP's kernel pallas;" in gpu_session.plan(["train"], "h200", False, str(tmp_path))
