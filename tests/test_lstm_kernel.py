@@ -247,10 +247,11 @@ def test_pallas_option_picks_the_kernel_only_for_cuda(name):
   assert "triton" not in run.trace(theta).lower(lowering_platforms=("cpu",)).as_text()
 
 
-@pytest.mark.parametrize("kernel,backward_kernels", [("pallas", 1), ("pallas_forward", 0)])
-def test_differentiated_stack_lowers_its_backward_pass_to_a_kernel(kernel, backward_kernels):
-  """A meta-gradient through the stack: "pallas" has a fused forward and backward
-  kernel where lowered for CUDA, "pallas_forward" the forward one; none for the CPU."""
+@pytest.mark.parametrize("kernel,backward_kernels", [("pallas", 2), ("pallas_forward", 0)])
+def test_differentiated_stack_lowers_its_backward_pass_to_kernels(kernel, backward_kernels):
+  """A meta-gradient through the stack: "pallas" has a fused forward kernel and two
+  backward ones (the cells', the weights' gradient) where lowered for CUDA,
+  "pallas_forward" the forward one; none for the CPU."""
   theta = models.dm().init(jax.random.PRNGKey(0))
   keys = jax.random.split(jax.random.PRNGKey(1), 2)
 
@@ -262,6 +263,7 @@ def test_differentiated_stack_lowers_its_backward_pass_to_a_kernel(kernel, backw
   text = lower_for_cuda(meta_grad, theta).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1 + backward_kernels
   assert ("lstm_stack_backward" in text) == bool(backward_kernels)
+  assert ("lstm_stack_weights_gradient" in text) == bool(backward_kernels)
   assert "triton" not in meta_grad.trace(theta).lower(lowering_platforms=("cpu",)).as_text()
 
 

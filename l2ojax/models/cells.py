@@ -308,11 +308,14 @@ def _stack_core_bwd(kernel, log_sign_k, res, cotangents):
                                dh_news, dc_news)
 
   def fused(layouts, inputs, d_out, dh_news, dc_news):
+    # the cells' backward pass in one kernel, the weights' gradient from its outputs in another
     lead = inputs.shape[:-1]
-    dx, dhs, dcs, d_grad = lstm_kernel.stack_backward(
+    dx, dhs, dcs, dzs, outs = lstm_kernel.stack_backward(
         layouts.padded, _flat(inputs), _flat(d_out), [_flat(d) for d in dh_news],
-        [_flat(d) for d in dc_news], k, interpret=kernel == "pallas_interpret")
+        [_flat(d) for d in dc_news], interpret=kernel == "pallas_interpret")
     unflat = lambda a, like: a.reshape(lead + a.shape[-1:]).astype(like.dtype)
+    d_grad = lstm_kernel.weights_gradient(_flat(inputs), outs, dzs, _flat(d_out), k,
+                                          interpret=kernel == "pallas_interpret")
     return (d_grad.astype(layouts.w_out.dtype), unflat(dx, layouts.ws[0]),
             tuple(map(unflat, dhs, dh_news)), tuple(map(unflat, dcs, dc_news)))
 

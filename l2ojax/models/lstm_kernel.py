@@ -12,10 +12,13 @@ Its backward pass as XLA compiles it is worse (~1,800 floats per row and
 step: each gate's tanh read by three kernels, the gate cotangents written
 and read twice, [x, h, 1] rebuilt). ``stack_backward`` reads a row's saved
 inputs [x, h's, c's] and the cotangents once, recomputes the gates, and
-writes the cotangents of x, h and c and the weights' gradient: each program
-owns a contiguous share of the rows and writes its partial sum once (the
+writes the cotangents of x, h and c and, for the weights' gradient, each
+layer's gate cotangents and output. ``weights_gradient`` forms that gradient
+from them ([x, h, 1]^T dz per layer, the read-out's): each program owns a
+contiguous share of the rows and writes its partial sum once (the
 ``gradient_chunks`` of ``cells.LSTMStack``), so no atomics and the same sums
-on every run.
+on every run, and reads its operands where they lie (XLA's split-K products
+padded copies of both).
 
 Both compute what ``cells._stack_core`` and its gradient compute, with TF32
 matrix products like XLA's default for float32 on GPUs. Hidden and input
@@ -205,38 +208,32 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
   return (out, tuple(new[:num]), tuple(new[num:2 * num])) + gates
 
 
-# The backward kernel's rows per block and warps per program, and whether each
-# use of a weight matrix reads it again (a volatile load, which the compiler
-# neither merges with another nor hoists out of the loop: the weights' product
-# operands are copied into every warp, and held through the whole step they
-# overflow the registers). ptxas (sm_90a) for L2O-DM's stack: 255 registers
-# and a ~1.9 KB stack frame of spills per thread at 32 rows, 8 warps,
-# reloading (~2.3 KB before its input shared layer 0's tile: ``packs_input``);
-# before that, ~5 KB without reloading, ~2.7 KB at 4 warps, ~3.6 KB at 64 rows
-# (``python -m experiments.gpu_kernels --ptxas``). Not yet timed on a GPU.
-BACKWARD_BLOCK_ROWS = 32
+# The backward kernel's rows and warps per program. It writes each layer's gate
+# cotangents and output, from which XLA's products form the weights' gradient:
+# summing those products over a program's rows in the kernel (a loop of blocks
+# per program, the sums held through it) overflowed the registers (ptxas,
+# sm_90a: 255 registers and a ~2 KB stack frame of spills per thread at any
+# block size) and ran 60x slower than XLA's whole backward pass on an H100
+# (W1 L2O-DM B = 64: 37 ms per step). Without them: 232 bytes at 32 rows, 8 warps.
+BACKWARD_BLOCK_ROWS = 64
 BACKWARD_NUM_WARPS = 8
-RELOAD_WEIGHTS = True
 # Whether the layers below the top keep their recomputed gates for their backward
-# pass instead of computing them a second time there: L2O-DM's kernel then has 1/10
-# fewer products and 13% less PTX, and a 2.7 KB stack frame instead of 1.9 (ptxas,
-# sm_90a, 32 rows, 8 warps). Not yet timed on a GPU.
+# pass instead of computing them a second time there. Not yet timed on a GPU.
 KEEP_LOWER_GATES = False
 
 
 def backward_chunks(batch: int, rows: int, cores: int, max_chunks: int = 1024) -> int:
-  """Programs per optimizee for ``stack_backward`` (its ``chunks``) for ``batch``
-  optimizees of ``rows`` rows each on a GPU of ``cores`` multiprocessors.
+  """Partial sums per optimizee of the weights' gradient (``cells.LSTMStack``'s
+  ``gradient_chunks``) for ``batch`` optimizees of ``rows`` rows each on a GPU of
+  ``cores`` multiprocessors, with the fused kernels.
 
-  A program of the backward kernel fills a multiprocessor's registers
-  (``BACKWARD_NUM_WARPS`` warps at ~255 registers per thread, ptxas), so the
-  batch x chunks programs run in ceil(batch x chunks / cores) rounds, each as
-  long as one program's blocks of ``BACKWARD_BLOCK_ROWS`` rows. Each program
-  also writes a partial sum of the weights' gradient that a loop of steps
-  then adds up, so this is the fewest chunks whose block-times are within 5%
-  of the fewest possible: for L2O-DM's 15,910 rows on 132 multiprocessors,
-  125 at B = 1 (a fixed 64 leaves half of them idle), 16 at B = 8, 2 at
-  B = 64, 1 at B = 256.
+  Each step's products [x, h, 1]^T dz then run as batch x chunks independent
+  sums over a share of the rows, in ceil(batch x chunks / cores) rounds of
+  blocks of ``BACKWARD_BLOCK_ROWS`` rows; a loop of steps adds each into its
+  accumulator, so fewer is less memory moved: the fewest chunks whose
+  block-times are within 5% of the fewest possible. For L2O-DM's 15,910 rows on
+  132 multiprocessors, 125 at B = 1 (a fixed 64 leaves half of them idle), 16
+  at B = 8, 2 at B = 64, 1 at B = 256.
   """
   if batch < 1 or rows < 1 or cores < 1:
     raise ValueError(f"backward_chunks: batch={batch}, rows={rows} and cores={cores} must "
@@ -255,202 +252,230 @@ def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
 
 
-def _t_dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a.T @ b as one product."""
-  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
-
-
 def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
-                     chunks: int, split_x: bool):
+                     split_x: bool):
   # refs: saved, d_out, dh_0.., dc_0.., wx_0.., wh_0.., b_0.., w_out
-  #       | dx, dh'_0.., dc'_0.., d_grad
+  #       | dx, dh'_0.., dc'_0.., dz_0.., out_0..
   num = len(sizes)
   saved_ref, d_out_ref, refs = refs[0], refs[1], refs[2:]
   dh_in, dc_in, refs = refs[:num], refs[num:2 * num], refs[2 * num:]
   wx_refs, wh_refs, b_refs, refs = refs[:num], refs[num:2 * num], refs[2 * num:3 * num], refs[3 * num:]
   w_out_ref, dx_ref, refs = refs[0], refs[1], refs[2:]
-  dh_out, dc_out, d_grad_ref = refs[:num], refs[num:2 * num], refs[2 * num]
+  dh_out, dc_out, dz_refs, out_refs = (refs[:num], refs[num:2 * num], refs[2 * num:3 * num],
+                                       refs[3 * num:])
   pl, plt = _pallas()
 
-  def w(ref, g=None):  # a weight matrix (of gate g), read where it is used (RELOAD_WEIGHTS)
-    shape = ref.shape if g is None else ref.shape[1:]
-    index = tuple(jnp.arange(d).reshape(tuple(d if j == i else 1 for j in range(len(shape))))
-                  for i, d in enumerate(shape))
-    return plt.load(ref.at[index if g is None else (g,) + index], volatile=RELOAD_WEIGHTS)
-
-  fan_ins = (n_in,) + sizes[:-1]
   packed = packs_input(n_in, sizes[0])
   # column offsets of h_l, c_l in the saved inputs [x, h's, c's] (x: [hi, lo] if split_x)
   x_width = 2 * n_in if split_x else n_in
   h_at = [x_width + sum(sizes[:l]) for l in range(num)]
   c_at = [x_width + sum(sizes) + sum(sizes[:l]) for l in range(num)]
 
-  program = pl.program_id(0)
-  per = -(-n // chunks)  # rows of each program: one partial sum of the weights' gradient
-  first, end = program * per, jnp.minimum(program * per + per, n)
+  rows = pl.program_id(0) * BACKWARD_BLOCK_ROWS + jnp.arange(BACKWARD_BLOCK_ROWS)
+  row_ok = (rows < n)[:, None]
 
-  def body(block, partials):
-    rows = first + block * BACKWARD_BLOCK_ROWS + jnp.arange(BACKWARD_BLOCK_ROWS)
-    row_ok = (rows < end)[:, None]
+  def cols(width, offset=0):
+    c = jnp.arange(_padded(width))
+    return row_ok & (c < width)[None, :], offset + c[None, :]
 
-    def cols(width, offset=0):
-      c = jnp.arange(_padded(width))
-      return row_ok & (c < width)[None, :], offset + c[None, :]
+  def load(ref, width, offset=0):
+    mask, c = cols(width, offset)
+    return plt.load(ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
 
-    def load(ref, width, offset=0):
-      mask, c = cols(width, offset)
-      return plt.load(ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
+  def lanes(width, shift, outside=0):
+    """(mask, columns) of lanes [shift, shift + width) of a first-layer tile; the
+    other lanes' columns ``outside`` (out of bounds for a store: an interpreted
+    masked store writes every lane, and its masked lanes must not alias one)."""
+    c = jnp.arange(_padded(sizes[0]))
+    inside = (c >= shift) & (c < shift + width)
+    return row_ok & inside[None, :], jnp.where(inside, c - shift, outside)[None, :]
 
-    def lanes(width, shift, outside=0):
-      """(mask, columns) of lanes [shift, shift + width) of a first-layer tile; the
-      other lanes' columns ``outside`` (out of bounds for a store: an interpreted
-      masked store writes every lane, and its masked lanes must not alias one)."""
-      c = jnp.arange(_padded(sizes[0]))
-      inside = (c >= shift) & (c < shift + width)
-      return row_ok & inside[None, :], jnp.where(inside, c - shift, outside)[None, :]
+  def load_x_beside_h():  # [0 (h's lanes), x, 0]
+    mask, c = lanes(n_in, sizes[0])
+    x = plt.load(saved_ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
+    if split_x:
+      x += plt.load(saved_ref.at[rows[:, None], n_in + c], mask=mask,
+                    other=0.0).astype(jnp.float32)
+    return x
 
-    def load_x_beside_h():  # [0 (h's lanes), x, 0]
-      mask, c = lanes(n_in, sizes[0])
-      x = plt.load(saved_ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
-      if split_x:
-        x += plt.load(saved_ref.at[rows[:, None], n_in + c], mask=mask,
-                      other=0.0).astype(jnp.float32)
-      return x
+  def store(ref, value, width, offset=0):
+    mask, c = cols(width, offset)
+    plt.store(ref.at[rows[:, None], c], value.astype(ref.dtype), mask=mask)
 
-    def store(ref, value, width):
-      mask, c = cols(width)
-      plt.store(ref.at[rows[:, None], c], value.astype(ref.dtype), mask=mask)
+  def gates(l, x):  # (the product's h operand, the gates' tanh)
+    h = load(saved_ref, sizes[l], h_at[l])
+    if l == 0 and packed:
+      h += load_x_beside_h()
+      return h, [jnp.tanh(jnp.dot(h, wh_refs[l][g]) + b_refs[l][g][None, :])
+                 for g in range(4)]
+    return h, [jnp.tanh(jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g])
+                        + b_refs[l][g][None, :]) for g in range(4)]
 
-    def gates(l, x):  # (the product's h operand, the gates' tanh)
-      h = load(saved_ref, sizes[l], h_at[l])
-      if l == 0 and packed:
-        h += load_x_beside_h()
-        return h, [jnp.tanh(jnp.dot(h, w(wh_refs[l], g)) + w(b_refs[l], g)[None, :])
-                   for g in range(4)]
-      return h, [jnp.tanh(jnp.dot(x, w(wx_refs[l], g)) + jnp.dot(h, w(wh_refs[l], g))
-                          + w(b_refs[l], g)[None, :]) for g in range(4)]
-
-    # The forward pass again, keeping each layer's input. The top layer's gates
-    # serve its backward pass at once; those below are recomputed where the
-    # backward pass reaches them (held through the layers above, they spill),
-    # unless KEEP_LOWER_GATES.
-    xs = [None if packed else load(saved_ref, n_in) + load(saved_ref, n_in, n_in) if split_x
-          else load(saved_ref, n_in)]
-    kept = [None] * num
-    for l in range(num):
+  # The forward pass again, keeping each layer's input and writing each layer's
+  # output (the next layer's input, the read-out's: operands of the weights'
+  # gradient). The top layer's gates serve its backward pass at once; those below
+  # are recomputed where the backward pass reaches them (held through the layers
+  # above, they spill), unless KEEP_LOWER_GATES.
+  xs = [None if packed else load(saved_ref, n_in) + load(saved_ref, n_in, n_in) if split_x
+        else load(saved_ref, n_in)]
+  kept = [None] * num
+  for l in range(num):
+    h, t = gates(l, xs[l])
+    c = load(saved_ref, sizes[l], c_at[l])
+    xs.append((0.5 * t[3] + 0.5) * jnp.tanh((0.5 * t[2] + 0.5) * c + (0.5 * t[0] + 0.5) * t[1]))
+    store(out_refs[l], xs[-1], sizes[l])
+    if KEEP_LOWER_GATES or l == num - 1:
+      kept[l] = (h, t, c)
+  dx = _dot_t(load(d_out_ref, n_out), w_out_ref[...])
+  for l in reversed(range(num)):
+    if kept[l] is not None:
+      h, t, c = kept[l]
+    else:
       h, t = gates(l, xs[l])
       c = load(saved_ref, sizes[l], c_at[l])
-      xs.append((0.5 * t[3] + 0.5) * jnp.tanh((0.5 * t[2] + 0.5) * c + (0.5 * t[0] + 0.5) * t[1]))
-      if KEEP_LOWER_GATES or l == num - 1:
-        kept[l] = (h, t, c)
-    d_out = load(d_out_ref, n_out)
-    dx = _dot_t(d_out, w(w_out_ref))
-    new = [None] * num + [(_t_dot(xs[num], d_out), jnp.sum(d_out, axis=0))]
-    for l in reversed(range(num)):
-      if kept[l] is not None:
-        h, t, c = kept[l]
-      else:
-        h, t = gates(l, xs[l])
-        c = load(saved_ref, sizes[l], c_at[l])
-      i, f, o = 0.5 * t[0] + 0.5, 0.5 * t[2] + 0.5, 0.5 * t[3] + 0.5
-      tc = jnp.tanh(f * c + i * t[1])
-      dh = load(dh_in[l], sizes[l]) + dx
-      dc = load(dc_in[l], sizes[l]) + dh * o * (1.0 - tc * tc)
-      dt = [0.5 * dc * t[1], dc * i, 0.5 * dc * c, 0.5 * dh * tc]
-      dz = [d * (1.0 - g * g) for d, g in zip(dt, t)]
-      dh = sum(_dot_t(dz[g], w(wh_refs[l], g)) for g in range(4))
-      store(dh_out[l], dh, sizes[l])
-      store(dc_out[l], dc * f, sizes[l])
-      if l == 0 and packed:  # x's cotangent and weights' gradient from h's product
-        mask, c = lanes(n_in, sizes[0], outside=n_in)
-        plt.store(dx_ref.at[rows[:, None], c], dh, mask=mask)
-        new[l] = tuple((_t_dot(h, dz[g]), jnp.sum(dz[g], axis=0)) for g in range(4))
-        continue
-      dx = sum(_dot_t(dz[g], w(wx_refs[l], g)) for g in range(4))
-      new[l] = tuple((_t_dot(xs[l], dz[g]), _t_dot(h, dz[g]), jnp.sum(dz[g], axis=0))
-                     for g in range(4))
-    if not packed:
-      store(dx_ref, dx, n_in)
-    return jax.tree_util.tree_map(jnp.add, partials, tuple(new))
-
-  def zeros(*shape):
-    return jnp.zeros(shape, jnp.float32)
-
-  init = tuple(tuple((zeros(_padded(s), _padded(s)), zeros(_padded(s))) if l == 0 and packed
-                     else (zeros(_padded(fan_ins[l]), _padded(s)), zeros(_padded(s), _padded(s)),
-                           zeros(_padded(s))) for _ in range(4)) for l, s in enumerate(sizes))
-  init += ((zeros(_padded(sizes[-1]), _padded(n_out)), zeros(_padded(n_out))),)
-  blocks = -(-per // BACKWARD_BLOCK_ROWS)
-  partials = jax.lax.fori_loop(0, blocks, body, init)
-
-  # This program's partial sums, as one row of the flat layout of
-  # ``cells.LSTMStack.grad``: per layer [fan_in + 1, 4 x hidden] (gate columns
-  # i, j, f, o; the bias as last row), then the read-out's [hidden + 1, n_out].
-  def store_weights(value, height, width, start, row_width, row=0, col=0, skip=0):
-    """value's rows [skip, skip + height) (columns < width) to rows row, row + 1, ..."""
-    r, c = jnp.arange(value.shape[0]), jnp.arange(value.shape[-1])
-    inside = (r >= skip) & (r < skip + height)
-    mask = inside[:, None] & (c < width)[None, :]
-    at = start + (row + r[:, None] - skip) * row_width + col + c[None, :]
-    # masked entries out of bounds: an interpreted store writes them too (see ``lanes``)
-    at = jnp.where(mask, at, d_grad_ref.shape[-1])
-    plt.store(d_grad_ref.at[program, at], value, mask=mask)
-
-  start = 0
-  for l, s in enumerate(sizes):
-    for g, sums in enumerate(partials[l]):
-      if l == 0 and packed:  # one [h; x] product: x's rows come first in the layout
-        dwh, db = sums
-        store_weights(dwh, n_in, s, start, 4 * s, col=g * s, skip=s)
-      else:
-        dwx, dwh, db = sums
-        store_weights(dwx, fan_ins[l], s, start, 4 * s, col=g * s)
-      store_weights(dwh, s, s, start, 4 * s, row=fan_ins[l], col=g * s)
-      store_weights(db[None, :], 1, s, start, 4 * s, row=fan_ins[l] + s, col=g * s)
-    start += (fan_ins[l] + s + 1) * 4 * s
-  dw_out, db_out = partials[num]
-  store_weights(dw_out, sizes[-1], n_out, start, n_out)
-  store_weights(db_out[None, :], 1, n_out, start, n_out, row=sizes[-1])
+    i, f, o = 0.5 * t[0] + 0.5, 0.5 * t[2] + 0.5, 0.5 * t[3] + 0.5
+    tc = jnp.tanh(f * c + i * t[1])
+    dh = load(dh_in[l], sizes[l]) + dx
+    dc = load(dc_in[l], sizes[l]) + dh * o * (1.0 - tc * tc)
+    dt = [0.5 * dc * t[1], dc * i, 0.5 * dc * c, 0.5 * dh * tc]
+    dz = [d * (1.0 - g * g) for d, g in zip(dt, t)]
+    for g in range(4):  # gate columns i, j, f, o of the layer's [rows, 4 x hidden]
+      store(dz_refs[l], dz[g], sizes[l], offset=g * sizes[l])
+    dh = sum(_dot_t(dz[g], wh_refs[l][g]) for g in range(4))
+    store(dh_out[l], dh, sizes[l])
+    store(dc_out[l], dc * f, sizes[l])
+    if l == 0 and packed:  # x's cotangent from h's product
+      mask, c = lanes(n_in, sizes[0], outside=n_in)
+      plt.store(dx_ref.at[rows[:, None], c], dh, mask=mask)
+      continue
+    dx = sum(_dot_t(dz[g], wx_refs[l][g]) for g in range(4))
+  if not packed:
+    store(dx_ref, dx, n_in)
 
 
 def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
                    dh_news: Sequence[chex.Array], dc_news: Sequence[chex.Array],
-                   chunks: int, interpret: bool = False) -> Tuple:
-  """The stack's gradient from its saved inputs, in one kernel.
+                   interpret: bool = False) -> Tuple:
+  """The stack's backward pass through its cells, from its saved inputs, in one kernel.
 
   ``saved``: [n, n_in + 2 x sum(hidden)], the step's inputs [x, h's, c's] (the
   only residual: the gates are recomputed); in a dtype narrower than float32
   (a bfloat16 state's) x is saved as two columns each, [hi, lo] with x = hi +
   lo (``cells._saved_inputs``). ``d_out`` [n, n_out], ``dh_news``,
   ``dc_news``: cotangents of the read-out and the new states (those of a
-  bfloat16 state in bfloat16). Returns (dx, dh's, dc's, the weights' gradient
-  [chunks, size] in the flat layout of ``cells.LSTMStack.grad``), dh's and
-  dc's in the dtypes of ``dh_news`` and ``dc_news``, the rest in float32;
-  each of the ``chunks`` rows a partial sum over a contiguous share of the
-  rows, written once by the program that owns those rows: no atomics, the
-  same sums on every run, and one array for a loop of steps to accumulate.
+  bfloat16 state in bfloat16). Returns (dx, dh's, dc's, dz's, outs): the
+  cotangents of x and of the old states, each layer's gate pre-activation
+  cotangents dz [n, 4 x hidden] (columns i, j, f, o) and output h' [n, hidden]
+  (the operands of the weights' gradient, which ``cells`` forms with XLA's
+  products); dh's and dc's in the dtypes of ``dh_news`` and ``dc_news``, the
+  rest in float32.
   """
   pl, plt = _pallas()
   n, n_out = d_out.shape
   sizes = tuple(d.shape[-1] for d in dh_news)
   split_x = jnp.finfo(saved.dtype).bits < 32
   n_in = (saved.shape[-1] - 2 * sum(sizes)) // (2 if split_x else 1)
-  fan_ins = (n_in,) + sizes[:-1]
   dtype = jnp.float32
   out_shape = ([jax.ShapeDtypeStruct((n, n_in), dtype)]
                + [jax.ShapeDtypeStruct(d.shape, d.dtype) for d in (*dh_news, *dc_news)]
-               + [jax.ShapeDtypeStruct((chunks, sum((f + s + 1) * 4 * s
-                                                    for f, s in zip(fan_ins, sizes))
-                                                + (sizes[-1] + 1) * n_out), dtype)])
+               + [jax.ShapeDtypeStruct((n, 4 * s), dtype) for s in sizes]
+               + [jax.ShapeDtypeStruct((n, s), dtype) for s in sizes])
   kernel = functools.partial(_backward_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
-                             chunks=chunks, split_x=split_x)
+                             split_x=split_x)
   num = len(sizes)
   dx, *rest = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(chunks,),
+      kernel, out_shape=out_shape, grid=(pl.cdiv(n, BACKWARD_BLOCK_ROWS),),
       compiler_params=plt.CompilerParams(num_warps=BACKWARD_NUM_WARPS, num_stages=1),
       # dh and dc in place: each program reads its rows' cotangents before it writes them
       input_output_aliases={2 + i: 1 + i for i in range(2 * num)},
       interpret=interpret, name="lstm_stack_backward",
   )(saved, d_out.astype(dtype), *dh_news, *dc_news, *padded.wx, *padded.wh, *padded.b,
     padded.w_out)
-  return dx, tuple(rest[:num]), tuple(rest[num:2 * num]), rest[2 * num]
+  return (dx, tuple(rest[:num]), tuple(rest[num:2 * num]), tuple(rest[2 * num:3 * num]),
+          tuple(rest[3 * num:]))
+
+
+# Rows per block and warps of ``weights_gradient``'s programs.
+GRADIENT_BLOCK_ROWS = 64
+GRADIENT_NUM_WARPS = 8
+
+
+def _gradient_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
+                     chunks: int, split_x: bool):
+  # refs: saved, out_0.., dz_0.., d_out | d_grad
+  num = len(sizes)
+  saved_ref, refs = refs[0], refs[1:]
+  out_refs, dz_refs, d_out_ref, d_grad_ref = refs[:num], refs[num:2 * num], refs[2 * num], refs[-1]
+  pl, plt = _pallas()
+  program = pl.program_id(0)
+  per = -(-n // chunks)  # rows of each program: one partial sum
+  first, end = program * per, jnp.minimum(program * per + per, n)
+  x_width = 2 * n_in if split_x else n_in
+
+  def product(operands, fan_in, d_ref, d_width, start):
+    """Adds up [a, 1]^T d over this program's rows and writes the sum as rows
+    [start, ...) of d_grad's flat layout ([fan_in + 1, d_width]); a's lanes
+    [shift, shift + width) hold columns [column, column + width) of ref for each
+    (ref, column, width, shift) of ``operands`` (summed where two share lanes),
+    the bias's 1 in lane fan_in."""
+    lanes, d_lanes = _padded(fan_in + 1), _padded(d_width)
+
+    def body(block, acc):
+      rows = first + block * GRADIENT_BLOCK_ROWS + jnp.arange(GRADIENT_BLOCK_ROWS)
+      row_ok = (rows < end)[:, None]
+      lane = jnp.arange(lanes)[None, :]
+      a = jnp.where(row_ok & (lane == fan_in), 1.0, 0.0)
+      for ref, column, width, shift in operands:
+        inside = (lane >= shift) & (lane < shift + width)
+        at = jnp.where(inside, column + lane - shift, 0)
+        a += plt.load(ref.at[rows[:, None], at], mask=row_ok & inside,
+                      other=0.0).astype(jnp.float32)
+      c = jnp.arange(d_lanes)[None, :]
+      d = plt.load(d_ref.at[rows[:, None], c], mask=row_ok & (c < d_width),
+                   other=0.0).astype(jnp.float32)
+      return acc + jax.lax.dot_general(a, d, (((0,), (0,)), ((), ())))
+
+    acc = jax.lax.fori_loop(0, -(-per // GRADIENT_BLOCK_ROWS), body,
+                            jnp.zeros((lanes, d_lanes), jnp.float32))
+    r, c = jnp.arange(lanes)[:, None], jnp.arange(d_lanes)[None, :]
+    mask = (r <= fan_in) & (c < d_width)
+    # masked entries out of bounds: an interpreted store writes them too
+    at = jnp.where(mask, start + r * d_width + c, d_grad_ref.shape[-1])
+    plt.store(d_grad_ref.at[program, at], acc, mask=mask)
+
+  start = 0
+  for l, s in enumerate(sizes):
+    h = (saved_ref, x_width + sum(sizes[:l]), s)
+    if l == 0:  # x, as two halves [hi, lo] summed in the same lanes if split_x
+      xs = [(saved_ref, 0, n_in, 0)] + ([(saved_ref, n_in, n_in, 0)] if split_x else [])
+    else:
+      xs = [(out_refs[l - 1], 0, sizes[l - 1], 0)]
+    fan_in = (n_in if l == 0 else sizes[l - 1]) + s
+    product(xs + [h + (fan_in - s,)], fan_in, dz_refs[l], 4 * s, start)
+    start += (fan_in + 1) * 4 * s
+  product([(out_refs[-1], 0, sizes[-1], 0)], sizes[-1], d_out_ref, n_out, start)
+
+
+def weights_gradient(saved: chex.Array, outs: Sequence[chex.Array], dzs: Sequence[chex.Array],
+                     d_out: chex.Array, chunks: int, interpret: bool = False) -> chex.Array:
+  """The weights' gradient [chunks, size] in the flat layout of ``cells.LSTMStack.grad``
+  from ``stack_backward``'s operands, in one kernel: each layer's [x, h, 1]^T dz (x the
+  saved input or the layer below's output, h the saved state) and the read-out's
+  [h'_top, 1]^T d_out, each of the ``chunks`` rows a partial sum over a contiguous
+  share of the rows, written once by the program that owns them (no atomics: the same
+  sums on every run). A block's product is accumulated in registers, one product at a
+  time, where XLA's split-K products copied both operands to pad them."""
+  pl, plt = _pallas()
+  n, n_out = d_out.shape
+  sizes = tuple(o.shape[-1] for o in outs)
+  split_x = jnp.finfo(saved.dtype).bits < 32
+  n_in = (saved.shape[-1] - 2 * sum(sizes)) // (2 if split_x else 1)
+  fan_ins = (n_in,) + sizes[:-1]
+  size = sum((f + s + 1) * 4 * s for f, s in zip(fan_ins, sizes)) + (sizes[-1] + 1) * n_out
+  kernel = functools.partial(_gradient_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
+                             chunks=chunks, split_x=split_x)
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((chunks, size), jnp.float32), grid=(chunks,),
+      compiler_params=plt.CompilerParams(num_warps=GRADIENT_NUM_WARPS, num_stages=1),
+      interpret=interpret, name="lstm_stack_weights_gradient",
+  )(saved, *outs, *dzs, d_out.astype(jnp.float32))
