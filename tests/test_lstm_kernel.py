@@ -354,7 +354,7 @@ def _block_times(batch, rows, cores, chunks):
   programs = [len(range(c * -(-rows // chunks), min((c + 1) * -(-rows // chunks), rows)))
               for c in range(chunks)] * batch
   rounds = -(-len(programs) // cores)
-  return rounds * -(-max(programs) // lstm_kernel.BACKWARD_BLOCK_ROWS)
+  return rounds * -(-max(programs) // lstm_kernel.GRADIENT_BLOCK_ROWS)
 
 
 @pytest.mark.parametrize("batch,want", [(1, 125), (8, 16), (64, 2), (256, 1)])

@@ -209,17 +209,26 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
 
 
 # The backward kernel's rows and warps per program. It writes each layer's gate
-# cotangents and output, from which XLA's products form the weights' gradient:
-# summing those products over a program's rows in the kernel (a loop of blocks
-# per program, the sums held through it) overflowed the registers (ptxas,
-# sm_90a: 255 registers and a ~2 KB stack frame of spills per thread at any
-# block size) and ran 60x slower than XLA's whole backward pass on an H100
-# (W1 L2O-DM B = 64: 37 ms per step). Without them: 232 bytes at 32 rows, 8 warps.
+# cotangents and output, from which ``weights_gradient`` forms the weights'
+# gradient: summing those products over a program's rows in this kernel too (a
+# loop of blocks per program, the sums held through it) overflowed the registers
+# (ptxas, sm_90a: 255 registers and a ~2 KB stack frame of spills per thread at
+# any block size) and ran 60x slower than XLA's whole backward pass on an H100
+# (W1 L2O-DM B = 64: 37 ms per step). Without them, ptxas: 245 registers and no
+# spills at 64 rows, 8 warps (40 bytes of spills at 32 rows).
 BACKWARD_BLOCK_ROWS = 64
 BACKWARD_NUM_WARPS = 8
 # Whether the layers below the top keep their recomputed gates for their backward
 # pass instead of computing them a second time there. Not yet timed on a GPU.
 KEEP_LOWER_GATES = False
+
+# Rows per block, warps and software-pipeline stages of ``weights_gradient``'s
+# programs: with 3 stages each block's loads are issued asynchronously (cp.async)
+# while the block before is multiplied; ptxas (sm_90a): 146 registers, no spills
+# (1 stage: 128). Not yet timed on a GPU.
+GRADIENT_BLOCK_ROWS = 64
+GRADIENT_NUM_WARPS = 8
+GRADIENT_NUM_STAGES = 3
 
 
 def backward_chunks(batch: int, rows: int, cores: int, max_chunks: int = 1024) -> int:
@@ -228,8 +237,9 @@ def backward_chunks(batch: int, rows: int, cores: int, max_chunks: int = 1024) -
   ``cores`` multiprocessors, with the fused kernels.
 
   Each step's products [x, h, 1]^T dz then run as batch x chunks independent
-  sums over a share of the rows, in ceil(batch x chunks / cores) rounds of
-  blocks of ``BACKWARD_BLOCK_ROWS`` rows; a loop of steps adds each into its
+  sums over a share of the rows (``weights_gradient``'s programs, one per
+  multiprocessor), in ceil(batch x chunks / cores) rounds of blocks of
+  ``GRADIENT_BLOCK_ROWS`` rows; a loop of steps adds each into its
   accumulator, so fewer is less memory moved: the fewest chunks whose
   block-times are within 5% of the fewest possible. For L2O-DM's 15,910 rows on
   132 multiprocessors, 125 at B = 1 (a fixed 64 leaves half of them idle), 16
@@ -239,7 +249,7 @@ def backward_chunks(batch: int, rows: int, cores: int, max_chunks: int = 1024) -
     raise ValueError(f"backward_chunks: batch={batch}, rows={rows} and cores={cores} must "
                      "be positive")
   def block_times(chunks):
-    blocks = -(-(-(-rows // chunks)) // BACKWARD_BLOCK_ROWS)
+    blocks = -(-(-(-rows // chunks)) // GRADIENT_BLOCK_ROWS)
     return -(-batch * chunks // cores) * blocks
 
   candidates = range(1, min(max_chunks, rows) + 1)
@@ -366,9 +376,8 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
   bfloat16 state in bfloat16). Returns (dx, dh's, dc's, dz's, outs): the
   cotangents of x and of the old states, each layer's gate pre-activation
   cotangents dz [n, 4 x hidden] (columns i, j, f, o) and output h' [n, hidden]
-  (the operands of the weights' gradient, which ``cells`` forms with XLA's
-  products); dh's and dc's in the dtypes of ``dh_news`` and ``dc_news``, the
-  rest in float32.
+  (the operands of ``weights_gradient``); dh's and dc's in the dtypes of
+  ``dh_news`` and ``dc_news``, the rest in float32.
   """
   pl, plt = _pallas()
   n, n_out = d_out.shape
@@ -393,15 +402,6 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
     padded.w_out)
   return (dx, tuple(rest[:num]), tuple(rest[num:2 * num]), tuple(rest[2 * num:3 * num]),
           tuple(rest[3 * num:]))
-
-
-# Rows per block, warps and software-pipeline stages of ``weights_gradient``'s
-# programs: with 3 stages each block's loads are issued asynchronously (cp.async)
-# while the block before is multiplied; ptxas (sm_90a): 146 registers, no spills
-# (1 stage: 128). Not yet timed on a GPU.
-GRADIENT_BLOCK_ROWS = 64
-GRADIENT_NUM_WARPS = 8
-GRADIENT_NUM_STAGES = 3
 
 
 def _gradient_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
