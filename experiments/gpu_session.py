@@ -136,7 +136,7 @@ STAGES = (
            "--workloads=w1", *_PALLAS, needs=("check",)),
     _gpu_tests("check_mlp", 1.0, "tests/test_mlp_kernel.py"),
     # both fused kernels: the fewest kernels per optimizee step (W1 B = 1, W2)
-    _bench("dm_fused_mlp", 1.5, "--models=dm", "--batch_sizes=1,8,64", "--optimizee_kernel=pallas",
+    _bench("dm_fused_mlp", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--optimizee_kernel=pallas",
            *_PALLAS, needs=("check", "check_mlp")),
     _bench("rnnprop", 1.5, "--models=rnnprop", "--batch_sizes=1,8,64", "--workloads=w1",
            *_PALLAS, needs=("check",)),
