@@ -30,6 +30,11 @@ call and 4 KiB pages make the first touch of them a large part of a CPU
 meta-iteration. ``L2OJAX_HUGEPAGES=0`` measures without it; the JSON records
 the setting and the minor page faults per meta-iteration.
 
+``--profile_dir=DIR`` also traces 3 meta-iterations of each W1 row with
+``jax.profiler`` (a trace per row under DIR, for TensorBoard or XProf) and
+prints the device's kernels by total time (``device_kernel_times``; on a GPU:
+which kernel a step waits on), kept in the row's JSON as ``kernel_times``.
+
 Writes a markdown table to stdout and <out>/benchmark.json.
 """
 from __future__ import annotations
