@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import glob
 import importlib.util
 import json
 import os
@@ -404,7 +405,6 @@ def device_kernel_times(profile, top: int = 12) -> List[Dict[str, Any]]:
 def profile_w1(w1: "W1Run", folder: str, iters: int = 3) -> List[Dict[str, Any]]:
   """Traces ``iters`` meta-iterations of ``w1`` into ``folder``; prints and returns
   ``device_kernel_times`` of the trace."""
-  import glob
   with jax.profiler.trace(folder):
     w1.time(iters, warmup=0)
   paths = sorted(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True))
@@ -535,8 +535,6 @@ def run_w1(names: List[str], optimizee, with_torch: bool, rows: List[Dict[str, A
           row["error"] = "out of memory: " + str(e).splitlines()[0][:200]
           break
         row["runs"].append(run)
-        if _PROFILE_DIR.value:
-          row["kernel_times"] = profile_w1(w1, os.path.join(_PROFILE_DIR.value, f"w1_{model}_b{b}"))
         if with_torch and model == "dm":
           t = time_torch(b, _SEGMENT.value, _TORCH_ITERS.value, device)
           if "error" in t:
@@ -544,6 +542,8 @@ def run_w1(names: List[str], optimizee, with_torch: bool, rows: List[Dict[str, A
           else:
             torch_seconds.append(t["seconds"])
             row["torch_version"] = t["version"]
+      if row["runs"] and _PROFILE_DIR.value:  # after the timed rounds, once
+        row["kernel_times"] = profile_w1(w1, os.path.join(_PROFILE_DIR.value, f"w1_{model}_b{b}"))
       if row["runs"]:
         seconds = [s for r in row["runs"] for s in r["seconds"]]
         cpu = [s for r in row["runs"] for s in r["cpu_seconds"]]
@@ -698,7 +698,7 @@ def main(argv):
             "flags": {f: flags.FLAGS[f].value for f in
                       ("models", "batch_sizes", "segment", "iters", "warmup", "rounds", "remat",
                        "remat_chunk", "unroll", "dm_state_dtype", "lstm_kernel", "gradient_chunks",
-                       "optimizee_kernel",
+                       "optimizee_kernel", "profile_dir",
                        "shard", "workloads", "w2_steps", "w2_optimizees", "w2_repeats",
                        "torch_iters")}}
   for note in notes:

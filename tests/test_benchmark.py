@@ -21,7 +21,8 @@ def result(tiny_image_npz, tmp_path_factory):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), ROOT]))
   cmd = [sys.executable, "-m", "experiments.benchmark", "--models=dm,no_such_model",
          "--batch_sizes=2", "--segment=2", "--iters=2", "--warmup=1", "--rounds=2", "--w2_steps=3",
-         "--w2_optimizees=2", "--w2_repeats=1", f"--data_path={tiny_image_npz}", f"--out={out}"]
+         "--w2_optimizees=2", "--w2_repeats=1", f"--data_path={tiny_image_npz}", f"--out={out}",
+         f"--profile_dir={out / 'profile'}"]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out / "benchmark.json") as f:
@@ -41,6 +42,17 @@ def test_writes_w1_and_w2_rows(result):
   assert set(w2) == {"adam", "dm"}
   assert w2["dm"]["ratio_vs_adam"] == pytest.approx(w2["dm"]["median_s"] / w2["adam"]["median_s"])
   assert "## W1" in stdout and "## W2" in stdout and "| dm | 2 |" in stdout
+
+
+def test_profile_dir_traces_each_w1_row_once(result):
+  data, _, _ = result
+  w1 = [r for r in data["rows"] if r["workload"] == "W1" and "median_s" in r]
+  assert w1 and all(r["kernel_times"] == [] for r in w1)  # no GPU plane on the CPU
+  profile = data["flags"]["profile_dir"]
+  for r in w1:  # one trace per row, after both timed rounds
+    folder = os.path.join(profile, f"w1_{r['model']}_b{r['B']}")
+    traces = [f for _, _, files in os.walk(folder) for f in files if f.endswith(".xplane.pb")]
+    assert len(traces) == 1, traces
 
 
 def test_reports_what_it_skipped_and_the_machine(result):
