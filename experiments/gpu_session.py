@@ -11,7 +11,8 @@ runs, in order and within ``--minutes``:
                  profile of each B (the GPU's kernels by time)
   dm_xla_torch   W1 of L2O-DM with XLA's ops beside the PyTorch peer, B = 1, 8, 64
   dm_bf16*       the fused LSTM kernels with a bfloat16 state, B = 64, 256 (the
-                 benchmark's default remat: chunks of 4 steps at B = 256)
+                 benchmark's default remat: chunks of 4 steps at B = 256), and W2
+                 (half the state's bytes per evaluation step)
   check_mlp      the GPU test of tests/test_mlp_kernel.py: the fused MNIST-MLP loss and
                  gradient kernel gives XLA's values and Adam curves; + needs it too
   dm_fused_mlp*+ W1 of L2O-DM with both fused kernels (the LSTM stack's and the
@@ -132,8 +133,8 @@ STAGES = (
            "--profile_dir={out}/profile", needs=("check",)),
     _bench("dm_xla_torch", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
            "--torch_iters=10"),
-    _bench("dm_bf16", 2.0, "--models=dm", "--batch_sizes=64,256", "--dm_state_dtype=bfloat16",
-           "--workloads=w1", *_PALLAS, needs=("check",)),
+    _bench("dm_bf16", 2.5, "--models=dm", "--batch_sizes=64,256", "--dm_state_dtype=bfloat16",
+           *_PALLAS, needs=("check",)),
     _gpu_tests("check_mlp", 1.0, "tests/test_mlp_kernel.py"),
     # both fused kernels: the fewest kernels per optimizee step (W1 B = 1, W2)
     _bench("dm_fused_mlp", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--optimizee_kernel=pallas",
