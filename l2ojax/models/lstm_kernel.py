@@ -363,6 +363,13 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
     store(dx_ref, dx, n_in)
 
 
+def _saved_layout(saved: chex.Array, sizes: Tuple[int, ...]) -> Tuple[int, bool]:
+  """(input width, whether x is saved as two halves [hi, lo]) of the saved inputs
+  [x, h's, c's] (``cells._saved_inputs``): halves where they are narrower than float32."""
+  split_x = jnp.finfo(saved.dtype).bits < 32
+  return (saved.shape[-1] - 2 * sum(sizes)) // (2 if split_x else 1), split_x
+
+
 def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
                    dh_news: Sequence[chex.Array], dc_news: Sequence[chex.Array],
                    interpret: bool = False) -> Tuple:
@@ -382,8 +389,7 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
   pl, plt = _pallas()
   n, n_out = d_out.shape
   sizes = tuple(d.shape[-1] for d in dh_news)
-  split_x = jnp.finfo(saved.dtype).bits < 32
-  n_in = (saved.shape[-1] - 2 * sum(sizes)) // (2 if split_x else 1)
+  n_in, split_x = _saved_layout(saved, sizes)
   dtype = jnp.float32
   out_shape = ([jax.ShapeDtypeStruct((n, n_in), dtype)]
                + [jax.ShapeDtypeStruct(d.shape, d.dtype) for d in (*dh_news, *dc_news)]
@@ -472,8 +478,7 @@ def weights_gradient(saved: chex.Array, outs: Sequence[chex.Array], dzs: Sequenc
   pl, plt = _pallas()
   n, n_out = d_out.shape
   sizes = tuple(o.shape[-1] for o in outs)
-  split_x = jnp.finfo(saved.dtype).bits < 32
-  n_in = (saved.shape[-1] - 2 * sum(sizes)) // (2 if split_x else 1)
+  n_in, split_x = _saved_layout(saved, sizes)
   fan_ins = (n_in,) + sizes[:-1]
   size = sum((f + s + 1) * 4 * s for f, s in zip(fan_ins, sizes)) + (sizes[-1] + 1) * n_out
   kernel = functools.partial(_gradient_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
