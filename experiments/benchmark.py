@@ -274,7 +274,7 @@ def _fusion_bytes(comps, name: str) -> int:
 
 # Fused kernels that read only the rows of a table that an index operand names:
 # kernel name -> (the table operands, the index operand).
-_GATHERING_KERNELS = {"mlp_value_and_grad": ((0, 1), 2)}
+_GATHERING_KERNELS = {"mlp_value_and_grad": ((0, 1), 2), "mlp_hidden_products": ((0,), 1)}
 
 
 def _custom_call_bytes(line: str, shape: str, args: List[str], shapes: Dict[str, str]) -> int:

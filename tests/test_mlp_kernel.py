@@ -3,8 +3,8 @@ against autodiff of the MLP's loss.
 
 Off a GPU the kernel's program runs interpreted (kernel="pallas_interpret"):
 the same program, so these tests check its gathering, chunking, masking and
-softmax algebra; ``test_kernel_lowers_for_gpu`` checks that it lowers to one
-Triton kernel; ``test_fused_mlp_on_gpu`` runs it compiled where a GPU exists.
+softmax algebra; ``test_kernel_lowers_for_gpu`` checks that it lowers to two
+Triton kernels; ``test_fused_mlp_on_gpu`` runs it compiled where a GPU exists.
 """
 import importlib
 
@@ -42,6 +42,23 @@ def test_value_and_grad_match_autodiff(tiny_image_npz, activation, batch_size):
   assert abs(float(want[0]) - np.log(10)) > 0.05
   chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
   chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+
+
+@pytest.mark.parametrize("chunk,per_program", [(16, 1), (16, 2), (32, 3)])
+def test_columns_split_over_programs(tiny_image_npz, monkeypatch, chunk, per_program):
+  """The first layer's columns split over programs in other ways: 80 columns as 5
+  chunks of 16 (5 programs; 3 programs, the last with one chunk past the inputs) and
+  as 3 chunks of 32 in one program. Every program adds its columns' product to the
+  hidden layer and writes its columns' weight gradient; one writes the rest."""
+  monkeypatch.setattr(mlp_kernel, "CHUNK", chunk)
+  monkeypatch.setattr(mlp_kernel, "CHUNKS_PER_PROGRAM", per_program)
+  mlp = _mlp(tiny_image_npz, "pallas_interpret", batch_size=16)
+  params, instance = mlp.init(jax.random.PRNGKey(0))
+  params = jax.tree_util.tree_map(lambda p: 100.0 * p, params)
+  idx = mlp.minibatch(jax.random.PRNGKey(1))
+  got = mlp.batch_value_and_grad(params, instance, idx)
+  want = jax.value_and_grad(mlp.batch_loss)(params, instance, idx)
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 def test_rows_drawn_twice_and_rows_outside_the_batch(tiny_image_npz):
@@ -97,11 +114,11 @@ def test_a_gradient_through_the_kernel_differentiates_xlas_ops(tiny_image_npz):
 
 
 def test_kernel_lowers_for_gpu(tiny_image_npz):
-  """kernel="pallas": one Triton call per step where lowered for CUDA, XLA's ops for the CPU."""
+  """kernel="pallas": two Triton calls per step where lowered for CUDA, XLA's ops for the CPU."""
   mlp = _mlp(tiny_image_npz, "pallas", batch_size=16)
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   run = jax.jit(lambda ks: batch_rollout(optax.adam(0.01), mlp, ks, 4))
-  assert lower_for_cuda(run, keys).as_text().count("__gpu$xla.gpu.triton") == 1
+  assert lower_for_cuda(run, keys).as_text().count("__gpu$xla.gpu.triton") == 2
   assert "triton" not in run.trace(keys).lower(lowering_platforms=("cpu",)).as_text()
 
 

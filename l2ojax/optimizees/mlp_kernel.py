@@ -1,18 +1,30 @@
-"""A fused GPU kernel (Pallas, Triton backend): the loss and gradient of a
+"""Fused GPU kernels (Pallas, Triton backend): the loss and gradient of a
 one-hidden-layer softmax MLP on a minibatch gathered from an image table.
 
 XLA compiles ``jax.value_and_grad`` of the MNIST MLP's loss to ~13 kernels
 (a split-K product and its reduction per dense layer, pads, the softmax,
 each weight's gradient product, the bias sums), each a few microseconds of
 launch latency on a GPU, for a few MFLOP of work: at one optimizee per
-meta-batch they are half the kernels of an L2O-DM optimizee step. Here one
-program per optimizee gathers its minibatch rows from the uint8 table
-itself, accumulates the hidden layer in chunks of input columns, does the
-softmax cross-entropy and the backward pass in registers, and reads the
-rows a second time for the first layer's weight gradient: one launch.
+meta-batch they are half the kernels of an L2O-DM optimizee step. Here two
+kernels and one sum do it, each program gathering its minibatch rows from the
+uint8 table itself:
+
+1. ``mlp_hidden_products``: program k forms x[:, cols_k] @ w1[cols_k] for its
+   ``CHUNKS_PER_PROGRAM`` chunks of ``CHUNK`` input columns;
+2. XLA sums the programs' products (the hidden layer's pre-activation);
+3. ``mlp_value_and_grad``: every program does the softmax cross-entropy and
+   the backward pass to the hidden layer in registers (a few KFLOP, cheaper
+   than waiting for one program to share it), program 0 writes the loss and
+   the small gradients, and program k the first layer's weight gradient of
+   its columns, reading its rows' chunks again.
+
+One program per optimizee looping over all 13 chunks of MNIST's 784 columns
+twice (the first version) took 41 us per step on an H100, each chunk's
+gather waiting on the one before: split over the columns, a program waits on
+``CHUNKS_PER_PROGRAM`` of them.
 
 Products are TF32 like XLA's default for float32 on GPUs; sizes are padded
-inside the kernel to powers of two >= 16 (Triton's product tiles) with
+inside the kernels to powers of two >= 16 (Triton's product tiles) with
 masked loads, and the padded lanes contribute exactly zero.
 """
 from __future__ import annotations
@@ -26,12 +38,12 @@ import jax.numpy as jnp
 
 from l2ojax import gpu
 
-# Input columns per chunk of the first layer's products, warps per program, and
-# software-pipeline stages of the chunk loops. Timed on an H100 with 1 stage, a
-# program took 41 us per step, bound by each chunk's load latency; with 3 the
-# next chunks' rows are fetched asynchronously (cp.async) while one is multiplied
-# (ptxas, sm_90a: 244 registers, no spills; 1 stage: 168). Not yet timed.
+# Input columns per chunk of the first layer's products, chunks per program,
+# warps per program, and software-pipeline stages of the chunk loops (with more
+# than one chunk per program the next chunks' rows are fetched asynchronously,
+# cp.async, while one is multiplied). Not yet timed.
 CHUNK = 64
+CHUNKS_PER_PROGRAM = 1
 NUM_WARPS = 4
 NUM_STAGES = 3
 # A program holds [rows, CHUNK] of the minibatch and [rows, hidden] and
@@ -133,35 +145,18 @@ def pieces(params: dict) -> Tuple[chex.Array, ...]:
   return tuple(a.reshape(-1) for a in _mlp_leaves(params))
 
 
-def _kernel(images_ref, labels_ref, idx_ref, *refs, at: Layout, activation: str):
-  # refs: the parameters' pieces | the loss, the gradient (one vector)
-  num = len(at.sizes)
-  param_refs, (loss_ref, grad_ref) = refs[:num], refs[num:]
-  grad_size = sum(at.sizes)
+def _common(idx_ref, images_ref, at: Layout):
+  """The row and column indices both kernels use, and their minibatch loader."""
   pl, plt = _pallas()
   m, = idx_ref.shape
-  d, hidden, classes = at.inputs, at.hidden, at.classes
-  mp, hp, cp = _padded(m), _padded(hidden), _padded(classes)
+  mp, hp, cp = _padded(m), _padded(at.hidden), _padded(at.classes)
   rows, h_cols, c_cols = jnp.arange(mp), jnp.arange(hp), jnp.arange(cp)
-  row_ok, h_ok, c_ok = rows < m, h_cols < hidden, c_cols < classes
+  row_ok = rows < m
   idx = plt.load(idx_ref.at[rows], mask=row_ok, other=0)
-
-  def place(name, index, mask):  # (piece, where in it)
-    piece, offset = at.where[PARAMS.index(name)]
-    # masked lanes point past the piece: an interpreted masked store writes every lane
-    return piece, jnp.where(mask, offset + index, at.sizes[piece])
-
-  def load(name, index, mask):
-    piece, where = place(name, index, mask)
-    return plt.load(param_refs[piece].at[where], mask=mask, other=0.0)
-
-  def store(name, index, mask, value):
-    where = jnp.where(mask, at.flat_offsets[PARAMS.index(name)] + index, grad_size)
-    plt.store(grad_ref.at[where], value, mask=mask)
 
   def chunk_cols(k):
     cols = k * CHUNK + jnp.arange(CHUNK)
-    return cols, cols < d
+    return cols, cols < at.inputs
 
   def minibatch(k):  # [mp, CHUNK] of the gathered rows, as XLA's x / 255.0
     cols, ok = chunk_cols(k)
@@ -169,18 +164,67 @@ def _kernel(images_ref, labels_ref, idx_ref, *refs, at: Layout, activation: str)
                  mask=row_ok[:, None] & ok[None, :], other=0)
     return x.astype(jnp.float32) / 255.0
 
-  w1_index = lambda cols: cols[:, None] * hidden + h_cols[None, :]
-  w2_index = h_cols[:, None] * classes + c_cols[None, :]
-  w2_ok = h_ok[:, None] & c_ok[None, :]
+  return m, idx, (rows, h_cols, c_cols), row_ok, chunk_cols, minibatch
 
-  def first_layer(k, acc):
+
+def _loader(param_refs, at: Layout):
+  _, plt = _pallas()
+
+  def load(name, index, mask):
+    piece, offset = at.where[PARAMS.index(name)]
+    # masked lanes point past the piece: an interpreted masked load reads every lane
+    where = jnp.where(mask, offset + index, at.sizes[piece])
+    return plt.load(param_refs[piece].at[where], mask=mask, other=0.0)
+
+  return load
+
+
+def _w1_index(cols, h_cols, hidden):
+  return cols[:, None] * hidden + h_cols[None, :]
+
+
+def _hidden_kernel(images_ref, idx_ref, *refs, at: Layout):
+  # refs: the parameters' pieces | this program's share of the first layer's product
+  param_refs, z_ref = refs[:-1], refs[-1]
+  pl, plt = _pallas()
+  program = pl.program_id(0)
+  _, _, (rows, h_cols, _), _, chunk_cols, minibatch = _common(idx_ref, images_ref, at)
+  load = _loader(param_refs, at)
+  h_ok = h_cols < at.hidden
+
+  def first_layer(j, acc):
+    k = program * CHUNKS_PER_PROGRAM + j
     cols, ok = chunk_cols(k)
-    w = load("w1", w1_index(cols), ok[:, None] & h_ok[None, :])
+    w = load("w1", _w1_index(cols, h_cols, at.hidden), ok[:, None] & h_ok[None, :])
     return acc + jnp.dot(minibatch(k), w)
 
-  chunks = -(-d // CHUNK)
-  z = jax.lax.fori_loop(0, chunks, first_layer, jnp.zeros((mp, hp), jnp.float32))
-  z = z + load("b1", h_cols, h_ok)[None, :]
+  z = jax.lax.fori_loop(0, CHUNKS_PER_PROGRAM, first_layer,
+                        jnp.zeros((rows.size, h_cols.size), jnp.float32))
+  plt.store(z_ref.at[program, rows[:, None], h_cols[None, :]], z)
+
+
+def _output_kernel(images_ref, labels_ref, idx_ref, z_ref, *refs, at: Layout, activation: str):
+  # refs: the parameters' pieces | the loss, the gradient (one vector)
+  num = len(at.sizes)
+  param_refs, (loss_ref, grad_ref) = refs[:num], refs[num:]
+  grad_size = sum(at.sizes)
+  pl, plt = _pallas()
+  program = pl.program_id(0)
+  m, idx, (rows, h_cols, c_cols), row_ok, chunk_cols, minibatch = _common(
+      idx_ref, images_ref, at)
+  load = _loader(param_refs, at)
+  hidden, classes = at.hidden, at.classes
+  h_ok, c_ok = h_cols < hidden, c_cols < classes
+
+  def store(name, index, mask, value):
+    where = jnp.where(mask, at.flat_offsets[PARAMS.index(name)] + index, grad_size)
+    plt.store(grad_ref.at[where], value, mask=mask)
+
+  w2_index = h_cols[:, None] * classes + c_cols[None, :]
+  w2_ok = h_ok[:, None] & c_ok[None, :]
+  # every program recomputes the (small) softmax and backward to the hidden
+  # layer rather than waiting on one that would
+  z = plt.load(z_ref.at[rows[:, None], h_cols[None, :]]) + load("b1", h_cols, h_ok)[None, :]
   h, dact = _activation(activation, z)
   h = jnp.where(h_ok[None, :], h, 0.0)
   w2 = load("w2", w2_index, w2_ok)
@@ -191,24 +235,27 @@ def _kernel(images_ref, labels_ref, idx_ref, *refs, at: Layout, activation: str)
   total = jnp.sum(e, axis=1)
   labels = plt.load(labels_ref.at[idx], mask=row_ok, other=-1)
   one_hot = (c_cols[None, :] == labels[:, None]).astype(jnp.float32)
-  nll = top + jnp.log(total) - jnp.sum(one_hot * logits, axis=1)
-  loss_ref[...] = jnp.sum(jnp.where(row_ok, nll, 0.0)) / m
-
   d_logits = jnp.where(row_ok[:, None] & c_ok[None, :],
                        (e / total[:, None] - one_hot) / m, 0.0)
-  store("w2", w2_index, w2_ok, jax.lax.dot_general(h, d_logits, (((0,), (0,)), ((), ()))))
-  store("b2", c_cols, c_ok, jnp.sum(d_logits, axis=0))
   dh = jax.lax.dot_general(d_logits, w2, (((1,), (1,)), ((), ())))
   dz = jnp.where(h_ok[None, :], dh * dact, 0.0)
-  store("b1", h_cols, h_ok, jnp.sum(dz, axis=0))
 
-  def weight_gradient(k, carry):
+  @pl.when(program == 0)
+  def _():
+    nll = top + jnp.log(total) - jnp.sum(one_hot * logits, axis=1)
+    loss_ref[...] = jnp.sum(jnp.where(row_ok, nll, 0.0)) / m
+    store("w2", w2_index, w2_ok, jax.lax.dot_general(h, d_logits, (((0,), (0,)), ((), ()))))
+    store("b2", c_cols, c_ok, jnp.sum(d_logits, axis=0))
+    store("b1", h_cols, h_ok, jnp.sum(dz, axis=0))
+
+  def weight_gradient(j, carry):
+    k = program * CHUNKS_PER_PROGRAM + j
     cols, ok = chunk_cols(k)
     dw = jax.lax.dot_general(minibatch(k), dz, (((0,), (0,)), ((), ())))
-    store("w1", w1_index(cols), ok[:, None] & h_ok[None, :], dw)
+    store("w1", _w1_index(cols, h_cols, hidden), ok[:, None] & h_ok[None, :], dw)
     return carry
 
-  jax.lax.fori_loop(0, chunks, weight_gradient, 0)
+  jax.lax.fori_loop(0, CHUNKS_PER_PROGRAM, weight_gradient, 0)
 
 
 def value_and_grad(images: chex.Array, labels: chex.Array, idx: chex.Array,
@@ -238,11 +285,22 @@ def value_and_grad(images: chex.Array, labels: chex.Array, idx: chex.Array,
                      f"{[jnp.shape(p) for p in params]} laid out as {at} do not fit "
                      f"{images.shape[1]} inputs")
   f32 = jnp.float32
+  m = idx.shape[0]
+  programs = -(-at.inputs // (CHUNK * CHUNKS_PER_PROGRAM))
+  warps = NUM_WARPS * max(1, _padded(m) // 128)
+  idx, params = idx.astype(jnp.int32), tuple(p.astype(f32) for p in params)
+  z_parts = pl.pallas_call(
+      functools.partial(_hidden_kernel, at=at),
+      out_shape=jax.ShapeDtypeStruct((programs, _padded(m), _padded(at.hidden)), f32),
+      grid=(programs,),
+      compiler_params=plt.CompilerParams(num_warps=warps, num_stages=NUM_STAGES),
+      interpret=interpret, name="mlp_hidden_products",
+  )(images, idx, *params)
   loss, grad = pl.pallas_call(
-      functools.partial(_kernel, at=at, activation=activation),
+      functools.partial(_output_kernel, at=at, activation=activation),
       out_shape=[jax.ShapeDtypeStruct((), f32), jax.ShapeDtypeStruct((sum(at.sizes),), f32)],
-      compiler_params=plt.CompilerParams(
-          num_warps=NUM_WARPS * max(1, _padded(idx.shape[0]) // 128), num_stages=NUM_STAGES),
+      grid=(programs,),
+      compiler_params=plt.CompilerParams(num_warps=warps, num_stages=NUM_STAGES),
       interpret=interpret, name="mlp_value_and_grad",
-  )(images, labels.astype(jnp.int32), idx.astype(jnp.int32), *(p.astype(f32) for p in params))
+  )(images, labels.astype(jnp.int32), idx, jnp.sum(z_parts, axis=0), *params)
   return loss, grad
