@@ -7,16 +7,17 @@ runs, in order and within ``--minutes``:
   check          the GPU tests of tests/test_lstm_kernel.py: compiled, the fused LSTM
                  kernels give XLA's losses and meta-gradients (L2O-DM, RNNProp, L2O-DM
                  with a bfloat16 state); the stages marked * need it to pass
+  check_mlp      the GPU test of tests/test_mlp_kernel.py: the fused MNIST-MLP loss and
+                 gradient kernels give XLA's values and Adam curves; + needs it too
   dm_pallas*     W1 of L2O-DM with the fused LSTM kernels, B = 1, 8, 64, and W2, with a
                  profile of each B (the GPU's kernels by time)
+  dm_fused_mlp*+ W1 of L2O-DM with both fused kernels (the LSTM stack's and the
+                 MLP's), B = 1, 8, 64, and W2 (Adam and L2O-DM on the fused MLP), with
+                 a profile of each B
   dm_xla_torch   W1 of L2O-DM with XLA's ops beside the PyTorch peer, B = 1, 8, 64
   dm_bf16*       the fused LSTM kernels with a bfloat16 state, B = 64, 256 (the
                  benchmark's default remat: chunks of 4 steps at B = 256), and W2
                  (half the state's bytes per evaluation step)
-  check_mlp      the GPU test of tests/test_mlp_kernel.py: the fused MNIST-MLP loss and
-                 gradient kernel gives XLA's values and Adam curves; + needs it too
-  dm_fused_mlp*+ W1 of L2O-DM with both fused kernels (the LSTM stack's and the
-                 MLP's), B = 1, 8, 64, and W2 (Adam and L2O-DM on the fused MLP)
   rnnprop*       W1 of RNNProp with the fused kernels, B = 1, 8, 64
   scale          W1 of L2O-Scale, B = 1, 8, 64
   train          the paper-scale meta-trainings, resumed: the five L2O-DM variants
@@ -127,18 +128,18 @@ def _gpu_tests(name: str, minutes: float, test_file: str) -> Stage:
 _PALLAS = ("--lstm_kernel=pallas", "--torch=off")
 STAGES = (
     _gpu_tests("check", 2.5, "tests/test_lstm_kernel.py"),
+    _gpu_tests("check_mlp", 1.0, "tests/test_mlp_kernel.py"),
     # the fused LSTM kernels against XLA's ops (and the PyTorch peer), each B; the
     # profile lists the GPU's kernels by time (in the log and the JSON)
     _bench("dm_pallas", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS,
            "--profile_dir={out}/profile", needs=("check",)),
+    # both fused kernels: the fewest kernels per optimizee step (W1 B = 1, W2)
+    _bench("dm_fused_mlp", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--optimizee_kernel=pallas",
+           *_PALLAS, "--profile_dir={out}/profile", needs=("check", "check_mlp")),
     _bench("dm_xla_torch", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
            "--torch_iters=10"),
     _bench("dm_bf16", 2.5, "--models=dm", "--batch_sizes=64,256", "--dm_state_dtype=bfloat16",
            *_PALLAS, needs=("check",)),
-    _gpu_tests("check_mlp", 1.0, "tests/test_mlp_kernel.py"),
-    # both fused kernels: the fewest kernels per optimizee step (W1 B = 1, W2)
-    _bench("dm_fused_mlp", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--optimizee_kernel=pallas",
-           *_PALLAS, needs=("check", "check_mlp")),
     _bench("rnnprop", 1.5, "--models=rnnprop", "--batch_sizes=1,8,64", "--workloads=w1",
            *_PALLAS, needs=("check",)),
     _bench("scale", 1.5, "--models=scale", "--batch_sizes=1,8,64", "--workloads=w1",
