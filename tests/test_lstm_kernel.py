@@ -42,6 +42,23 @@ def _stack(key, n_in, sizes, n_out=1, lead=(300,), state_dtype=jnp.float32):
   return layers, readout, x, states
 
 
+@pytest.mark.parametrize("n_in,sizes,n_out", [(2, (20, 20), 1), (20, (20, 20), 1), (3, (33,), 2)])
+def test_the_kernels_flat_gradient_layout_is_the_stacks(n_in, sizes, n_out):
+  """lstm_kernel.gradient_offsets (where the gradient kernel writes each matrix) and
+  LSTMStack.partial_sums (how the stack reads them back) split the same vector."""
+  layers, readout, _, _ = _stack(jax.random.PRNGKey(0), n_in, sizes, n_out)
+  stack = cells.lstm_stack_prepare(layers, readout, gradient_chunks=2)
+  offsets = lstm_kernel.gradient_offsets(n_in, sizes, n_out)
+  assert offsets[-1] == stack.grad.shape[1]
+  stack = dataclasses.replace(stack, grad=jnp.broadcast_to(
+      jnp.arange(stack.grad.shape[1], dtype=jnp.float32), stack.grad.shape))
+  layer_parts, out_part = stack.partial_sums()
+  firsts = [int(p[0].reshape(-1)[0]) for p in (*layer_parts, out_part)]
+  sizes_read = [p[0].size for p in (*layer_parts, out_part)]
+  assert firsts == list(offsets[:-1])
+  assert sizes_read == list(np.diff(offsets))
+
+
 @pytest.mark.parametrize("n_in,sizes,n_out,lead", [
     (2, (20, 20), 1, (300,)),      # L2O-DM: rows not a multiple of the block
     (20, (20, 20), 1, (2, 70)),    # RNNProp's stack; leading dims

@@ -38,6 +38,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from l2ojax import gpu
 from l2ojax.models import preprocess
 
@@ -410,6 +411,15 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
           tuple(rest[3 * num:]))
 
 
+def gradient_offsets(n_in: int, sizes: Tuple[int, ...], n_out: int) -> Tuple[int, ...]:
+  """Where each matrix with its bias as last row ([fan_in + 1, 4 x hidden] per layer,
+  [hidden + 1, n_out] for the read-out) starts in the flat weights' gradient
+  (``cells.LSTMStack.grad``), and, last, its size."""
+  fan_ins = (n_in,) + tuple(sizes[:-1])
+  widths = [(f + s + 1) * 4 * s for f, s in zip(fan_ins, sizes)] + [(sizes[-1] + 1) * n_out]
+  return tuple(int(o) for o in np.cumsum([0] + widths))
+
+
 def _gradient_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
                      chunks: int, split_x: bool):
   # refs: saved, out_0.., dz_0.., d_out | d_grad
@@ -453,7 +463,7 @@ def _gradient_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
     at = jnp.where(mask, start + r * d_width + c, d_grad_ref.shape[-1])
     plt.store(d_grad_ref.at[program, at], acc, mask=mask)
 
-  start = 0
+  starts = gradient_offsets(n_in, sizes, n_out)
   for l, s in enumerate(sizes):
     h = (saved_ref, x_width + sum(sizes[:l]), s)
     if l == 0:  # x, as two halves [hi, lo] summed in the same lanes if split_x
@@ -461,9 +471,8 @@ def _gradient_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
     else:
       xs = [(out_refs[l - 1], 0, sizes[l - 1], 0)]
     fan_in = (n_in if l == 0 else sizes[l - 1]) + s
-    product(xs + [h + (fan_in - s,)], fan_in, dz_refs[l], 4 * s, start)
-    start += (fan_in + 1) * 4 * s
-  product([(out_refs[-1], 0, sizes[-1], 0)], sizes[-1], d_out_ref, n_out, start)
+    product(xs + [h + (fan_in - s,)], fan_in, dz_refs[l], 4 * s, starts[l])
+  product([(out_refs[-1], 0, sizes[-1], 0)], sizes[-1], d_out_ref, n_out, starts[-2])
 
 
 def weights_gradient(saved: chex.Array, outs: Sequence[chex.Array], dzs: Sequence[chex.Array],
@@ -479,8 +488,7 @@ def weights_gradient(saved: chex.Array, outs: Sequence[chex.Array], dzs: Sequenc
   n, n_out = d_out.shape
   sizes = tuple(o.shape[-1] for o in outs)
   n_in, split_x = _saved_layout(saved, sizes)
-  fan_ins = (n_in,) + sizes[:-1]
-  size = sum((f + s + 1) * 4 * s for f, s in zip(fan_ins, sizes)) + (sizes[-1] + 1) * n_out
+  size = gradient_offsets(n_in, sizes, n_out)[-1]
   kernel = functools.partial(_gradient_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
                              chunks=chunks, split_x=split_x)
   return pl.pallas_call(
