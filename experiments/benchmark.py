@@ -35,6 +35,10 @@ the setting and the minor page faults per meta-iteration.
 prints the device's kernels by total time (``device_kernel_times``; on a GPU:
 which kernel a step waits on), kept in the row's JSON as ``kernel_times``.
 
+``--kernel_constant=lstm_kernel.BLOCK_ROWS=128`` (repeatable) sets a tunable of
+the fused kernels (an int constant of ``lstm_kernel`` or ``mlp_kernel``) before
+anything is traced: other tilings, timed without editing the code.
+
 Writes a markdown table to stdout and <out>/benchmark.json.
 """
 from __future__ import annotations
@@ -93,6 +97,11 @@ _OPTIMIZEE_KERNEL = flags.DEFINE_enum(
     "optimizee_kernel", "xla", list(gpu.KERNELS), "The MNIST MLP's loss and gradient per "
     "step: XLA's ops, or one fused Pallas kernel on a GPU (W1 and W2, for every optimizer; "
     "see optimizees.mlp_kernel).")
+_KERNEL_CONSTANTS = flags.DEFINE_multi_string(
+    "kernel_constant", [], "MODULE.NAME=VALUE: a fused kernel's tunable, an int constant of "
+    "l2ojax.models.lstm_kernel or l2ojax.optimizees.mlp_kernel read when a kernel is traced "
+    "(e.g. lstm_kernel.BLOCK_ROWS=128, mlp_kernel.CHUNKS_PER_PROGRAM=2), set before anything "
+    "is traced. Repeatable.")
 _SHARD = flags.DEFINE_bool("shard", False, "Shard the meta-batch over all devices.")
 _WORKLOADS = flags.DEFINE_list("workloads", ["w1", "w2"], "Which workloads to run.")
 _W2_STEPS = flags.DEFINE_integer("w2_steps", 10_000, "W2 optimizee steps.")
@@ -113,6 +122,37 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------- environment
+
+def set_kernel_constants(settings: List[str]) -> Dict[str, int]:
+  """Sets each "MODULE.NAME=VALUE" of ``settings`` (``--kernel_constant``): an existing
+  upper-case int (or bool) constant of ``lstm_kernel`` or ``mlp_kernel``; returns
+  what was set. A bad setting raises ValueError naming it."""
+  from l2ojax.models import lstm_kernel
+  from l2ojax.optimizees import mlp_kernel
+  modules = {"lstm_kernel": lstm_kernel, "mlp_kernel": mlp_kernel}
+  done = {}
+  for setting in settings:
+    m = re.fullmatch(r"(\w+)\.([A-Z][A-Z0-9_]*)=(-?\d+|[Tt]rue|[Ff]alse)", setting.strip())
+    module = modules.get(m.group(1)) if m else None
+    old = getattr(module, m.group(2), None) if module else None
+    if not isinstance(old, int):
+      raise ValueError(f"--kernel_constant={setting!r}: expected MODULE.NAME=INT with MODULE in "
+                       f"{sorted(modules)} and NAME one of its upper-case int constants")
+    value = m.group(3).lower()
+    if isinstance(old, bool):
+      if value not in ("true", "false", "0", "1"):
+        raise ValueError(f"--kernel_constant={setting!r}: {m.group(2)} is a bool")
+      new = value in ("true", "1")
+    elif value in ("true", "false"):
+      raise ValueError(f"--kernel_constant={setting!r}: {m.group(2)} is an int")
+    else:
+      new = int(value)
+      if new < 1:
+        raise ValueError(f"--kernel_constant={setting!r}: must be >= 1")
+    setattr(module, m.group(2), new)
+    done[f"{m.group(1)}.{m.group(2)}"] = new
+  return done
+
 
 def random_mnist_npz(folder: str, n: int = 10_000, seed: int = 0) -> str:
   """An .npz of MNIST's shape and dtype with random content (no download)."""
@@ -672,6 +712,7 @@ def markdown(result: Dict[str, Any]) -> str:
 
 def main(argv):
   del argv
+  kernel_constants = set_kernel_constants(_KERNEL_CONSTANTS.value)
   notes = []
   names = []
   for name in _MODELS.value:
@@ -701,6 +742,8 @@ def main(argv):
                        "optimizee_kernel", "profile_dir",
                        "shard", "workloads", "w2_steps", "w2_optimizees", "w2_repeats",
                        "torch_iters")}}
+  if kernel_constants:
+    result["flags"]["kernel_constant"] = kernel_constants
   for note in notes:
     print(note, file=sys.stderr)
   os.makedirs(_OUT.value, exist_ok=True)

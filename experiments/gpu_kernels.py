@@ -137,6 +137,9 @@ def report(label: str, program: Tuple[str, Optional[int], float],
 
 def main(argv):
   del argv
+  constants = benchmark.set_kernel_constants(benchmark._KERNEL_CONSTANTS.value)
+  if constants:
+    print(f"kernel constants: {constants}")
   optimizee = optimizees.get("mnist_mlp", path=benchmark.random_mnist_npz("/tmp", n=1000),
                              kernel=benchmark._OPTIMIZEE_KERNEL.value)
   unroll = benchmark._UNROLL.value
