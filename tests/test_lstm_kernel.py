@@ -166,6 +166,22 @@ def test_backward_kernel_keeping_the_lower_layers_gates(monkeypatch):
   chex.assert_trees_all_close(grads(), recomputed, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("n_in,sizes", [(2, (20, 20)), (20, (20, 20))])
+def test_backward_kernel_looping_over_blocks_of_rows(monkeypatch, n_in, sizes):
+  """lstm_kernel.BACKWARD_BLOCKS_PER_PROGRAM: 210 rows as 2 programs of 3 blocks of 64
+  (the last two blocks partly and wholly past the rows): XLA's gradients."""
+  layers, readout, x, states = _stack(jax.random.PRNGKey(9), n_in, sizes, lead=(210,))
+
+  def grads(kernel):
+    return jax.grad(lambda layers, x, states: jnp.sum(jnp.sin(cells.lstm_stack_apply(
+        layers, x, states, readout, kernel=kernel, gradient_chunks=2)[0])),
+        argnums=(0, 1, 2))(layers, x, states)
+
+  monkeypatch.setattr(lstm_kernel, "BACKWARD_BLOCKS_PER_PROGRAM", 3)
+  monkeypatch.setattr(lstm_kernel, "BACKWARD_NUM_STAGES", 2)
+  chex.assert_trees_all_close(grads("pallas_interpret"), grads("xla"), atol=1e-6, rtol=1e-5)
+
+
 def test_forward_kernel_writes_the_gates_for_xlas_backward_pass():
   """"pallas_forward": the forward kernel also writes each layer's gate tanh, the
   residual XLA's backward pass reads."""

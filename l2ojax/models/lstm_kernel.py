@@ -219,6 +219,15 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
 # spills at 64 rows, 8 warps (40 bytes of spills at 32 rows).
 BACKWARD_BLOCK_ROWS = 64
 BACKWARD_NUM_WARPS = 8
+# Blocks of rows per program, in a loop, and software-pipeline stages of that loop
+# (with more than one block and stage, the next block's inputs are fetched while one
+# is computed: at ~245 registers a multiprocessor runs one program, which otherwise
+# waits on its loads before it computes). ptxas (sm_90a), L2O-DM: 2 or 4 blocks and
+# 2 stages pipeline the loads (cp.async) in 255 registers, no spills (4: 8 bytes);
+# 3 stages need more shared memory than an H100 has, and RNNProp's wider inputs at
+# 2 stages too. Not yet timed on a GPU: 1 and 1 (no loop) until then.
+BACKWARD_BLOCKS_PER_PROGRAM = 1
+BACKWARD_NUM_STAGES = 1
 # Whether the layers below the top keep their recomputed gates for their backward
 # pass instead of computing them a second time there. Not yet timed on a GPU.
 KEEP_LOWER_GATES = False
@@ -282,86 +291,96 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
   h_at = [x_width + sum(sizes[:l]) for l in range(num)]
   c_at = [x_width + sum(sizes) + sum(sizes[:l]) for l in range(num)]
 
-  rows = pl.program_id(0) * BACKWARD_BLOCK_ROWS + jnp.arange(BACKWARD_BLOCK_ROWS)
-  row_ok = (rows < n)[:, None]
+  program = pl.program_id(0)
 
-  def cols(width, offset=0):
-    c = jnp.arange(_padded(width))
-    return row_ok & (c < width)[None, :], offset + c[None, :]
+  def block(j, carry):
+    """One block of rows: a loop of them per program lets the next block's loads be
+    issued while one is computed (``BACKWARD_NUM_STAGES``)."""
+    first = (program * BACKWARD_BLOCKS_PER_PROGRAM + j) * BACKWARD_BLOCK_ROWS
+    rows = first + jnp.arange(BACKWARD_BLOCK_ROWS)
+    row_ok = (rows < n)[:, None]
 
-  def load(ref, width, offset=0):
-    mask, c = cols(width, offset)
-    return plt.load(ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
+    def cols(width, offset=0):
+      c = jnp.arange(_padded(width))
+      return row_ok & (c < width)[None, :], offset + c[None, :]
 
-  def lanes(width, shift, outside=0):
-    """(mask, columns) of lanes [shift, shift + width) of a first-layer tile; the
-    other lanes' columns ``outside`` (out of bounds for a store: an interpreted
-    masked store writes every lane, and its masked lanes must not alias one)."""
-    c = jnp.arange(_padded(sizes[0]))
-    inside = (c >= shift) & (c < shift + width)
-    return row_ok & inside[None, :], jnp.where(inside, c - shift, outside)[None, :]
+    def load(ref, width, offset=0):
+      mask, c = cols(width, offset)
+      return plt.load(ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
 
-  def load_x_beside_h():  # [0 (h's lanes), x, 0]
-    mask, c = lanes(n_in, sizes[0])
-    x = plt.load(saved_ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
-    if split_x:
-      x += plt.load(saved_ref.at[rows[:, None], n_in + c], mask=mask,
-                    other=0.0).astype(jnp.float32)
-    return x
+    def lanes(width, shift, outside=0):
+      """(mask, columns) of lanes [shift, shift + width) of a first-layer tile; the
+      other lanes' columns ``outside`` (out of bounds for a store: an interpreted
+      masked store writes every lane, and its masked lanes must not alias one)."""
+      c = jnp.arange(_padded(sizes[0]))
+      inside = (c >= shift) & (c < shift + width)
+      return row_ok & inside[None, :], jnp.where(inside, c - shift, outside)[None, :]
 
-  def store(ref, value, width, offset=0):
-    mask, c = cols(width, offset)
-    plt.store(ref.at[rows[:, None], c], value.astype(ref.dtype), mask=mask)
+    def load_x_beside_h():  # [0 (h's lanes), x, 0]
+      mask, c = lanes(n_in, sizes[0])
+      x = plt.load(saved_ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
+      if split_x:
+        x += plt.load(saved_ref.at[rows[:, None], n_in + c], mask=mask,
+                      other=0.0).astype(jnp.float32)
+      return x
 
-  def gates(l, x):  # (the product's h operand, the gates' tanh)
-    h = load(saved_ref, sizes[l], h_at[l])
-    if l == 0 and packed:
-      h += load_x_beside_h()
-      return h, [jnp.tanh(jnp.dot(h, wh_refs[l][g]) + b_refs[l][g][None, :])
-                 for g in range(4)]
-    return h, [jnp.tanh(jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g])
-                        + b_refs[l][g][None, :]) for g in range(4)]
+    def store(ref, value, width, offset=0):
+      mask, c = cols(width, offset)
+      plt.store(ref.at[rows[:, None], c], value.astype(ref.dtype), mask=mask)
 
-  # The forward pass again, keeping each layer's input and writing each layer's
-  # output (the next layer's input, the read-out's: operands of the weights'
-  # gradient). The top layer's gates serve its backward pass at once; those below
-  # are recomputed where the backward pass reaches them (held through the layers
-  # above, they spill), unless KEEP_LOWER_GATES.
-  xs = [None if packed else load(saved_ref, n_in) + load(saved_ref, n_in, n_in) if split_x
-        else load(saved_ref, n_in)]
-  kept = [None] * num
-  for l in range(num):
-    h, t = gates(l, xs[l])
-    c = load(saved_ref, sizes[l], c_at[l])
-    xs.append((0.5 * t[3] + 0.5) * jnp.tanh((0.5 * t[2] + 0.5) * c + (0.5 * t[0] + 0.5) * t[1]))
-    store(out_refs[l], xs[-1], sizes[l])
-    if KEEP_LOWER_GATES or l == num - 1:
-      kept[l] = (h, t, c)
-  dx = _dot_t(load(d_out_ref, n_out), w_out_ref[...])
-  for l in reversed(range(num)):
-    if kept[l] is not None:
-      h, t, c = kept[l]
-    else:
+    def gates(l, x):  # (the product's h operand, the gates' tanh)
+      h = load(saved_ref, sizes[l], h_at[l])
+      if l == 0 and packed:
+        h += load_x_beside_h()
+        return h, [jnp.tanh(jnp.dot(h, wh_refs[l][g]) + b_refs[l][g][None, :])
+                   for g in range(4)]
+      return h, [jnp.tanh(jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g])
+                          + b_refs[l][g][None, :]) for g in range(4)]
+
+    # The forward pass again, keeping each layer's input and writing each layer's
+    # output (the next layer's input, the read-out's: operands of the weights'
+    # gradient). The top layer's gates serve its backward pass at once; those below
+    # are recomputed where the backward pass reaches them (held through the layers
+    # above, they spill), unless KEEP_LOWER_GATES.
+    xs = [None if packed else load(saved_ref, n_in) + load(saved_ref, n_in, n_in) if split_x
+          else load(saved_ref, n_in)]
+    kept = [None] * num
+    for l in range(num):
       h, t = gates(l, xs[l])
       c = load(saved_ref, sizes[l], c_at[l])
-    i, f, o = 0.5 * t[0] + 0.5, 0.5 * t[2] + 0.5, 0.5 * t[3] + 0.5
-    tc = jnp.tanh(f * c + i * t[1])
-    dh = load(dh_in[l], sizes[l]) + dx
-    dc = load(dc_in[l], sizes[l]) + dh * o * (1.0 - tc * tc)
-    dt = [0.5 * dc * t[1], dc * i, 0.5 * dc * c, 0.5 * dh * tc]
-    dz = [d * (1.0 - g * g) for d, g in zip(dt, t)]
-    for g in range(4):  # gate columns i, j, f, o of the layer's [rows, 4 x hidden]
-      store(dz_refs[l], dz[g], sizes[l], offset=g * sizes[l])
-    dh = sum(_dot_t(dz[g], wh_refs[l][g]) for g in range(4))
-    store(dh_out[l], dh, sizes[l])
-    store(dc_out[l], dc * f, sizes[l])
-    if l == 0 and packed:  # x's cotangent from h's product
-      mask, c = lanes(n_in, sizes[0], outside=n_in)
-      plt.store(dx_ref.at[rows[:, None], c], dh, mask=mask)
-      continue
-    dx = sum(_dot_t(dz[g], wx_refs[l][g]) for g in range(4))
-  if not packed:
-    store(dx_ref, dx, n_in)
+      xs.append((0.5 * t[3] + 0.5) * jnp.tanh((0.5 * t[2] + 0.5) * c + (0.5 * t[0] + 0.5) * t[1]))
+      store(out_refs[l], xs[-1], sizes[l])
+      if KEEP_LOWER_GATES or l == num - 1:
+        kept[l] = (h, t, c)
+    dx = _dot_t(load(d_out_ref, n_out), w_out_ref[...])
+    for l in reversed(range(num)):
+      if kept[l] is not None:
+        h, t, c = kept[l]
+      else:
+        h, t = gates(l, xs[l])
+        c = load(saved_ref, sizes[l], c_at[l])
+      i, f, o = 0.5 * t[0] + 0.5, 0.5 * t[2] + 0.5, 0.5 * t[3] + 0.5
+      tc = jnp.tanh(f * c + i * t[1])
+      dh = load(dh_in[l], sizes[l]) + dx
+      dc = load(dc_in[l], sizes[l]) + dh * o * (1.0 - tc * tc)
+      dt = [0.5 * dc * t[1], dc * i, 0.5 * dc * c, 0.5 * dh * tc]
+      dz = [d * (1.0 - g * g) for d, g in zip(dt, t)]
+      for g in range(4):  # gate columns i, j, f, o of the layer's [rows, 4 x hidden]
+        store(dz_refs[l], dz[g], sizes[l], offset=g * sizes[l])
+      dh = sum(_dot_t(dz[g], wh_refs[l][g]) for g in range(4))
+      store(dh_out[l], dh, sizes[l])
+      store(dc_out[l], dc * f, sizes[l])
+      if l == 0 and packed:  # x's cotangent from h's product
+        mask, c = lanes(n_in, sizes[0], outside=n_in)
+        plt.store(dx_ref.at[rows[:, None], c], dh, mask=mask)
+        continue
+      dx = sum(_dot_t(dz[g], wx_refs[l][g]) for g in range(4))
+    if not packed:
+      store(dx_ref, dx, n_in)
+
+    return carry
+
+  jax.lax.fori_loop(0, BACKWARD_BLOCKS_PER_PROGRAM, block, 0)
 
 
 def _saved_layout(saved: chex.Array, sizes: Tuple[int, ...]) -> Tuple[int, bool]:
@@ -400,8 +419,10 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
                              split_x=split_x)
   num = len(sizes)
   dx, *rest = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(pl.cdiv(n, BACKWARD_BLOCK_ROWS),),
-      compiler_params=plt.CompilerParams(num_warps=BACKWARD_NUM_WARPS, num_stages=1),
+      kernel, out_shape=out_shape,
+      grid=(pl.cdiv(n, BACKWARD_BLOCK_ROWS * BACKWARD_BLOCKS_PER_PROGRAM),),
+      compiler_params=plt.CompilerParams(num_warps=BACKWARD_NUM_WARPS,
+                                         num_stages=BACKWARD_NUM_STAGES),
       # dh and dc in place: each program reads its rows' cotangents before it writes them
       input_output_aliases={2 + i: 1 + i for i in range(2 * num)},
       interpret=interpret, name="lstm_stack_backward",
