@@ -14,8 +14,9 @@ runs, in order and within ``--minutes``:
   dm_fused_mlp*+ W1 of L2O-DM with both fused kernels (the LSTM stack's and the
                  MLP's), B = 1, 8, 64, and W2 (Adam and L2O-DM on the fused MLP), with
                  a profile of each B
-  dm_pipelined*  W1 of L2O-DM, B = 8, 64, with the backward LSTM kernel looping over 2
-                 blocks of rows per program, the next block's loads pipelined
+  dm_pipelined*  W1 of L2O-DM, B = 8, 64, and W2 with the LSTM kernels looping over
+                 blocks of rows (forward 4, backward 2 per program), the next block's
+                 loads pipelined; with a profile of each B
   dm_xla_torch   W1 of L2O-DM with XLA's ops beside the PyTorch peer, B = 1, 8, 64
   dm_bf16*       the fused LSTM kernels with a bfloat16 state, B = 64, 256 (the
                  benchmark's default remat: chunks of 4 steps at B = 256), and W2
@@ -138,11 +139,14 @@ STAGES = (
     # both fused kernels: the fewest kernels per optimizee step (W1 B = 1, W2)
     _bench("dm_fused_mlp", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--optimizee_kernel=pallas",
            *_PALLAS, "--profile_dir={out}/profile", needs=("check", "check_mlp")),
-    # the backward LSTM kernel looping over 2 blocks of rows, the next one's loads
-    # pipelined (an untimed variant: the trainings keep the default)
-    _bench("dm_pipelined", 1.5, "--models=dm", "--batch_sizes=8,64", "--workloads=w1", *_PALLAS,
+    # the LSTM kernels looping over blocks of rows, the next block's loads pipelined
+    # (untimed variants: the trainings keep the defaults)
+    _bench("dm_pipelined", 2.0, "--models=dm", "--batch_sizes=8,64", *_PALLAS,
+           "--kernel_constant=lstm_kernel.BLOCKS_PER_PROGRAM=4",
+           "--kernel_constant=lstm_kernel.NUM_STAGES=3",
            "--kernel_constant=lstm_kernel.BACKWARD_BLOCKS_PER_PROGRAM=2",
-           "--kernel_constant=lstm_kernel.BACKWARD_NUM_STAGES=2", needs=("check",)),
+           "--kernel_constant=lstm_kernel.BACKWARD_NUM_STAGES=2",
+           "--profile_dir={out}/profile", needs=("check",)),
     _bench("dm_xla_torch", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
            "--torch_iters=10"),
     _bench("dm_bf16", 2.5, "--models=dm", "--batch_sizes=64,256", "--dm_state_dtype=bfloat16",

@@ -167,9 +167,10 @@ def test_backward_kernel_keeping_the_lower_layers_gates(monkeypatch):
 
 
 @pytest.mark.parametrize("n_in,sizes", [(2, (20, 20)), (20, (20, 20))])
-def test_backward_kernel_looping_over_blocks_of_rows(monkeypatch, n_in, sizes):
-  """lstm_kernel.BACKWARD_BLOCKS_PER_PROGRAM: 210 rows as 2 programs of 3 blocks of 64
-  (the last two blocks partly and wholly past the rows): XLA's gradients."""
+def test_kernels_looping_over_blocks_of_rows(monkeypatch, n_in, sizes):
+  """lstm_kernel.BLOCKS_PER_PROGRAM and BACKWARD_BLOCKS_PER_PROGRAM: 210 rows as 2
+  programs of 3 blocks of 64 (the last two blocks partly and wholly past the rows) in
+  both kernels: XLA's outputs and gradients."""
   layers, readout, x, states = _stack(jax.random.PRNGKey(9), n_in, sizes, lead=(210,))
 
   def grads(kernel):
@@ -179,7 +180,12 @@ def test_backward_kernel_looping_over_blocks_of_rows(monkeypatch, n_in, sizes):
 
   monkeypatch.setattr(lstm_kernel, "BACKWARD_BLOCKS_PER_PROGRAM", 3)
   monkeypatch.setattr(lstm_kernel, "BACKWARD_NUM_STAGES", 2)
+  monkeypatch.setattr(lstm_kernel, "BLOCKS_PER_PROGRAM", 3)  # the forward kernel's
+  monkeypatch.setattr(lstm_kernel, "NUM_STAGES", 2)
   chex.assert_trees_all_close(grads("pallas_interpret"), grads("xla"), atol=1e-6, rtol=1e-5)
+  chex.assert_trees_all_close(
+      cells.lstm_stack_apply(layers, x, states, readout, kernel="pallas_interpret"),
+      cells.lstm_stack_apply(layers, x, states, readout), atol=2e-6, rtol=2e-6)
 
 
 def test_forward_kernel_writes_the_gates_for_xlas_backward_pass():
