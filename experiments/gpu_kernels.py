@@ -17,7 +17,8 @@ the CUDA plugin of the installed jax, not a GPU:
 
 ``--ptxas`` also assembles the fused kernels' PTX (sm_90a) and prints their
 registers and spills per thread: what decides a Triton kernel's tiling
-before it can be timed.
+before it can be timed. ``--kernel_constant=lstm_kernel.BLOCK_ROWS=128``
+(the benchmark's flag) compiles another tiling.
 
 Autotuning is off (no device to time candidates on), so a GEMM may be
 tiled differently than on the device; the counts match the device's within
