@@ -173,6 +173,7 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
 
   jax.lax.fori_loop(0, BLOCKS_PER_PROGRAM, block, 0)
 
+
 def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
                   cs: Sequence[chex.Array], n_out: int, interpret: bool = False,
                   with_gates: bool = False, log_and_sign_k: Optional[float] = None

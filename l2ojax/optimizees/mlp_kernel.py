@@ -270,7 +270,7 @@ def value_and_grad(images: chex.Array, labels: chex.Array, idx: chex.Array,
 
   ``images``: [N, D] uint8 (or any dtype, divided by 255 like the MLP
   optimizee's), ``labels``: [N] integers, ``idx``: [M] row indices. The
-  whole table stays in device memory; the kernel reads only the M rows.
+  whole table stays in device memory; the kernels read only the M rows.
   ``params`` is one vector where an unroll carries the parameters flat (XLA
   then passes the carry itself: slicing it into leaves would be a kernel per
   leaf), else the leaves, raveled (concatenating them would be a kernel).
