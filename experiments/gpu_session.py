@@ -386,8 +386,8 @@ def training_kernel(bench_dir: str, gpu: str, batch: int = 8) -> str:
 
 def training_optimizee_kernel(root: str, gpu: str, batch: int = 8) -> str:
   """The MNIST MLP's loss and gradient in the trainings: "pallas" only where check_mlp has
-  passed on this GPU and W1 at the trainings' B was measured faster with it there (one
-  program per optimizee: at small B it was slower than XLA's ops on an H100)."""
+  passed on this GPU and W1 at the trainings' B was measured faster with it there (its
+  first version, one program per optimizee, was slower than XLA's ops on an H100)."""
   return _timed_faster(os.path.join(root, BENCH_DIR), gpu, "check_mlp", "dm_fused_mlp",
                        "dm_pallas", batch)
 
