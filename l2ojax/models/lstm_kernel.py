@@ -230,7 +230,7 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
 # loop of blocks per program, the sums held through it) overflowed the registers
 # (ptxas, sm_90a: 255 registers and a ~2 KB stack frame of spills per thread at
 # any block size) and ran 60x slower than XLA's whole backward pass on an H100
-# (W1 L2O-DM B = 64: 37 ms per step). Without them, ptxas: 245 registers and no
+# (W1 L2O-DM B = 64: 37 ms per step). Without them, ptxas: 245-247 registers, no
 # spills at 64 rows, 8 warps (40 bytes of spills at 32 rows).
 BACKWARD_BLOCK_ROWS = 64
 BACKWARD_NUM_WARPS = 8
