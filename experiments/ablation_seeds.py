@@ -20,8 +20,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-_OUT = flags.DEFINE_string("out", None, "Folder for seeds.{md,json,png}.", required=True)
-
+FLAGS = flags.FLAGS
 _SEED = re.compile(r"^seed=(\d+)$")
 
 
@@ -157,6 +156,12 @@ def plot(path: str, summary: Mapping) -> None:
   plt.close(fig)
 
 
+def define_flags() -> None:
+  """The command line, defined only when run as a program: experiments.benchmark, which
+  a process may import beside this module, has an --out too."""
+  flags.DEFINE_string("out", None, "Folder for seeds.{md,json,png}.", required=True)
+
+
 def main(argv):
   folders = argv[1:]
   if not folders:
@@ -169,14 +174,15 @@ def main(argv):
     with open(path) as f:
       reports.append(json.load(f))
   summary = summarize(reports)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "seeds.md"), "w") as f:
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(os.path.join(FLAGS.out, "seeds.md"), "w") as f:
     f.write(table(summary))
-  with open(os.path.join(_OUT.value, "seeds.json"), "w") as f:
+  with open(os.path.join(FLAGS.out, "seeds.json"), "w") as f:
     json.dump({"folders": folders, **summary}, f, indent=2)
-  plot(os.path.join(_OUT.value, "seeds.png"), summary)
+  plot(os.path.join(FLAGS.out, "seeds.png"), summary)
   print(table(summary), end="")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
