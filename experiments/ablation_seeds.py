@@ -37,7 +37,7 @@ def _setting(report: Mapping, variants: set) -> dict:
   """What must agree between runs: everything but the seed, the data's location and
   the overrides of variants outside ``variants``."""
   def kept(o):
-    target, sep, rest = o.partition(":")
+    target, sep, _ = o.partition(":")
     if sep and "=" not in target:  # variant:field=value
       return target in variants
     return not _SEED.match(o) and not o.startswith("data.path=")
