@@ -107,7 +107,8 @@ _WORKLOADS = flags.DEFINE_list("workloads", ["w1", "w2"], "Which workloads to ru
 _W2_STEPS = flags.DEFINE_integer("w2_steps", 10_000, "W2 optimizee steps.")
 _W2_OPTIMIZEES = flags.DEFINE_integer("w2_optimizees", 10, "W2 vmapped optimizees.")
 _W2_REPEATS = flags.DEFINE_integer("w2_repeats", 3, "W2 timed runs (after one warm-up).")
-_TORCH = flags.DEFINE_enum("torch", "auto", ["auto", "off"], "Run the PyTorch peer when importable.")
+_TORCH = flags.DEFINE_enum("torch", "auto", ["auto", "off"],
+                           "Run the PyTorch peer when importable.")
 _TORCH_ITERS = flags.DEFINE_integer("torch_iters", 5, "Meta-iterations per torch peer run.")
 _TORCH_SCRIPT = flags.DEFINE_string("torch_script", "", "Path of the torch peer script "
                                     "(default: shared/bench/torch_dm.py if found, else the copy).")
@@ -697,7 +698,8 @@ def markdown(result: Dict[str, Any]) -> str:
       torch = (f"{r['torch_steps_per_s']:,.0f} | {r['speedup_vs_torch']:.2f}"
                if "torch_steps_per_s" in r else "skipped | -")
       lines.append(f"| {r['model']} | {r['B']} | {remat} | {r['median_s']:.4f} | "
-                   f"{r['steps_per_s']:,.0f} | {r['compile_s']:.1f} | {_mib(r['compiled_bytes'])} | "
+                   f"{r['steps_per_s']:,.0f} | {r['compile_s']:.1f} | "
+                   f"{_mib(r['compiled_bytes'])} | "
                    f"{_mib(r['peak_bytes'])} | {_count(r.get('minor_faults_per_iter'))} | "
                    f"{_count(r.get('loop_ops_per_step'))} | {torch} |")
   if w2:

@@ -28,19 +28,22 @@ from absl import app, flags
 from experiments import hugepages
 from l2ojax import checkpoints, evaluation, models, optimizees, plots, pretrained
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (and default home of theta.msgpack).")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Output folder (and default home of theta.msgpack).")
 _THETA = flags.DEFINE_string("theta", "", "Trained optimizer file (default WORKDIR/theta.msgpack).")
 _OPTIMIZER = flags.DEFINE_string("optimizer", "", "A shipped pretrained optimizer by name "
                                  "(instead of a theta file).")
 _PROBLEMS = flags.DEFINE_list("problems", ["mnist_relu", "mnist_deeper", "mnist_conv"],
                               f"Optimizees by name; known: {optimizees.names()}")
 _STEPS = flags.DEFINE_integer("steps", 10000, "Optimizee steps per evaluation run.")
-_SEEDS = flags.DEFINE_integer("seeds", 10, "Evaluation runs (fresh optimizees, vmapped) per problem.")
+_SEEDS = flags.DEFINE_integer("seeds", 10,
+                              "Evaluation runs (fresh optimizees, vmapped) per problem.")
 _TUNE_SEEDS = flags.DEFINE_integer("tune_seeds", 3, "Separate runs the baselines are tuned on.")
 _TUNE_STEPS = flags.DEFINE_integer("tune_steps", 0, "Horizon of the tuning (0: --steps).")
 _SEED = flags.DEFINE_integer("seed", 12345, "Seed of the evaluation (tuning uses seed + 1).")
-_BASELINES = flags.DEFINE_list("baselines", ["adam", "rmsprop", "sgd_momentum"],
-                               f"Tuned analytical optimizers; known: {sorted(evaluation.BASELINES)}")
+_BASELINES = flags.DEFINE_list(
+    "baselines", ["adam", "rmsprop", "sgd_momentum"],
+    f"Tuned analytical optimizers; known: {sorted(evaluation.BASELINES)}")
 _GRIDS = {name: flags.DEFINE_list(f"{name}_learning_rates",
                                   [str(x) for x in base.learning_rates],
                                   f"{base.label}'s learning-rate grid.")

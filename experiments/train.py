@@ -7,8 +7,9 @@ With no --config it runs the built-in default (L2O-DM on the quadratic
 family, no download). ``--override=field=value`` (repeatable) sets any field
 after the config's flags, including the learned optimizer's and the
 optimizee's options, which ``--config.`` flags cannot add:
-``--override=model.options.lstm_kernel=pallas``. A workdir holds config.json, checkpoints/, metrics.jsonl,
-theta.msgpack, eval.json and eval.png; re-running the same command resumes.
+``--override=model.options.lstm_kernel=pallas``. A workdir holds config.json,
+checkpoints/, metrics.jsonl, theta.msgpack, eval.json and eval.png; re-running
+the same command resumes.
 
 --max_minutes=M stops after the episode under way once M minutes have passed,
 checkpoints it, and exits with status 75 (EX_TEMPFAIL: run the same command

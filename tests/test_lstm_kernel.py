@@ -140,8 +140,9 @@ def test_gradients_through_the_fused_kernels(n_in, sizes, n_out, state_dtype):
   def loss(layers, readout, x, states, kernel):
     out, new = cells.lstm_stack_apply(layers, x, states, readout, kernel=kernel,
                                       gradient_chunks=3)
+    carried = [s.h for s in new] + [s.c for s in new]
     return jnp.sum(out ** 2) + sum(jnp.sum(w * a.astype(jnp.float32))
-                                   for w, a in zip(weights, [s.h for s in new] + [s.c for s in new]))
+                                   for w, a in zip(weights, carried))
 
   grad = jax.grad(loss, argnums=(0, 1, 2, 3))
   want = grad(layers, readout, x, states, "xla")

@@ -13,7 +13,8 @@ def test_unroll_matches_a_python_loop():
   q = optimizees.get("quadratic", dim=4, num_instances=8)
   tx = optax.adam(0.05)
   state = meta.init_state(tx, q, jax.random.PRNGKey(0))
-  new_state, losses = jax.jit(lambda s, k: meta.unroll(tx, q, s, k, 7))(state, jax.random.PRNGKey(1))
+  run = jax.jit(lambda s, k: meta.unroll(tx, q, s, k, 7))
+  new_state, losses = run(state, jax.random.PRNGKey(1))
   chex.assert_shape(losses, (8,))
   params, opt_state, expected = state.params, state.opt_state, []
   for k in jax.random.split(jax.random.PRNGKey(1), 8)[:-1]:

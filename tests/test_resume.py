@@ -112,7 +112,8 @@ def test_same_config_and_seed_give_bitwise_the_same_theta(tmp_path):
   c = tiny_quadratic()
   c.seed = 1
   other = trainer.train(c, str(tmp_path / "c"), progress=False)
-  assert not np.array_equal(np.asarray(other.theta["linear"]["w"]), np.asarray(a.theta["linear"]["w"]))
+  assert not np.array_equal(np.asarray(other.theta["linear"]["w"]),
+                            np.asarray(a.theta["linear"]["w"]))
 
 
 @jax.custom_vjp

@@ -52,7 +52,8 @@ def test_resume_continues_where_the_checkpoint_left_off(tmp_path):
   c = _small_quadratic(episodes=40)
   full = trainer.train(c, str(tmp_path / "full"), progress=False)
   c_half = _small_quadratic(episodes=40)
-  c_half.meta.num_episodes = 20  # stops at a checkpoint boundary (checkpoint_every 40 -> final save)
+  # Stops at a checkpoint boundary (checkpoint_every 40 -> final save).
+  c_half.meta.num_episodes = 20
   trainer.train(c_half, str(tmp_path / "resumed"), progress=False)
   resumed = trainer.train(c, str(tmp_path / "resumed"), progress=False)
   _, t_full, _ = checkpoints.load_theta(str(tmp_path / "full" / "theta.msgpack"))

@@ -46,8 +46,9 @@ def default_config() -> ml_collections.ConfigDict:
       "loss": "sum",             # sum over t = 0..T (the paper's); mean, last, log_ratio
       "second_order": False,     # keep d(grad)/d(params) in the meta-gradient
       "divergence_bound": 1e3,   # an optimizee whose loss passes this x its initial loss is reset
-      "remat": "auto",           # "auto" | "" (save all) | "update" | "update_dots": what backprop recomputes
-      "remat_chunk": 0,          # > 0: keep the recurrent state every k steps only, recompute the rest
+      # What backprop recomputes: "auto" | "" (save all) | "update" | "update_dots".
+      "remat": "auto",
+      "remat_chunk": 0,          # > 0: keep the recurrent state every k steps, recompute the rest
       "scan_unroll": 1,          # optimizee steps per iteration of the compiled loop
       "shard": False,            # split the optimizee batch over all devices (jax.sharding)
   })
@@ -191,7 +192,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(get("meta", "loss") in losses.META_LOSSES,
        f"meta.loss={get('meta', 'loss')!r}; allowed: {sorted(losses.META_LOSSES)}")
   seg = get("meta", "segment_length")
-  lengths = list(get("curriculum", "schedule")) if get("curriculum", "enabled") else [get("meta", "episode_steps")]
+  lengths = (list(get("curriculum", "schedule")) if get("curriculum", "enabled")
+             else [get("meta", "episode_steps")])
   if get("curriculum", "enabled"):
     need(len(lengths) > 0, "curriculum.schedule is empty; give the steps per episode by stage, "
          f"e.g. {list(PAPER_SCHEDULE)}")
@@ -219,7 +221,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if get("imitation", "k") >= 1:
       need(seg % get("imitation", "k") == 0, f"meta.segment_length={seg} must be a multiple "
            f"of imitation.k={get('imitation', 'k')}")
-    ratios = list(get("imitation", "ratios")) if get("curriculum", "enabled") else [get("imitation", "ratio")]
+    ratios = (list(get("imitation", "ratios")) if get("curriculum", "enabled")
+              else [get("imitation", "ratio")])
     need(len(ratios) > 0, "imitation.ratios is empty")
     need(all(0.0 <= r <= 1.0 for r in ratios), f"imitation ratios {ratios} must lie in [0, 1]")
   every = config.get("checkpoint_every", defaults.checkpoint_every)

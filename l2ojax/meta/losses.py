@@ -24,7 +24,10 @@ def last_loss(losses: chex.Array, initial_loss: chex.Array) -> chex.Array:
 
 
 def log_ratio_loss(losses: chex.Array, initial_loss: chex.Array) -> chex.Array:
-  """L2O-Scale's: mean over the unroll of log(f_t / (f_0 + 1e-6) + 1e-6), f_0 the episode's first."""
+  """L2O-Scale's: mean over the unroll of log(f_t / (f_0 + 1e-6) + 1e-6).
+
+  f_0 is the episode's first loss.
+  """
   return jnp.mean(jnp.log(losses / (initial_loss + 1e-6) + 1e-6))
 
 

@@ -294,7 +294,8 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
   num = len(sizes)
   saved_ref, d_out_ref, refs = refs[0], refs[1], refs[2:]
   dh_in, dc_in, refs = refs[:num], refs[num:2 * num], refs[2 * num:]
-  wx_refs, wh_refs, b_refs, refs = refs[:num], refs[num:2 * num], refs[2 * num:3 * num], refs[3 * num:]
+  wx_refs, wh_refs, b_refs, refs = (refs[:num], refs[num:2 * num], refs[2 * num:3 * num],
+                                    refs[3 * num:])
   w_out_ref, dx_ref, refs = refs[0], refs[1], refs[2:]
   dh_out, dc_out, dz_refs, out_refs = (refs[:num], refs[num:2 * num], refs[2 * num:3 * num],
                                        refs[3 * num:])

@@ -59,4 +59,5 @@ def get(name: str, **options: Any) -> Optimizee:
 
 
 __all__ = ["get", "names", "register", "uses_data", "Optimizee", "MLP", "Quadratic", "mlp",
-           "quadratic", "ConvNet", "conv_net", "Rosenbrock", "rosenbrock", "data", "DataUnavailableError"]
+           "quadratic", "ConvNet", "conv_net", "Rosenbrock", "rosenbrock", "data",
+           "DataUnavailableError"]
