@@ -46,8 +46,9 @@ from l2ojax.models import preprocess
 # pipeline stages of that loop (read when a program is traced). More than one block
 # and stage fetch the next block's state while one is computed (cp.async in the
 # PTX). ptxas (sm_90a), L2O-DM / RNNProp, no spills in any: 164 / 190 registers as
-# here (no loop), 240 / 255 at 2 blocks and 2 stages, 192 / 198 at 4 and 3. Not yet
-# timed on a GPU.
+# here (no loop), 240 / 255 at 2 blocks and 2 stages, 192 / 198 at 4 and 3. Timed on
+# an H100 (BENCHMARKS.md), 4 blocks and 3 stages made the kernel 1.9x slower at
+# B = 64: one block, no pipelining.
 BLOCK_ROWS = 64  # at 128 the variant writing the gates spills registers (ptxas, sm_90a)
 NUM_WARPS = 4
 BLOCKS_PER_PROGRAM = 1
@@ -240,7 +241,8 @@ BACKWARD_NUM_WARPS = 8
 # waits on its loads before it computes). ptxas (sm_90a), L2O-DM: 2 or 4 blocks and
 # 2 stages pipeline the loads (cp.async) in 255 registers, no spills (4: 8 bytes);
 # 3 stages need more shared memory than an H100 has, and RNNProp's wider inputs at
-# 2 stages too. Not yet timed on a GPU: 1 and 1 (no loop) until then.
+# 2 stages too. Timed on an H100 (BENCHMARKS.md): 2 blocks and 2 stages made the
+# kernel 1.18x slower at B = 64, so 1 and 1 (no loop).
 BACKWARD_BLOCKS_PER_PROGRAM = 1
 BACKWARD_NUM_STAGES = 1
 # Whether the layers below the top keep their recomputed gates for their backward
@@ -250,7 +252,8 @@ KEEP_LOWER_GATES = False
 # Rows per block, warps and software-pipeline stages of ``weights_gradient``'s
 # programs: with 3 stages each block's loads are issued asynchronously (cp.async)
 # while the block before is multiplied; ptxas (sm_90a): 146 registers, no spills
-# (1 stage: 128). Not yet timed on a GPU.
+# (1 stage: 128). On an H100 this kernel takes 2.4 ms per step at B = 64, ~7x its
+# loads' time: bound by latency (one program per multiprocessor); 1 stage not timed.
 GRADIENT_BLOCK_ROWS = 64
 GRADIENT_NUM_WARPS = 8
 GRADIENT_NUM_STAGES = 3
