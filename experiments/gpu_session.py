@@ -23,6 +23,9 @@ runs, in order and within ``--minutes``:
                  (half the state's bytes per evaluation step)
   rnnprop*       W1 of RNNProp with the fused kernels, B = 1, 8, 64
   scale          W1 of L2O-Scale, B = 1, 8, 64
+  ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
+                 B = 64 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
+                 throughput, the warps' stall reasons
   train          the paper-scale meta-trainings, resumed: the five L2O-DM variants
                  (experiments.ablation --family=dm) and L2O-Scale with and without
                  CL+IL (--family=scale), seven processes sharing the GPU, until the
@@ -110,9 +113,10 @@ class Stage:
   argv: tuple            # python's arguments; "{out}" is the stage's output folder
   minutes: float         # expected duration: a stage starts only when this much is left
   needs: tuple = ()      # the checks (stages with bench=False) that must have passed
-  # True: writes {out}/benchmark.json, kept as bench_results/<gpu>_<name>.json; False: that
+  # True: writes {out}/<result>, kept as bench_results/<gpu>_<name>.json; False: that
   # file records that it passed
   bench: bool = True
+  result: str = "benchmark.json"
 
 
 def _bench(name: str, minutes: float, *args: str, needs: tuple = ()) -> Stage:
@@ -155,6 +159,11 @@ STAGES = (
            *_PALLAS, needs=("check",)),
     _bench("scale", 1.5, "--models=scale", "--batch_sizes=1,8,64", "--workloads=w1",
            "--torch=off"),
+    # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 64, both fused kernels):
+    # occupancy, throughput and the warps' stall reasons of the latency-bound kernels
+    Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",
+                  "--benchmark_args=--optimizee_kernel=pallas"), 2.5, ("check", "check_mlp"),
+          result="ncu.json"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES) + ("train",)
 # The trainings pause this long before the session's end (an episode under way, a
@@ -283,7 +292,7 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
     if rc == 0:
       os.makedirs(os.path.dirname(kept), exist_ok=True)
       if st.bench:
-        shutil.copyfile(os.path.join(out, "benchmark.json"), kept)
+        shutil.copyfile(os.path.join(out, st.result), kept)
       else:
         with open(kept, "w") as f:
           json.dump({"passed": True, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

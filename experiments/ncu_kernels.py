@@ -1,0 +1,225 @@
+r"""Hardware counters of the fused kernels on an NVIDIA GPU, read by Nsight Compute.
+
+  python -m experiments.ncu_kernels --out=OUT
+  python -m experiments.ncu_kernels --out=OUT --benchmark_args=--optimizee_kernel=pallas
+
+runs one W1 meta-iteration of ``experiments.benchmark`` (L2O-DM, B = 64, a
+segment of 2 steps: the kernels' work per launch does not depend on T; the
+fused LSTM kernels) under ``ncu`` and keeps, per kernel whose name matches
+``--kernels``: its duration, registers per thread, grid and block, the
+theoretical and achieved occupancy, DRAM and SM throughput as percentages of
+the peak, and the warp stall reasons by cycles per issued instruction (what a
+latency-bound kernel waits on). ncu replays each profiled launch once per
+metric pass, with the caches flushed, so durations are a kernel's alone, at
+the clocks the GPU runs (``--clock-control none``).
+
+Writes OUT/ncu.csv (ncu's raw page: every metric it read, one row per launch),
+OUT/ncu.json (the summary per kernel, and the raw rows) and a markdown table
+to stdout. Fails, with a message, where ncu is not found or reads nothing.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional, Sequence
+
+from absl import app, flags
+
+# Sections: speed of light (DRAM and SM throughput), occupancy, launch statistics
+# (registers, grid, block, shared memory) and warp states (the stall reasons).
+SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats")
+BENCHMARK_ARGS = ("--models=dm", "--batch_sizes=64", "--workloads=w1", "--segment=2",
+                  "--iters=1", "--warmup=0", "--rounds=1", "--torch=off",
+                  "--lstm_kernel=pallas")
+# Raw metric names of the summary's fields; the first present is taken.
+FIELDS = {
+    "duration_us": ("gpu__time_duration.sum",),
+    "registers": ("launch__registers_per_thread",),
+    "block": ("launch__block_size",),
+    "grid": ("launch__grid_size",),
+    # Triton's kernels take their shared memory dynamically
+    "shared_kib_per_block": ("launch__shared_mem_per_block_dynamic",
+                             "launch__shared_mem_per_block"),
+    "theoretical_occupancy_pct": ("sm__maximum_warps_per_active_cycle_pct",),
+    "achieved_occupancy_pct": ("sm__warps_active.avg.pct_of_peak_sustained_active",),
+    "dram_pct": ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+                 "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
+    "sm_pct": ("sm__throughput.avg.pct_of_peak_sustained_elapsed",),
+    "cycles_per_issue": ("smsp__average_warp_latency_per_inst_issued.ratio",),
+}
+# Scale of a field's value by the unit ncu gives it (to us, KiB).
+UNITS = {"duration_us": {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6},
+         "shared_kib_per_block": {"byte": 1 / 1024, "Kbyte": 1000 / 1024, "Kibyte": 1.0,
+                                  "Mbyte": 1e6 / 1024, "Mibyte": 1024.0}}
+STALL = re.compile(r"^smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)"
+                   r"(?:_per_issue_active)?\.ratio$")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("out", ".", "Folder for ncu.csv and ncu.json.")
+  flags.DEFINE_string("ncu", "", "Path of ncu (default: on PATH, else under /opt/nvidia or "
+                      "/usr/local/cuda).")
+  flags.DEFINE_string("kernels", "lstm_stack|mlp_", "Regular expression of the kernel names "
+                      "to profile.")
+  flags.DEFINE_integer("launch_count", 16, "Launches profiled (all matching kernels together: "
+                       "a 2-step segment launches 6 with XLA's MLP, 10 with the fused one).")
+  flags.DEFINE_string("benchmark_args", "", "More arguments for experiments.benchmark (after "
+                      "the defaults, so they win), split as a shell would.")
+
+
+def find_ncu(given: str = "") -> str:
+  """ncu's path: ``given``, else on PATH, else the newest under /opt/nvidia/nsight-compute
+  or /usr/local/cuda*/bin; a clear error where there is none."""
+  if given:
+    if not os.access(given, os.X_OK):
+      raise FileNotFoundError(f"--ncu={given!r} is not an executable file")
+    return given
+  found = shutil.which("ncu")
+  if found:
+    return found
+  candidates = sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu")
+                      + glob.glob("/usr/local/cuda*/bin/ncu"))
+  if candidates:
+    return candidates[-1]
+  raise FileNotFoundError("ncu (Nsight Compute) not found on PATH, under "
+                          "/opt/nvidia/nsight-compute or /usr/local/cuda*/bin; pass --ncu")
+
+
+def ncu_command(ncu: str, kernels: str, launch_count: int, benchmark_out: str,
+                benchmark_args: Sequence[str] = ()) -> List[str]:
+  sections = [a for s in SECTIONS for a in ("--section", s)]
+  return [ncu, "--target-processes", "all", "--kernel-name", f"regex:{kernels}",
+          "--launch-count", str(launch_count), "--clock-control", "none", *sections,
+          "--csv", "--page", "raw",
+          sys.executable, "-m", "experiments.benchmark", *BENCHMARK_ARGS, *benchmark_args,
+          f"--out={benchmark_out}"]
+
+
+def _number(text: str) -> Optional[float]:
+  try:
+    return float(text.replace(",", ""))
+  except ValueError:
+    return None
+
+
+def parse_raw_csv(text: str) -> List[Dict[str, str]]:
+  """The launches of ncu's ``--csv --page raw`` output: the header row of metric names, a
+  row of their units (kept under the key ``"units"``), then one row per launch; lines
+  before the header (the program's own output, ncu's ``==PROF==`` lines) are skipped."""
+  lines = text.splitlines()
+  start = next((i for i, line in enumerate(lines)
+                if line.startswith('"') and '"Kernel Name"' in line), None)
+  if start is None:
+    return []
+  rows = list(csv.reader(io.StringIO("\n".join(
+      line for line in lines[start:] if line.startswith('"')))))
+  header, units, data = rows[0], rows[1], rows[2:]
+  unit_of = dict(zip(header, units))
+  launches = []
+  for row in data:
+    if len(row) != len(header):
+      continue
+    launch = dict(zip(header, row))
+    launch["units"] = unit_of
+    launches.append(launch)
+  return launches
+
+
+def _value(launch: Dict[str, str], field: str) -> Optional[float]:
+  for name in FIELDS[field]:
+    if name in launch:
+      v = _number(launch[name])
+      if v is not None:
+        return v * UNITS.get(field, {}).get(launch["units"].get(name, ""), 1.0)
+  return None
+
+
+def summarize(launches: List[Dict[str, str]]) -> List[dict]:
+  """Per kernel name, in order of first launch: the number of launches, the median of
+  each field over them, and the stall reasons (cycles per issued instruction), largest
+  first."""
+  by_name: Dict[str, List[Dict[str, str]]] = {}
+  for launch in launches:
+    by_name.setdefault(launch.get("Kernel Name", "?"), []).append(launch)
+  kernels = []
+  for name, group in by_name.items():
+    row: dict = {"name": name, "launches": len(group)}
+    for field in FIELDS:
+      values = [v for v in (_value(l, field) for l in group) if v is not None]
+      row[field] = statistics.median(values) if values else None
+    stalls: Dict[str, List[float]] = {}
+    for launch in group:
+      for metric, text in launch.items():
+        m = STALL.match(metric)
+        v = _number(text) if m and isinstance(text, str) else None
+        if v is not None:
+          stalls.setdefault(m.group(1), []).append(v)
+    row["stalls"] = dict(sorted(((k, statistics.median(v)) for k, v in stalls.items()),
+                                key=lambda kv: -kv[1]))
+    kernels.append(row)
+  return kernels
+
+
+def markdown(kernels: List[dict], top_stalls: int = 4) -> str:
+  def fmt(v, digits=1):
+    return "-" if v is None else f"{v:,.{digits}f}"
+  lines = ["| kernel | launches | us | registers | block | grid | occupancy % (theor. / "
+           "achieved) | DRAM % | SM % | cycles per issue | top stalls (cycles per issue) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for k in kernels:
+    stalls = ", ".join(f"{r} {v:.1f}" for r, v in list(k["stalls"].items())[:top_stalls])
+    lines.append(f"| {k['name']} | {k['launches']} | {fmt(k['duration_us'])} | "
+                 f"{fmt(k['registers'], 0)} | {fmt(k['block'], 0)} | {fmt(k['grid'], 0)} | "
+                 f"{fmt(k['theoretical_occupancy_pct'])} / {fmt(k['achieved_occupancy_pct'])}"
+                 f" | {fmt(k['dram_pct'])} | {fmt(k['sm_pct'])} | "
+                 f"{fmt(k['cycles_per_issue'])} | {stalls or '-'} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  ncu = find_ncu(FLAGS.ncu)
+  out = os.path.abspath(FLAGS.out)
+  os.makedirs(out, exist_ok=True)
+  with tempfile.TemporaryDirectory() as bench_out:
+    cmd = ncu_command(ncu, FLAGS.kernels, FLAGS.launch_count, bench_out,
+                      shlex.split(FLAGS.benchmark_args))
+    print("running:", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    # No huge-page re-execution of the benchmark (experiments/hugepages.py: a CPU matter);
+    # JAX takes the GPU memory it uses, not 75% of it: ncu's replay of a launch keeps a
+    # copy of the memory the kernel writes.
+    env = dict(os.environ, L2OJAX_HUGEPAGES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__))))
+  with open(os.path.join(out, "ncu.csv"), "w") as f:
+    f.write(proc.stdout)
+  launches = parse_raw_csv(proc.stdout)
+  if proc.returncode != 0 or not launches:
+    sys.stderr.write(proc.stderr[-4000:])
+    raise SystemExit(f"ncu_kernels: ncu exited {proc.returncode} with {len(launches)} "
+                     f"launches read (its output: {os.path.join(out, 'ncu.csv')})")
+  kernels = summarize(launches)
+  version = subprocess.run([ncu, "--version"], capture_output=True, text=True).stdout.strip()
+  with open(os.path.join(out, "ncu.json"), "w") as f:
+    json.dump({"ncu": version.splitlines()[-1] if version else "", "command": cmd,
+               "kernels": kernels,
+               "launches": [{k: v for k, v in l.items() if k != "units"} for l in launches]},
+              f, indent=1)
+  print(markdown(kernels), end="")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
