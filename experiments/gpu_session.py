@@ -23,6 +23,9 @@ runs, in order and within ``--minutes``:
                  (half the state's bytes per evaluation step)
   rnnprop*       W1 of RNNProp with the fused kernels, B = 1, 8, 64
   scale          W1 of L2O-Scale, B = 1, 8, 64
+  dm_grad_2x*    W1 of L2O-DM, B = 8, 64, with the weights' gradient kernel unpipelined
+                 (128 registers: two programs per multiprocessor) and twice the partial
+                 sums, profiled
   ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
                  B = 64 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
                  throughput, the warps' stall reasons
@@ -159,6 +162,12 @@ STAGES = (
            *_PALLAS, needs=("check",)),
     _bench("scale", 1.5, "--models=scale", "--batch_sizes=1,8,64", "--workloads=w1",
            "--torch=off"),
+    # the weights' gradient kernel without pipelining (128 registers, not 146): two programs
+    # per multiprocessor, twice the partial sums
+    _bench("dm_grad_2x", 1.5, "--models=dm", "--batch_sizes=8,64", "--workloads=w1",
+           *_PALLAS, "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
+           "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
+           "--profile_dir={out}/profile", needs=("check",)),
     # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 64, both fused kernels):
     # occupancy, throughput and the warps' stall reasons of the latency-bound kernels
     Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",

@@ -410,6 +410,16 @@ def test_backward_chunks_fill_the_gpu_with_the_fewest_partial_sums(batch, want):
     assert _block_times(1, rows, cores, 64) > 1.8 * best
 
 
+def test_backward_chunks_count_the_programs_a_multiprocessor_runs_at_once(monkeypatch):
+  rows, cores = 15_910, 132
+  monkeypatch.setattr(lstm_kernel, "GRADIENT_PROGRAMS_PER_CORE", 2)
+  for batch in (8, 64):  # twice the programs fit one round: twice the partial sums
+    chunks = lstm_kernel.backward_chunks(batch, rows, cores)
+    assert chunks == 2 * {8: 16, 64: 2}[batch]
+    assert _block_times(batch, rows, 2 * cores, chunks) <= 1.05 * min(
+        _block_times(batch, rows, 2 * cores, c) for c in range(1, 600))
+
+
 def test_backward_chunks_of_few_rows_and_bad_input():
   assert lstm_kernel.backward_chunks(1, 10, 132) == 1
   with pytest.raises(ValueError, match="cores=0"):

@@ -252,11 +252,16 @@ KEEP_LOWER_GATES = False
 # Rows per block, warps and software-pipeline stages of ``weights_gradient``'s
 # programs: with 3 stages each block's loads are issued asynchronously (cp.async)
 # while the block before is multiplied; ptxas (sm_90a): 146 registers, no spills
-# (1 stage: 128). On an H100 this kernel takes 2.4 ms per step at B = 64, ~7x its
-# loads' time: bound by latency (one program per multiprocessor); 1 stage not timed.
+# (1 stage: 128; 4 warps: 255 at 1, 2 or 3 stages). On an H100 this kernel takes
+# 2.4 ms per step at B = 64, ~7x its loads' time: bound by latency, one program of 8
+# warps per multiprocessor. With 1 stage, 128 registers let two programs share one
+# (GRADIENT_PROGRAMS_PER_CORE = 2); not yet timed.
 GRADIENT_BLOCK_ROWS = 64
 GRADIENT_NUM_WARPS = 8
 GRADIENT_NUM_STAGES = 3
+# Programs of ``weights_gradient`` a multiprocessor runs at once, for sizing the partial
+# sums (``backward_chunks``): what its registers and shared memory allow.
+GRADIENT_PROGRAMS_PER_CORE = 1
 
 
 def backward_chunks(batch: int, rows: int, cores: int, max_chunks: int = 1024) -> int:
@@ -265,8 +270,9 @@ def backward_chunks(batch: int, rows: int, cores: int, max_chunks: int = 1024) -
   ``cores`` multiprocessors, with the fused kernels.
 
   Each step's products [x, h, 1]^T dz then run as batch x chunks independent
-  sums over a share of the rows (``weights_gradient``'s programs, one per
-  multiprocessor), in ceil(batch x chunks / cores) rounds of blocks of
+  sums over a share of the rows (``weights_gradient``'s programs,
+  ``GRADIENT_PROGRAMS_PER_CORE`` at a time per multiprocessor), in
+  ceil(batch x chunks / (cores x GRADIENT_PROGRAMS_PER_CORE)) rounds of blocks of
   ``GRADIENT_BLOCK_ROWS`` rows; a loop of steps adds each into its
   accumulator, so fewer is less memory moved: the fewest chunks whose
   block-times are within 5% of the fewest possible. For L2O-DM's 15,910 rows on
@@ -276,9 +282,11 @@ def backward_chunks(batch: int, rows: int, cores: int, max_chunks: int = 1024) -
   if batch < 1 or rows < 1 or cores < 1:
     raise ValueError(f"backward_chunks: batch={batch}, rows={rows} and cores={cores} must "
                      "be positive")
+  slots = cores * GRADIENT_PROGRAMS_PER_CORE
+
   def block_times(chunks):
     blocks = -(-(-(-rows // chunks)) // GRADIENT_BLOCK_ROWS)
-    return -(-batch * chunks // cores) * blocks
+    return -(-batch * chunks // slots) * blocks
 
   candidates = range(1, min(max_chunks, rows) + 1)
   fastest = min(map(block_times, candidates))
