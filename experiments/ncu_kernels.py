@@ -102,7 +102,7 @@ def ncu_command(ncu: str, kernels: str, launch_count: int, benchmark_out: str,
   sections = [a for s in SECTIONS for a in ("--section", s)]
   return [ncu, "--target-processes", "all", "--kernel-name", f"regex:{kernels}",
           "--launch-count", str(launch_count), "--clock-control", "none", *sections,
-          "--csv", "--page", "raw",
+          "--csv", "--page", "raw", "--print-units", "base",
           sys.executable, "-m", "experiments.benchmark", *BENCHMARK_ARGS, *benchmark_args,
           f"--out={benchmark_out}"]
 
@@ -201,6 +201,8 @@ def main(argv):
     # JAX takes the GPU memory it uses, not 75% of it: ncu's replay of a launch keeps a
     # copy of the memory the kernel writes.
     env = dict(os.environ, L2OJAX_HUGEPAGES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    if not os.access(env.get("HOME", "/nonexistent"), os.W_OK):
+      env["HOME"] = bench_out  # ncu deploys its section files there; unwritable: no report
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(
         os.path.dirname(os.path.abspath(__file__))))
   with open(os.path.join(out, "ncu.csv"), "w") as f:
