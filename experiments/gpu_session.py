@@ -26,6 +26,8 @@ runs, in order and within ``--minutes``:
   dm_grad_2x*    W1 of L2O-DM, B = 8, 64, with the weights' gradient kernel unpipelined
                  (128 registers: two programs per multiprocessor) and twice the partial
                  sums, profiled
+  dm_fwd_128*    W1 of L2O-DM at B = 64 and W2 with a bfloat16 state, the forward
+                 kernel on 128 rows per program (against dm_bf16's 64)
   ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
                  B = 64 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
                  throughput, the warps' stall reasons
@@ -168,6 +170,10 @@ STAGES = (
            *_PALLAS, "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
            "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
            "--profile_dir={out}/profile", needs=("check",)),
+    # the forward kernel with 128 rows per 4-warp program (ptxas: 237 registers, two programs
+    # per multiprocessor: 256 rows in flight, not 3 x 64), bfloat16 state: against dm_bf16
+    _bench("dm_fwd_128", 1.5, "--models=dm", "--batch_sizes=64", "--dm_state_dtype=bfloat16",
+           *_PALLAS, "--kernel_constant=lstm_kernel.BLOCK_ROWS=128", needs=("check",)),
     # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 64, both fused kernels):
     # occupancy, throughput and the warps' stall reasons of the latency-bound kernels
     Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",
