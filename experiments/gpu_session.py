@@ -29,7 +29,7 @@ runs, in order and within ``--minutes``:
   dm_fwd_128*    W1 of L2O-DM at B = 64 and W2 with a bfloat16 state, the forward
                  kernel on 128 rows per program (against dm_bf16's 64)
   ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
-                 B = 64 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
+                 B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
                  throughput, the warps' stall reasons
   train          the paper-scale meta-trainings, resumed: the five L2O-DM variants
                  (experiments.ablation --family=dm) and L2O-Scale with and without
@@ -174,7 +174,7 @@ STAGES = (
     # per multiprocessor: 256 rows in flight, not 3 x 64), bfloat16 state: against dm_bf16
     _bench("dm_fwd_128", 1.5, "--models=dm", "--batch_sizes=64", "--dm_state_dtype=bfloat16",
            *_PALLAS, "--kernel_constant=lstm_kernel.BLOCK_ROWS=128", needs=("check",)),
-    # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 64, both fused kernels):
+    # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 8, both fused kernels):
     # occupancy, throughput and the warps' stall reasons of the latency-bound kernels
     Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",
                   "--benchmark_args=--optimizee_kernel=pallas"), 2.5, ("check", "check_mlp"),

@@ -3,9 +3,11 @@ r"""Hardware counters of the fused kernels on an NVIDIA GPU, read by Nsight Comp
   python -m experiments.ncu_kernels --out=OUT
   python -m experiments.ncu_kernels --out=OUT --benchmark_args=--optimizee_kernel=pallas
 
-runs one W1 meta-iteration of ``experiments.benchmark`` (L2O-DM, B = 64, a
-segment of 2 steps: the kernels' work per launch does not depend on T; the
-fused LSTM kernels) under ``ncu`` and keeps, per kernel whose name matches
+runs one W1 meta-iteration of ``experiments.benchmark`` (L2O-DM, B = 8: the
+trainings' B, with thousands of programs per launch like larger B, and a copy of
+what a launch writes small enough for ncu to save and restore quickly; a segment
+of 2 steps: the kernels' work per launch does not depend on T; the fused LSTM
+kernels) under ``ncu`` and keeps, per kernel whose name matches
 ``--kernels``: its duration, registers per thread, grid and block, the
 theoretical and achieved occupancy, DRAM and SM throughput as percentages of
 the peak, and the warp stall reasons by cycles per issued instruction (what a
@@ -38,7 +40,7 @@ from absl import app, flags
 # Sections: speed of light (DRAM and SM throughput), occupancy, launch statistics
 # (registers, grid, block, shared memory) and warp states (the stall reasons).
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats")
-BENCHMARK_ARGS = ("--models=dm", "--batch_sizes=64", "--workloads=w1", "--segment=2",
+BENCHMARK_ARGS = ("--models=dm", "--batch_sizes=8", "--workloads=w1", "--segment=2",
                   "--iters=1", "--warmup=0", "--rounds=1", "--torch=off",
                   "--lstm_kernel=pallas")
 # Raw metric names of the summary's fields; the first present is taken.

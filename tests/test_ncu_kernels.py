@@ -79,13 +79,13 @@ def test_ncu_is_found_on_the_path_and_a_bad_path_is_named(tmp_path, monkeypatch)
 
 def test_the_command_profiles_the_benchmark_with_extra_arguments_last():
   cmd = ncu_kernels.ncu_command("/bin/ncu", "lstm_stack", 9, "/tmp/b",
-                                ["--optimizee_kernel=pallas", "--batch_sizes=8"])
+                                ["--optimizee_kernel=pallas", "--batch_sizes=64"])
   assert cmd[:3] == ["/bin/ncu", "--target-processes", "all"]
   assert cmd[cmd.index("--kernel-name") + 1] == "regex:lstm_stack"
   assert cmd[cmd.index("--launch-count") + 1] == "9"
   assert ["--csv", "--page", "raw"] == cmd[cmd.index("--csv"):cmd.index("--csv") + 3]
   bench = cmd[cmd.index("experiments.benchmark") + 1:]
-  assert bench.index("--batch_sizes=8") > bench.index("--batch_sizes=64")  # the later wins
+  assert bench.index("--batch_sizes=64") > bench.index("--batch_sizes=8")  # the later wins
   assert bench[-1] == "--out=/tmp/b"
 
 
