@@ -38,7 +38,9 @@ runs, in order and within ``--minutes``:
                  fused LSTM kernels, every family the fused MLP kernel, only where
                  its check has passed on that GPU and W1 at B = 8 was measured
                  faster with it than without it there; under CUDA MPS
-                 where it starts and a JAX client works under it (``--nomps``: not)
+                 where it starts and a JAX client works under it (``--nomps``: not).
+                 ``--train_families=scale`` (or ``dm``) trains one family alone: the
+                 L2O-Scale pair, two processes, finishes in fewer sessions
 
 A stage runs only when its expected time still leaves ``--train_minutes`` for
 the trainings, and is skipped when ``bench_results/<gpu>_<stage>.json``
@@ -98,6 +100,8 @@ def define_flags() -> None:
   flags.DEFINE_string("data_path", "", "MNIST .npz for the trainings (offline).")
   flags.DEFINE_multi_string("train_override", [], "An --override for every training "
                             "(experiments.ablation's form).")
+  flags.DEFINE_list("train_families", None, "The families the trainings stage runs (default: "
+                    "all, dm and scale): one alone gets the GPU to itself.")
   flags.DEFINE_string("out", os.environ.get("OUT", "runs/gpu_session"),
                       "Where session.tar.gz, session.md and logs.tar.gz go.")
   flags.DEFINE_string("gpu", "", "Short name of the machine in file names (default: "
@@ -189,10 +193,17 @@ TRAIN_STOP_SECONDS = 60.0
 
 
 def train_commands(minutes: float, data_path: str, overrides: Sequence[str],
-                   lstm_kernel: str = "xla", optimizee_kernel: str = "xla") -> Dict[str, list]:
-  """One experiments.ablation call per family, resuming its variants from TRAIN_DIR;
-  ``lstm_kernel`` is L2O-DM's, ``optimizee_kernel`` the MNIST MLP's of every family (the
-  same functions either way: a run may change them on resuming)."""
+                   lstm_kernel: str = "xla", optimizee_kernel: str = "xla",
+                   families: Optional[Sequence[str]] = None) -> Dict[str, list]:
+  """One experiments.ablation call per family of ``families`` (default: all of
+  TRAIN_FAMILIES), resuming its variants from TRAIN_DIR; ``lstm_kernel`` is L2O-DM's,
+  ``optimizee_kernel`` the MNIST MLP's of every family (the same functions either way: a
+  run may change them on resuming)."""
+  families = list(TRAIN_FAMILIES) if families is None else list(families)
+  unknown = sorted(set(families) - set(TRAIN_FAMILIES))
+  if unknown or not families:
+    raise ValueError(f"--train_families={','.join(families)}: unknown {unknown}; "
+                     f"allowed: one or more of {list(TRAIN_FAMILIES)}")
   extra = [f"--override={o}" for o in overrides]
   if data_path:
     extra.append(f"--override=data.path={os.path.abspath(data_path)}")
@@ -204,7 +215,7 @@ def train_commands(minutes: float, data_path: str, overrides: Sequence[str],
   return {family: ["-m", "experiments.ablation", f"--family={family}",
                    f"--workdir={os.path.join(TRAIN_DIR, family)}", f"--processes={n}",
                    f"--max_minutes={minutes:.2f}", *own[family], *extra]
-          for family, (n, _) in TRAIN_FAMILIES.items()}
+          for family, (n, _) in TRAIN_FAMILIES.items() if family in families}
 
 
 def short_gpu_name(name: str) -> str:
@@ -519,6 +530,11 @@ def main(argv):
   if FLAGS.plan:
     print(plan(selected, FLAGS.gpu or gpu_name(), FLAGS.redo), end="")
     return
+  if "train" in selected:
+    try:
+      train_commands(0.0, "", [], families=FLAGS.train_families)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
   if "train" in selected and not FLAGS.data_path:
     raise app.UsageError("--data_path: the trainings need an MNIST .npz (the device is offline);"
                          " e.g. mnist10k.npz")
@@ -543,12 +559,12 @@ def main(argv):
       mps = start_mps(work) if FLAGS.mps else None
       try:
         rows += run_trainings(train_commands(minutes, FLAGS.data_path, FLAGS.train_override,
-                                             kernel, optimizee_kernel), deadline - 40.0, work,
-                              mps)
+                                             kernel, optimizee_kernel, FLAGS.train_families),
+                              deadline - 40.0, work, mps)
       finally:
         if mps is not None:
           stop_mps(mps)
-      next(r for r in rows if r["stage"] == "train_dm")["why"] = (
+      next(r for r in rows if r["stage"].startswith("train_"))["why"] = (
           f"lstm_kernel={kernel}, optimizee kernel={optimizee_kernel}; "
           f"{'under' if mps else 'without'} CUDA MPS")
     else:

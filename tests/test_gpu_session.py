@@ -205,6 +205,12 @@ def test_training_commands_resume_the_repositorys_runs_with_the_data_and_time_gi
   fused = gpu_session.train_commands(1.0, "", [], optimizee_kernel="pallas")
   for cmd in fused.values():  # every family trains on the same MLP
     assert "--override=optimizee.options.kernel=pallas" in cmd
+  alone = gpu_session.train_commands(1.0, "", [], families=["scale"])
+  assert list(alone) == ["scale"] and alone["scale"] == gpu_session.train_commands(
+      1.0, "", [])["scale"]
+  for families in (["scale", "rnnprop"], []):
+    with pytest.raises(ValueError, match="--train_families"):
+      gpu_session.train_commands(1.0, "", [], families=families)
   for cmd in (dm, scale):
     assert "--override=seed=1" in cmd
     assert f"--override=data.path={os.path.abspath('mnist10k.npz')}" in cmd
@@ -220,7 +226,8 @@ def test_short_gpu_names(smi, short):
 @pytest.mark.parametrize("args,message", [
     (["--stages=check,bogus"], "--stages: unknown ['bogus']"),
     (["--stages=train"], "--data_path: the trainings need an MNIST .npz"),
-    (["--stages=train", "--data_path=/no/such.npz"], "--data_path='/no/such.npz' is not a file")])
+    (["--stages=train", "--data_path=/no/such.npz"], "--data_path='/no/such.npz' is not a file"),
+    (["--stages=train", "--train_families=dm,l2o"], "--train_families=dm,l2o: unknown ['l2o']")])
 def test_bad_flags_are_named(args, message, tmp_path):
   out = subprocess.run([sys.executable, "-m", "experiments.gpu_session", *args,
                         f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
