@@ -126,6 +126,11 @@ def report(label: str, program: Tuple[str, Optional[int], float],
            steps_per_iteration: int) -> None:
   text, memory, seconds = program
   bodies = benchmark.loop_ops_by_kind(text)
+  if not bodies:  # e.g. --unroll equal to the segment: XLA drops the one-trip loop
+    print(f"{label}: no loop of optimizee steps in the compiled program (unrolled fully?); "
+          + (f"compiled memory {memory / 2**30:.2f} GiB; " if memory else "")
+          + f"lowered and compiled in {seconds:.1f} s", flush=True)
+    return
   total = sum(sum(c.values()) for c in bodies) / steps_per_iteration
   parts = " + ".join(f"{sum(c.values())} ({', '.join(f'{k} {v}' for k, v in sorted(c.items()))})"
                      for c in bodies)

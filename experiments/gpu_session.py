@@ -28,6 +28,9 @@ runs, in order and within ``--minutes``:
                  sums, profiled
   dm_fwd_128*    W1 of L2O-DM at B = 64 and W2 with a bfloat16 state, the forward
                  kernel on 128 rows per program (against dm_bf16's 64)
+  dm_unroll*+    W1 of L2O-DM at B = 1, 8 and W2 with both fused kernels and the
+                 segment's loop unrolled 20 steps (as the trainings run it), against
+                 dm_fused_mlp
   ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
                  B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
                  throughput, the warps' stall reasons
@@ -178,6 +181,10 @@ STAGES = (
     # per multiprocessor: 256 rows in flight, not 3 x 64), bfloat16 state: against dm_bf16
     _bench("dm_fwd_128", 1.5, "--models=dm", "--batch_sizes=64", "--dm_state_dtype=bfloat16",
            *_PALLAS, "--kernel_constant=lstm_kernel.BLOCK_ROWS=128", needs=("check",)),
+    # the segment's loop unrolled, as the trainings run it (meta.scan_unroll=20), with both fused
+    # kernels: W1 at B = 1 and 8, and W2 (each loop iteration 20 steps), against dm_fused_mlp
+    _bench("dm_unroll", 2.0, "--models=dm", "--batch_sizes=1,8", "--unroll=20",
+           "--optimizee_kernel=pallas", *_PALLAS, needs=("check", "check_mlp")),
     # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 8, both fused kernels):
     # occupancy, throughput and the warps' stall reasons of the latency-bound kernels
     Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",
