@@ -23,7 +23,7 @@ runs, in order and within ``--minutes``:
                  (half the state's bytes per evaluation step)
   rnnprop*       W1 of RNNProp with the fused kernels, B = 1, 8, 64
   scale          W1 of L2O-Scale, B = 1, 8, 64
-  dm_grad_2x*    W1 of L2O-DM, B = 8, 64, with the weights' gradient kernel unpipelined
+  dm_grad_2x*    W1 of L2O-DM, B = 1, 8, 64, with the weights' gradient kernel unpipelined
                  (128 registers: two programs per multiprocessor) and twice the partial
                  sums, profiled
   dm_fwd_128*    W1 of L2O-DM at B = 64 and W2 with a bfloat16 state, the forward
@@ -173,7 +173,7 @@ STAGES = (
            "--torch=off"),
     # the weights' gradient kernel without pipelining (128 registers, not 146): two programs
     # per multiprocessor, twice the partial sums
-    _bench("dm_grad_2x", 1.5, "--models=dm", "--batch_sizes=8,64", "--workloads=w1",
+    _bench("dm_grad_2x", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
            *_PALLAS, "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
            "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
            "--profile_dir={out}/profile", needs=("check",)),
