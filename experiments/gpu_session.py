@@ -23,6 +23,9 @@ runs, in order and within ``--minutes``:
                  (half the state's bytes per evaluation step)
   rnnprop*       W1 of RNNProp with the fused kernels, B = 1, 8, 64
   scale          W1 of L2O-Scale, B = 1, 8, 64
+  ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
+                 B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
+                 throughput, the warps' stall reasons
   dm_grad_2x*    W1 of L2O-DM, B = 1, 8, 64, with the weights' gradient kernel unpipelined
                  (128 registers: two programs per multiprocessor) and twice the partial
                  sums, profiled
@@ -31,9 +34,6 @@ runs, in order and within ``--minutes``:
   dm_unroll*+    W1 of L2O-DM at B = 1, 8 and W2 with both fused kernels and the
                  segment's loop unrolled 20 steps (as the trainings run it), against
                  dm_fused_mlp
-  ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
-                 B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
-                 throughput, the warps' stall reasons
   train          the paper-scale meta-trainings, resumed: the five L2O-DM variants
                  (experiments.ablation --family=dm) and L2O-Scale with and without
                  CL+IL (--family=scale), seven processes sharing the GPU, until the
@@ -171,6 +171,11 @@ STAGES = (
            *_PALLAS, needs=("check",)),
     _bench("scale", 1.5, "--models=scale", "--batch_sizes=1,8,64", "--workloads=w1",
            "--torch=off"),
+    # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 8, both fused kernels):
+    # occupancy, throughput and the warps' stall reasons of the latency-bound kernels
+    Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",
+                  "--benchmark_args=--optimizee_kernel=pallas"), 2.5, ("check", "check_mlp"),
+          result="ncu.json"),
     # the weights' gradient kernel without pipelining (128 registers, not 146): two programs
     # per multiprocessor, twice the partial sums
     _bench("dm_grad_2x", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
@@ -185,11 +190,6 @@ STAGES = (
     # kernels: W1 at B = 1 and 8, and W2 (each loop iteration 20 steps), against dm_fused_mlp
     _bench("dm_unroll", 2.0, "--models=dm", "--batch_sizes=1,8", "--unroll=20",
            "--optimizee_kernel=pallas", *_PALLAS, needs=("check", "check_mlp")),
-    # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 8, both fused kernels):
-    # occupancy, throughput and the warps' stall reasons of the latency-bound kernels
-    Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",
-                  "--benchmark_args=--optimizee_kernel=pallas"), 2.5, ("check", "check_mlp"),
-          result="ncu.json"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES) + ("train",)
 # The trainings pause this long before the session's end (an episode under way, a
