@@ -17,8 +17,12 @@ the CUDA plugin of the installed jax, not a GPU:
 
 ``--ptxas`` also assembles the fused kernels' PTX (sm_90a) and prints their
 registers and spills per thread: what decides a Triton kernel's tiling
-before it can be timed. ``--kernel_constant=lstm_kernel.BLOCK_ROWS=128``
-(the benchmark's flag) compiles another tiling.
+before it can be timed; with cuobjdump and nvdisasm
+(``pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``) also each
+kernel's SASS instructions per thread and per row of the optimizee, by
+opcode: what a kernel issues, whatever it waits on.
+``--kernel_constant=lstm_kernel.BLOCK_ROWS=128`` (the benchmark's flag)
+compiles another tiling.
 
 Autotuning is off (no device to time candidates on), so a GEMM may be
 tiled differently than on the device; the counts match the device's within
@@ -41,10 +45,12 @@ if __name__ == "__main__":  # before jax is imported: compile for CUDA from the 
     shutil.rmtree(PTX_DIR, ignore_errors=True)
     os.environ["XLA_FLAGS"] += f" --xla_dump_to={PTX_DIR}"
 
+import collections  # noqa: E402
 import contextlib  # noqa: E402
 import glob  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Optional, Tuple  # noqa: E402
 
@@ -56,7 +62,7 @@ from absl import app, flags  # noqa: E402
 
 from experiments import benchmark  # noqa: E402
 from l2ojax import optimizees  # noqa: E402
-from l2ojax.models import cells  # noqa: E402
+from l2ojax.models import cells, lstm_kernel  # noqa: E402
 from l2ojax.meta import step as step_lib  # noqa: E402
 from l2ojax.meta.unroll import batch_rollout  # noqa: E402
 
@@ -203,6 +209,8 @@ def ptxas_report(folder: str = PTX_DIR, arch: str = "sm_90a") -> None:
   except (ImportError, StopIteration) as e:
     raise SystemExit("gpu_kernels --ptxas: no ptxas in the nvidia packages of the CUDA "
                      f"plugin ({e!r}); pip install \"jax[cuda13]=={jax.__version__}\"") from e
+  cuobjdump = next((p for d in nvidia.__path__ for p in glob.glob(f"{d}/cu*/bin/cuobjdump")),
+                   None)
   seen = set()
   paths = sorted(glob.glob(f"{folder}/*.ptx"))
   if not paths:
@@ -224,6 +232,56 @@ def ptxas_report(folder: str = PTX_DIR, arch: str = "sm_90a") -> None:
       if line not in seen:
         seen.add(line)
         print(line, flush=True)
+        if cuobjdump:
+          print(sass_line(name, _sass(ptxas, cuobjdump, path, arch)), flush=True)
+  if paths and not cuobjdump:
+    print("gpu_kernels --ptxas: no cuobjdump in the nvidia packages, so no SASS counts "
+          "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)", flush=True)
+
+
+def _sass(ptxas: str, cuobjdump: str, path: str, arch: str) -> str:
+  """The SASS of the PTX file ``path`` (``ptxas`` to a cubin, ``cuobjdump -sass``)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    cubin = os.path.join(tmp, "kernel.cubin")
+    subprocess.run([ptxas, f"-arch={arch}", path, "-o", cubin], check=True,
+                   capture_output=True)
+    out = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True)
+    if out.returncode != 0:  # it disassembles with nvdisasm, a package of its own
+      raise SystemExit(f"gpu_kernels --ptxas: cuobjdump -sass failed: {out.stderr.strip()} "
+                       "(pip install nvidia-cuda-nvdisasm)")
+    return out.stdout
+
+
+def sass_counts(sass: str) -> collections.Counter:
+  """Opcode (without modifiers) -> instructions of that opcode in ``cuobjdump -sass``
+  text: each thread's instruction stream, every instruction once (a loop's body once)."""
+  return collections.Counter(op for op in re.findall(
+      r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
+      if op != "NOP")  # the padding after the last instruction
+
+
+def rows_per_thread(name: str) -> Optional[float]:
+  """Rows of the optimizee one thread of fused kernel ``name`` covers in its one pass
+  (a program's rows over its threads), or None where the kernel loops over blocks."""
+  if name.startswith("lstm_stack_forward") and lstm_kernel.BLOCKS_PER_PROGRAM == 1:
+    return lstm_kernel.BLOCK_ROWS / (32 * lstm_kernel.NUM_WARPS)
+  if name.startswith("lstm_stack_backward") and lstm_kernel.BACKWARD_BLOCKS_PER_PROGRAM == 1:
+    return lstm_kernel.BACKWARD_BLOCK_ROWS / (32 * lstm_kernel.BACKWARD_NUM_WARPS)
+  return None
+
+
+def sass_line(name: str, sass: str, top: int = 8) -> str:
+  """What a thread of kernel ``name`` executes: its SASS instructions, per row where the
+  kernel makes one pass (``rows_per_thread``; at a GPU's issue rate this bounds the
+  kernel from below), the most frequent opcodes (MUFU: transcendentals, HGMMA: Hopper's
+  matrix products)."""
+  counts = sass_counts(sass)
+  total = sum(counts.values())
+  rows = rows_per_thread(name)
+  per_row = (f", {total / rows:,.0f} per row" if rows else
+             " (its loops' bodies counted once)")
+  mix = ", ".join(f"{op} {n}" for op, n in counts.most_common(top))
+  return f"SASS {name}: {total:,} instructions per thread{per_row}; {mix}"
 
 
 if __name__ == "__main__":

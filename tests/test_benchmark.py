@@ -266,3 +266,33 @@ def test_kernel_constants_set_the_fused_kernels_tunables_and_name_bad_ones(monke
     with pytest.raises(ValueError, match=re.escape(repr(bad))):
       benchmark.set_kernel_constants([bad])
   assert lstm_kernel.BLOCK_ROWS == 128
+
+
+def test_sass_counts_per_thread_and_per_row(monkeypatch):
+  """gpu_kernels --ptxas's SASS line: instructions by opcode (predicated ones too; the
+  second line of each encoding and the NOP padding not), per row of a one-pass kernel
+  from its rows and warps per program, and no per-row figure for a kernel that loops."""
+  from experiments import gpu_kernels
+  from l2ojax.models import lstm_kernel
+  sass = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+                                                                          /* 0x000fe20000000f00 */
+        /*0010*/               @P0 LDG.E.64 R20, desc[UR12][R214.64] ;  /* 0x0000000cd6140981 */
+        /*0020*/              @!P1 MUFU.EX2 R2, R3 ;                    /* 0x0000000300027308 */
+        /*0030*/                   MUFU.RCP R2, R2 ;                    /* 0x0000000200027308 */
+        /*0040*/                   HGMMA.64x32x8.F32.TF32 gdesc[UR4], RZ, !UPT ;  /* 0x00e0 */
+        /*0050*/                   EXIT ;                               /* 0x000000000000794d */
+        /*0060*/                   BRA 0x60;                            /* 0xfffffffc00fc7947 */
+        /*0070*/                   NOP;                                 /* 0x0000000000007918 */
+  """
+  assert gpu_kernels.sass_counts(sass) == {"LDC": 1, "LDG": 1, "MUFU": 2, "HGMMA": 1,
+                                           "EXIT": 1, "BRA": 1}
+  monkeypatch.setattr(lstm_kernel, "BACKWARD_BLOCK_ROWS", 64)
+  monkeypatch.setattr(lstm_kernel, "BACKWARD_NUM_WARPS", 8)  # 4 threads per row
+  line = gpu_kernels.sass_line("lstm_stack_backward", sass, top=2)
+  assert line == "SASS lstm_stack_backward: 7 instructions per thread, 28 per row; MUFU 2, LDC 1"
+  monkeypatch.setattr(lstm_kernel, "BACKWARD_NUM_WARPS", 4)
+  assert ", 14 per row;" in gpu_kernels.sass_line("lstm_stack_backward", sass)
+  assert gpu_kernels.rows_per_thread("lstm_stack_weights_gradient") is None
+  assert "(its loops' bodies counted once)" in gpu_kernels.sass_line(
+      "lstm_stack_weights_gradient", sass)
