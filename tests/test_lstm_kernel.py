@@ -189,6 +189,22 @@ def test_kernels_looping_over_blocks_of_rows(monkeypatch, n_in, sizes):
       cells.lstm_stack_apply(layers, x, states, readout), atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("n_in,sizes", [(2, (20, 20)), (20, (20, 20))])
+def test_backward_kernel_on_blocks_of_128_rows(monkeypatch, n_in, sizes):
+  """lstm_kernel.BACKWARD_BLOCK_ROWS = 128 (the GPU session's dm_bwd_128 stage): 300 rows
+  as three programs, the last one partly past the rows: XLA's gradients."""
+  layers, readout, x, states = _stack(jax.random.PRNGKey(10), n_in, sizes, lead=(300,))
+
+  def grads(kernel):
+    return jax.grad(lambda layers, x, states: jnp.sum(jnp.sin(cells.lstm_stack_apply(
+        layers, x, states, readout, kernel=kernel, gradient_chunks=2)[0])),
+        argnums=(0, 1, 2))(layers, x, states)
+
+  want = grads("xla")
+  monkeypatch.setattr(lstm_kernel, "BACKWARD_BLOCK_ROWS", 128)
+  chex.assert_trees_all_close(grads("pallas_interpret"), want, atol=1e-6, rtol=1e-5)
+
+
 def test_forward_kernel_writes_the_gates_for_xlas_backward_pass():
   """"pallas_forward": the forward kernel also writes each layer's gate tanh, the
   residual XLA's backward pass reads."""
