@@ -232,7 +232,11 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
 # (ptxas, sm_90a: 255 registers and a ~2 KB stack frame of spills per thread at
 # any block size) and ran 60x slower than XLA's whole backward pass on an H100
 # (W1 L2O-DM B = 64: 37 ms per step). Without them, ptxas: 245-247 registers, no
-# spills at 64 rows, 8 warps (40 bytes of spills at 32 rows).
+# spills at 64 rows, 8 warps (40 bytes of spills at 32 rows). Its SASS shows that at
+# 64 rows two warpgroups each compute all of a [64, 32] tile: every thread issues as
+# many instructions as at 128 rows and 8 warps (255 registers, 24 bytes of spills) or
+# 64 rows and 4 warps (255, 56 bytes), which cover twice the rows per thread; not yet
+# timed (BENCHMARKS.md).
 BACKWARD_BLOCK_ROWS = 64
 BACKWARD_NUM_WARPS = 8
 # Blocks of rows per program, in a loop, and software-pipeline stages of that loop
