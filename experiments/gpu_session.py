@@ -26,6 +26,14 @@ runs, in order and within ``--minutes``:
   dm_bwd_128*    W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 128 rows per
                  8-warp program (at 64 rows two warpgroups compute each element twice),
                  profiled
+  check_tanh     the GPU test of the LSTM kernels with tanh.approx.f32 (relative error
+                 ~2^-11): XLA's loss curves and meta-gradients to a looser tolerance;
+                 # needs it to pass
+  dm_tanh#       W1 of L2O-DM, B = 1, 8, 64, and W2 with the fused LSTM kernels taking
+                 tanh from tanh.approx.f32, profiled
+  dm_best*+#     W1 of L2O-DM, B = 1, 8, 64, 256, and W2 with all of these at once:
+                 tanh.approx, the backward kernel on 128 rows, the fused MLP kernel, a
+                 bfloat16 state
   ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
                  B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
                  throughput, the warps' stall reasons
@@ -140,12 +148,14 @@ def _bench(name: str, minutes: float, *args: str, needs: tuple = ()) -> Stage:
   return Stage(name, ("-m", "experiments.benchmark", *args, "--out={out}"), minutes, needs)
 
 
-def _gpu_tests(name: str, minutes: float, test_file: str) -> Stage:
-  """A check: the GPU-only tests of ``test_file`` (fails at once without a GPU)."""
+def _gpu_tests(name: str, minutes: float, test_file: str, select: str = "gpu") -> Stage:
+  """A check: the GPU-only tests of ``test_file`` that pytest's ``-k select`` picks
+  (fails at once without a GPU)."""
   return Stage(name, ("-c", "import sys, jax, pytest\n"
                       "if jax.default_backend() != 'gpu':\n"
                       f"  sys.exit(f'{name}: no GPU (jax backend {{jax.default_backend()}})')\n"
-                      "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'gpu',\n"
+                      "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
+                      f"{select!r},\n"
                       f"                      {test_file!r}]))"), minutes, bench=False)
 
 
@@ -183,6 +193,18 @@ STAGES = (
     _bench("dm_bwd_128", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
            *_PALLAS, "--kernel_constant=lstm_kernel.BACKWARD_BLOCK_ROWS=128",
            "--profile_dir={out}/profile", needs=("check",)),
+    # tanh from the GPU's approximate instruction in both LSTM kernels (SASS: half the
+    # forward kernel's instructions, 41% fewer in the backward's), once its check passed
+    _gpu_tests("check_tanh", 1.0, "tests/test_lstm_kernel.py", "gpu and approx_tanh"),
+    _bench("dm_tanh", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS,
+           "--kernel_constant=lstm_kernel.APPROX_TANH=1", "--profile_dir={out}/profile",
+           needs=("check_tanh",)),
+    # every lever at once (none of them timed yet): tanh.approx, the backward kernel on 128
+    # rows, the fused MLP kernel, a bfloat16 state; W1 up to B = 256 and W2
+    _bench("dm_best", 2.5, "--models=dm", "--batch_sizes=1,8,64,256", *_PALLAS,
+           "--kernel_constant=lstm_kernel.APPROX_TANH=1",
+           "--kernel_constant=lstm_kernel.BACKWARD_BLOCK_ROWS=128", "--optimizee_kernel=pallas",
+           "--dm_state_dtype=bfloat16", needs=("check", "check_mlp", "check_tanh")),
     # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 8, both fused kernels):
     # occupancy, throughput and the warps' stall reasons of the latency-bound kernels
     Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",

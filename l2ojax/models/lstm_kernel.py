@@ -55,6 +55,20 @@ BLOCKS_PER_PROGRAM = 1
 NUM_STAGES = 1
 
 
+# Whether the kernels take tanh from the GPU's approximate instruction (tanh.approx.f32:
+# one MUFU operation, relative error < 2^-10.99) instead of the accurate sequence (two
+# MUFU operations and a dozen others per tanh). An int, so that the benchmark's
+# --kernel_constant sets it; interpreted kernels keep jnp.tanh. Not yet timed.
+APPROX_TANH = 0
+
+
+def _tanh(interpret: bool):
+  """The kernels' tanh: ``APPROX_TANH``'s on a GPU, else jnp.tanh."""
+  if APPROX_TANH and not interpret:
+    return _pallas()[1].approx_tanh
+  return jnp.tanh
+
+
 _padded = gpu.padded
 
 
@@ -105,7 +119,7 @@ def pad_stack(ws: Sequence[chex.Array], bs: Sequence[chex.Array], w_out: chex.Ar
 
 
 def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: int,
-            with_gates: bool, log_and_sign_k: Optional[float]):
+            with_gates: bool, log_and_sign_k: Optional[float], tanh=jnp.tanh):
   # refs: x, h_0.., c_0.., wx_0.., wh_0.., b_0.., w_out, b_out | out, h'_0.., c'_0.. [, t_0..]
   x_ref, refs = refs[0], refs[1:]
   h_refs, c_refs = refs[:num_layers], refs[num_layers:2 * num_layers]
@@ -157,12 +171,12 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
       if l == 0 and packed:  # [h, x, 0] in one tile
         h = h + inputs(_padded(hidden), hidden)
       # one tanh per gate: i, f, o = (1 + t) / 2 and j = t (weights pre-scaled)
-      t = [jnp.tanh((jnp.dot(h, wh_refs[l][g]) if x is None
+      t = [tanh((jnp.dot(h, wh_refs[l][g]) if x is None
                      else jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g]))
                     + b_refs[l][g][None, :])
            for g in range(4)]
       c = (0.5 * t[2] + 0.5) * c + (0.5 * t[0] + 0.5) * t[1]
-      x = (0.5 * t[3] + 0.5) * jnp.tanh(c)
+      x = (0.5 * t[3] + 0.5) * tanh(c)
       store(h_out_refs[l], x, hidden)
       store(c_out_refs[l], c, hidden)
       if with_gates:  # what the backward pass keeps (cells._stack_core_fwd)
@@ -210,7 +224,8 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
                + [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*hs, *cs)]
                + [jax.ShapeDtypeStruct((n, 4 * s), dtype) for s in sizes if with_gates])
   kernel = functools.partial(_kernel, num_layers=len(sizes), sizes=sizes, n_in=n_in,
-                             n_out=n_out, with_gates=with_gates, log_and_sign_k=log_and_sign_k)
+                             n_out=n_out, with_gates=with_gates, log_and_sign_k=log_and_sign_k,
+                             tanh=_tanh(interpret))
   out, *new = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(pl.cdiv(n, BLOCK_ROWS * BLOCKS_PER_PROGRAM),),
       compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
@@ -303,7 +318,7 @@ def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
-                     split_x: bool):
+                     split_x: bool, tanh=jnp.tanh):
   # refs: saved, d_out, dh_0.., dc_0.., wx_0.., wh_0.., b_0.., w_out
   #       | dx, dh'_0.., dc'_0.., dz_0.., out_0..
   num = len(sizes)
@@ -363,9 +378,9 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
       h = load(saved_ref, sizes[l], h_at[l])
       if l == 0 and packed:
         h += load_x_beside_h()
-        return h, [jnp.tanh(jnp.dot(h, wh_refs[l][g]) + b_refs[l][g][None, :])
+        return h, [tanh(jnp.dot(h, wh_refs[l][g]) + b_refs[l][g][None, :])
                    for g in range(4)]
-      return h, [jnp.tanh(jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g])
+      return h, [tanh(jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g])
                           + b_refs[l][g][None, :]) for g in range(4)]
 
     # The forward pass again, keeping each layer's input and writing each layer's
@@ -379,7 +394,7 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
     for l in range(num):
       h, t = gates(l, xs[l])
       c = load(saved_ref, sizes[l], c_at[l])
-      xs.append((0.5 * t[3] + 0.5) * jnp.tanh((0.5 * t[2] + 0.5) * c + (0.5 * t[0] + 0.5) * t[1]))
+      xs.append((0.5 * t[3] + 0.5) * tanh((0.5 * t[2] + 0.5) * c + (0.5 * t[0] + 0.5) * t[1]))
       store(out_refs[l], xs[-1], sizes[l])
       if KEEP_LOWER_GATES or l == num - 1:
         kept[l] = (h, t, c)
@@ -391,7 +406,7 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
         h, t = gates(l, xs[l])
         c = load(saved_ref, sizes[l], c_at[l])
       i, f, o = 0.5 * t[0] + 0.5, 0.5 * t[2] + 0.5, 0.5 * t[3] + 0.5
-      tc = jnp.tanh(f * c + i * t[1])
+      tc = tanh(f * c + i * t[1])
       dh = load(dh_in[l], sizes[l]) + dx
       dc = load(dc_in[l], sizes[l]) + dh * o * (1.0 - tc * tc)
       dt = [0.5 * dc * t[1], dc * i, 0.5 * dc * c, 0.5 * dh * tc]
@@ -447,7 +462,7 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
                + [jax.ShapeDtypeStruct((n, 4 * s), dtype) for s in sizes]
                + [jax.ShapeDtypeStruct((n, s), dtype) for s in sizes])
   kernel = functools.partial(_backward_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
-                             split_x=split_x)
+                             split_x=split_x, tanh=_tanh(interpret))
   num = len(sizes)
   dx, *rest = pl.pallas_call(
       kernel, out_shape=out_shape,
