@@ -234,3 +234,26 @@ def test_median_table_is_not_moved_by_a_run_that_reaches_exactly_zero():
   np.testing.assert_allclose(evaluation.median_log_loss(losses, [0, 2]), [-2.0, -2.0])
   table = evaluation.markdown_table({"p": {"opt": losses}}, [0, 2], median=True)
   assert "| p | opt | -2.000 | -2.000 |" in table and "±" not in table
+
+
+def test_tanh_error_emulation_rounds_only_the_cells_tanh(tiny_image_npz):
+  """experiments.tanh_error: round_bits keeps 11 significant bits (relative error below
+  2^-11, exact where 11 bits suffice); the "rounded" mode changes the shipped L2O-DM's
+  curve by about that much, and only inside its patch (cells' jax.numpy restored)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from experiments import tanh_error
+  from l2ojax import optimizees
+  from l2ojax.models import cells
+  x = jnp.tanh(jnp.linspace(-4.0, 4.0, 20001))
+  rel = jnp.abs(tanh_error.round_bits(x) - x) / jnp.abs(x)
+  assert 2 ** -13 < float(jnp.max(rel)) < 2 ** -11
+  assert float(tanh_error.round_bits(jnp.float32(0.75))) == 0.75
+  assert float(tanh_error.round_bits(jnp.float32(1 + 2 ** -11))) == 1.0  # a tie, to even
+  mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  exact = tanh_error.curves("exact", "dm_cl_il_mnist", mlp, keys, 4)
+  rounded = tanh_error.curves("rounded", "dm_cl_il_mnist", mlp, keys, 4)
+  assert cells.jnp is jnp
+  assert not np.array_equal(rounded, exact)
+  np.testing.assert_allclose(rounded, exact, rtol=1e-3)
