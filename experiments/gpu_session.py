@@ -31,9 +31,9 @@ runs, in order and within ``--minutes``:
                  # needs it to pass
   dm_tanh#       W1 of L2O-DM, B = 1, 8, 64, and W2 with the fused LSTM kernels taking
                  tanh from tanh.approx.f32, profiled
-  dm_best*+#     W1 of L2O-DM, B = 1, 8, 64, 256, and W2 with all of these at once:
-                 tanh.approx, the backward kernel on 128 rows, the fused MLP kernel, a
-                 bfloat16 state
+  dm_best*#      W1 of L2O-DM, B = 1, 8, 64, 256, and W2 with these at once: tanh.approx,
+                 the backward kernel on 128 rows, a bfloat16 state
+  dm_best_mlp*+# the same with the fused MLP kernel too, W1 at B = 1, 8
   ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
                  B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
                  throughput, the warps' stall reasons
@@ -199,9 +199,14 @@ STAGES = (
     _bench("dm_tanh", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS,
            "--kernel_constant=lstm_kernel.APPROX_TANH=1", "--profile_dir={out}/profile",
            needs=("check_tanh",)),
-    # every lever at once (none of them timed yet): tanh.approx, the backward kernel on 128
-    # rows, the fused MLP kernel, a bfloat16 state; W1 up to B = 256 and W2
+    # every LSTM lever at once (none of them timed yet): tanh.approx, the backward kernel on
+    # 128 rows, a bfloat16 state; W1 up to B = 256 and W2 (Adam and L2O-DM on XLA's MLP, the
+    # default); then W1 at small B with the fused MLP kernel too
     _bench("dm_best", 2.5, "--models=dm", "--batch_sizes=1,8,64,256", *_PALLAS,
+           "--kernel_constant=lstm_kernel.APPROX_TANH=1",
+           "--kernel_constant=lstm_kernel.BACKWARD_BLOCK_ROWS=128",
+           "--dm_state_dtype=bfloat16", needs=("check", "check_tanh")),
+    _bench("dm_best_mlp", 1.0, "--models=dm", "--batch_sizes=1,8", "--workloads=w1", *_PALLAS,
            "--kernel_constant=lstm_kernel.APPROX_TANH=1",
            "--kernel_constant=lstm_kernel.BACKWARD_BLOCK_ROWS=128", "--optimizee_kernel=pallas",
            "--dm_state_dtype=bfloat16", needs=("check", "check_mlp", "check_tanh")),
