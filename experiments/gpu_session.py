@@ -33,7 +33,8 @@ runs, in order and within ``--minutes``:
                  tanh from tanh.approx.f32, profiled
   dm_best*#      W1 of L2O-DM, B = 1, 8, 64, 256, and W2 with these at once: tanh.approx,
                  the backward kernel on 128 rows, a bfloat16 state
-  dm_best_mlp*+# the same with the fused MLP kernel too, W1 at B = 1, 8
+  dm_best_mlp*+# the same with the fused MLP kernel and dm_grad_2x's weights' gradient
+                 kernel too, W1 at B = 1, 8 (at B = 1 one 64-row block per program)
   ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
                  B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
                  throughput, the warps' stall reasons
@@ -208,8 +209,11 @@ STAGES = (
            "--dm_state_dtype=bfloat16", needs=("check", "check_tanh")),
     _bench("dm_best_mlp", 1.0, "--models=dm", "--batch_sizes=1,8", "--workloads=w1", *_PALLAS,
            "--kernel_constant=lstm_kernel.APPROX_TANH=1",
-           "--kernel_constant=lstm_kernel.BACKWARD_BLOCK_ROWS=128", "--optimizee_kernel=pallas",
-           "--dm_state_dtype=bfloat16", needs=("check", "check_mlp", "check_tanh")),
+           "--kernel_constant=lstm_kernel.BACKWARD_BLOCK_ROWS=128",
+           "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
+           "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
+           "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",
+           needs=("check", "check_mlp", "check_tanh")),
     # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 8, both fused kernels):
     # occupancy, throughput and the warps' stall reasons of the latency-bound kernels
     Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",
