@@ -34,7 +34,7 @@ runs, in order and within ``--minutes``:
   dm_best*#      W1 of L2O-DM, B = 1, 8, 64, 256, and W2 with these at once: tanh.approx,
                  the backward kernel on 128 rows, a bfloat16 state
   dm_best_mlp*+# the same with the fused MLP kernel and dm_grad_2x's weights' gradient
-                 kernel too, W1 at B = 1, 8 (at B = 1 one 64-row block per program)
+                 kernel too, W1 at B = 1, 8
   ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
                  B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
                  throughput, the warps' stall reasons
