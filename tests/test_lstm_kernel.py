@@ -408,6 +408,21 @@ def test_a_jax_without_pallas_triton_is_named(monkeypatch):
     cells.lstm_stack_apply(layers, x, states, readout, kernel="pallas_interpret")
 
 
+def test_approx_tanh_where_the_backend_lacks_it_is_named(monkeypatch):
+  """lstm_kernel.APPROX_TANH on a Pallas Triton backend without approx_tanh: an error
+  naming the setting, not an AttributeError from inside the kernel; interpreted kernels
+  never need it."""
+  from jax.experimental.pallas import triton as plt
+  monkeypatch.setattr(lstm_kernel, "APPROX_TANH", 1)
+  assert lstm_kernel._tanh(interpret=False) is plt.approx_tanh
+  assert lstm_kernel._tanh(interpret=True) is jnp.tanh
+  monkeypatch.delattr(plt, "approx_tanh")
+  with pytest.raises(ImportError, match=r"no approx_tanh; set lstm_kernel.APPROX_TANH = 0"):
+    lstm_kernel._tanh(interpret=False)
+  monkeypatch.setattr(lstm_kernel, "APPROX_TANH", 0)
+  assert lstm_kernel._tanh(interpret=False) is jnp.tanh
+
+
 def _block_times(batch, rows, cores, chunks):
   """Rounds of programs x blocks per program, counted the slow way."""
   programs = [len(range(c * -(-rows // chunks), min((c + 1) * -(-rows // chunks), rows)))

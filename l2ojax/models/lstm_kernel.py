@@ -68,8 +68,8 @@ def _tanh(interpret: bool):
     return jnp.tanh
   approx = getattr(_pallas()[1], "approx_tanh", None)
   if approx is None:
-    raise NotImplementedError(f"lstm_kernel.APPROX_TANH: jax {jax.__version__}'s Pallas "
-                              "Triton backend has no approx_tanh; set it to 0")
+    raise ImportError(f"lstm_kernel.APPROX_TANH: jax {jax.__version__}'s Pallas Triton "
+                      "backend has no approx_tanh; set lstm_kernel.APPROX_TANH = 0")
   return approx
 
 
