@@ -23,6 +23,10 @@ runs, in order and within ``--minutes``:
                  (half the state's bytes per evaluation step)
   rnnprop*       W1 of RNNProp with the fused kernels, B = 1, 8, 64
   scale          W1 of L2O-Scale, B = 1, 8, 64
+  ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
+                 B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
+                 throughput, the warps' stall reasons, and the SASS instructions
+                 where the warps were sampled most
   dm_bwd_128*    W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 128 rows per
                  8-warp program (at 64 rows two warpgroups compute each element twice),
                  profiled
@@ -35,9 +39,6 @@ runs, in order and within ``--minutes``:
                  the backward kernel on 128 rows, a bfloat16 state
   dm_best_mlp*+# the same with the fused MLP kernel and dm_grad_2x's weights' gradient
                  kernel too, W1 at B = 1, 8
-  ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
-                 B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
-                 throughput, the warps' stall reasons
   dm_bwd_4w*     W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 64 rows per
                  4-warp program (two programs per multiprocessor), profiled
   dm_grad_2x*    W1 of L2O-DM, B = 1, 8, 64, with the weights' gradient kernel unpipelined
@@ -187,6 +188,12 @@ STAGES = (
            *_PALLAS, needs=("check",)),
     _bench("scale", 1.5, "--models=scale", "--batch_sizes=1,8,64", "--workloads=w1",
            "--torch=off"),
+    # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 8, both fused kernels):
+    # occupancy, throughput and the warps' stall reasons of the latency-bound kernels, and at
+    # which instructions (the program-counter samples)
+    Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",
+                  "--benchmark_args=--optimizee_kernel=pallas"), 2.5, ("check", "check_mlp"),
+          result="ncu.json"),
     # the cells' backward kernel without work done twice: at 64 rows and 8 warps (two
     # warpgroups) every thread computes 16 elements of each [64, 32] tile, twice its share
     # (SASS: the same instructions per thread as at 128 rows and 8 warps, or 64 rows and 4);
@@ -214,11 +221,6 @@ STAGES = (
            "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
            "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",
            needs=("check", "check_mlp", "check_tanh")),
-    # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 8, both fused kernels):
-    # occupancy, throughput and the warps' stall reasons of the latency-bound kernels
-    Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",
-                  "--benchmark_args=--optimizee_kernel=pallas"), 2.5, ("check", "check_mlp"),
-          result="ncu.json"),
     _bench("dm_bwd_4w", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
            *_PALLAS, "--kernel_constant=lstm_kernel.BACKWARD_NUM_WARPS=4",
            "--profile_dir={out}/profile", needs=("check",)),

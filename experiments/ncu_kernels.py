@@ -15,9 +15,19 @@ latency-bound kernel waits on). ncu replays each profiled launch once per
 metric pass, with the caches flushed, so durations are a kernel's alone, at
 the clocks the GPU runs (``--clock-control none``).
 
+ncu also samples the warps' program counters (the SourceCounters section): per
+SASS instruction of each kernel, how many samples found a warp there and why it
+was not issuing. A kernel of several loops stalls somewhere in particular, and
+its aggregate stall reasons do not say where; the instructions that gather the
+most samples (a wait on a copy, a barrier, a shared-memory load) do.
+
 Writes OUT/ncu.csv (ncu's raw page: every metric it read, one row per launch),
-OUT/ncu.json (the summary per kernel, and the raw rows) and a markdown table
-to stdout. Fails, with a message, where ncu is not found or reads nothing.
+OUT/ncu_source.csv (ncu's source page: one row per SASS instruction and
+launch), OUT/ncu.json (the summary per kernel, the raw rows, and per kernel the
+samples by opcode, by reason and the instructions with the most of them) and
+markdown tables to stdout. Fails, with a message, where ncu is not found or
+reads nothing; a source page ncu cannot print is reported in ncu.json and
+leaves the rest as it is.
 """
 from __future__ import annotations
 
@@ -39,7 +49,8 @@ from absl import app, flags
 
 # Sections: speed of light (DRAM and SM throughput), occupancy, launch statistics
 # (registers, grid, block, shared memory) and warp states (the stall reasons).
-SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats")
+# SourceCounters: the program-counter samples per SASS instruction (ncu's source page).
+SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "SourceCounters")
 BENCHMARK_ARGS = ("--models=dm", "--batch_sizes=8", "--workloads=w1", "--segment=2",
                   "--iters=1", "--warmup=0", "--rounds=1", "--torch=off",
                   "--lstm_kernel=pallas")
@@ -65,6 +76,11 @@ UNITS = {"duration_us": {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "secon
                                   "Mbyte": 1e6 / 1024, "Mibyte": 1024.0}}
 STALL = re.compile(r"^smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)"
                    r"(?:_per_issue_active)?\.ratio$")
+# The source page's column of samples per instruction (the first present), and its columns
+# of samples per stall reason (ncu's short names, or the raw metric names).
+SAMPLES = ("Warp Stall Sampling (All Samples)", "# Samples", "Warp Stall Sampling (All)")
+SOURCE_STALL = re.compile(r"^(?:stall_(\w+)|smsp__pcsamp_warps_issue_stalled_(\w+))$")
+PREDICATE = re.compile(r"^@!?U?P\w+\s+")
 
 FLAGS = flags.FLAGS
 
@@ -100,13 +116,23 @@ def find_ncu(given: str = "") -> str:
 
 
 def ncu_command(ncu: str, kernels: str, launch_count: int, benchmark_out: str,
-                benchmark_args: Sequence[str] = ()) -> List[str]:
+                benchmark_args: Sequence[str] = (), report: str = "") -> List[str]:
+  """ncu profiling one W1 meta-iteration of the benchmark; with ``report``, also kept as
+  the report file ``report``.ncu-rep (which ``source_command`` reads)."""
   sections = [a for s in SECTIONS for a in ("--section", s)]
+  export = ["--import-source", "no", "--export", report, "--force-overwrite"] if report else []
   return [ncu, "--target-processes", "all", "--kernel-name", f"regex:{kernels}",
-          "--launch-count", str(launch_count), "--clock-control", "none", *sections,
+          "--launch-count", str(launch_count), "--clock-control", "none", *sections, *export,
           "--csv", "--page", "raw", "--print-units", "base",
           sys.executable, "-m", "experiments.benchmark", *BENCHMARK_ARGS, *benchmark_args,
           f"--out={benchmark_out}"]
+
+
+def import_command(ncu: str, report: str, page: str) -> List[str]:
+  """ncu printing page ``page`` (raw, source) of the report file ``report`` as CSV; the
+  source page as SASS, one row per instruction."""
+  source = ["--print-source", "sass"] if page == "source" else []
+  return [ncu, "--import", report, "--csv", "--page", page, *source, "--print-units", "base"]
 
 
 def _number(text: str) -> Optional[float]:
@@ -190,14 +216,104 @@ def markdown(kernels: List[dict], top_stalls: int = 4) -> str:
   return "\n".join(lines) + "\n"
 
 
+def parse_source_csv(text: str) -> Dict[str, List[Dict[str, str]]]:
+  """Kernel name -> its instruction rows (each a dict by column) of ncu's ``--page source
+  --csv --print-source sass`` output: a ``"Kernel Name",NAME`` row before each launch's
+  table, whose header row starts with the address column; other lines are skipped."""
+  by_kernel: Dict[str, List[Dict[str, str]]] = {}
+  kernel, header = "?", None
+  for row in csv.reader(io.StringIO("\n".join(
+      line for line in text.splitlines() if line.startswith('"')))):
+    if not row:
+      continue
+    if row[0] == "Kernel Name":
+      kernel, header = (row[1] if len(row) > 1 else "?"), None
+    elif row[0].lstrip("# ") == "Address" and "Source" in row:
+      header = row
+    elif header is not None and len(row) == len(header):
+      by_kernel.setdefault(kernel, []).append(dict(zip(header, row)))
+  return by_kernel
+
+
+def _opcode(source: str) -> str:
+  return (PREDICATE.sub("", source.strip()).split(None, 1) or ["?"])[0].split(".")[0]
+
+
+def summarize_source(by_kernel: Dict[str, List[Dict[str, str]]], top: int = 25) -> List[dict]:
+  """Per kernel: the program-counter samples in all, by opcode and by stall reason, and
+  the ``top`` instructions with the most (summed over the kernel's launches by address),
+  each with its share of the kernel's samples and its largest reasons."""
+  summary = []
+  for name, rows in by_kernel.items():
+    column = next((c for c in SAMPLES if c in rows[0]), None)
+    if column is None:
+      summary.append({"name": name, "error": f"no column of samples among {list(rows[0])}"})
+      continue
+    sites: Dict[str, dict] = {}
+    for row in rows:
+      address = row.get("Address", row.get("# Address", "?")).strip()
+      site = sites.setdefault(address, {"address": address,
+                                        "source": row.get("Source", "").strip(),
+                                        "samples": 0.0, "reasons": {}})
+      site["samples"] += _number(row[column]) or 0.0
+      for key, text in row.items():
+        m = SOURCE_STALL.match(key)
+        reason = m and (m.group(1) or m.group(2))
+        if reason and not reason.endswith("_not_issued"):
+          site["reasons"][reason] = site["reasons"].get(reason, 0.0) + (_number(text) or 0.0)
+    total = sum(s["samples"] for s in sites.values())
+    by_opcode: Dict[str, float] = {}
+    by_reason: Dict[str, float] = {}
+    for s in sites.values():
+      by_opcode[_opcode(s["source"])] = by_opcode.get(_opcode(s["source"]), 0.0) + s["samples"]
+      for reason, v in s["reasons"].items():
+        by_reason[reason] = by_reason.get(reason, 0.0) + v
+    ranked = sorted(sites.values(), key=lambda s: -s["samples"])[:top]
+    summary.append({
+        "name": name, "instructions": len(sites), "samples": total,
+        "by_opcode": dict(sorted(by_opcode.items(), key=lambda kv: -kv[1])),
+        "by_reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
+        "top": [{"address": s["address"], "source": s["source"], "samples": s["samples"],
+                 "share": s["samples"] / total if total else 0.0,
+                 "reasons": dict(sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:3])}
+                for s in ranked if s["samples"] > 0]})
+  return summary
+
+
+def source_markdown(summary: List[dict], top: int = 10) -> str:
+  """Per kernel, the instructions where its warps were found most often, and why."""
+  lines = []
+  for k in summary:
+    if "error" in k:
+      lines.append(f"{k['name']}: {k['error']}")
+      continue
+    share = lambda v: f"{100 * v / k['samples']:.0f}%" if k["samples"] else "-"
+    lines += ["", f"{k['name']}: {k['samples']:,.0f} samples over {k['instructions']} "
+              "instructions; by opcode " + ", ".join(
+                  f"{op} {share(v)}" for op, v in list(k["by_opcode"].items())[:6])
+              + "; by reason " + ", ".join(
+                  f"{r} {share(v)}" for r, v in list(k["by_reason"].items())[:4]),
+              "", "| address | instruction | share of samples | reasons |", "|---|---|---|---|"]
+    for s in k["top"][:top]:
+      reasons = ", ".join(f"{r} {share(v)}" for r, v in s["reasons"].items())
+      lines.append(f"| {s['address']} | `{s['source']}` | {100 * s['share']:.1f}% | "
+                   f"{reasons or '-'} |")
+  return "\n".join(lines) + "\n"
+
+
+def _run(cmd: List[str], **kwargs) -> subprocess.CompletedProcess:
+  return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+
+
 def main(argv):
   del argv
   ncu = find_ncu(FLAGS.ncu)
   out = os.path.abspath(FLAGS.out)
   os.makedirs(out, exist_ok=True)
+  report = os.path.join(out, "ncu")  # ncu adds .ncu-rep
   with tempfile.TemporaryDirectory() as bench_out:
     cmd = ncu_command(ncu, FLAGS.kernels, FLAGS.launch_count, bench_out,
-                      shlex.split(FLAGS.benchmark_args))
+                      shlex.split(FLAGS.benchmark_args), report)
     print("running:", " ".join(shlex.quote(c) for c in cmd), flush=True)
     # No huge-page re-execution of the benchmark (experiments/hugepages.py: a CPU matter);
     # JAX takes the GPU memory it uses, not 75% of it: ncu's replay of a launch keeps a
@@ -205,23 +321,38 @@ def main(argv):
     env = dict(os.environ, L2OJAX_HUGEPAGES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false")
     if not os.access(env.get("HOME", "/nonexistent"), os.W_OK):
       env["HOME"] = bench_out  # ncu deploys its section files there; unwritable: no report
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(
-        os.path.dirname(os.path.abspath(__file__))))
+    proc = _run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  raw = proc.stdout
+  launches = parse_raw_csv(raw)
+  rep = report + ".ncu-rep"
+  if not launches and proc.returncode == 0 and os.path.exists(rep):
+    raw = _run(import_command(ncu, rep, "raw")).stdout  # exporting, ncu printed no page
+    launches = parse_raw_csv(raw)
   with open(os.path.join(out, "ncu.csv"), "w") as f:
-    f.write(proc.stdout)
-  launches = parse_raw_csv(proc.stdout)
+    f.write(raw)
   if proc.returncode != 0 or not launches:
     sys.stderr.write(proc.stderr[-4000:])
     raise SystemExit(f"ncu_kernels: ncu exited {proc.returncode} with {len(launches)} "
                      f"launches read (its output: {os.path.join(out, 'ncu.csv')})")
   kernels = summarize(launches)
-  version = subprocess.run([ncu, "--version"], capture_output=True, text=True).stdout.strip()
+  page = _run(import_command(ncu, rep, "source")) if os.path.exists(rep) else None
+  if page is not None:
+    with open(os.path.join(out, "ncu_source.csv"), "w") as f:
+      f.write(page.stdout)
+  by_kernel = parse_source_csv(page.stdout) if page is not None else {}
+  source = summarize_source(by_kernel) if by_kernel else {
+      "error": (f"no report file {rep}" if page is None else
+                f"ncu's source page exited {page.returncode} with no instruction rows: "
+                f"{(page.stderr or page.stdout)[-500:]}")}
+  version = _run([ncu, "--version"]).stdout.strip()
   with open(os.path.join(out, "ncu.json"), "w") as f:
     json.dump({"ncu": version.splitlines()[-1] if version else "", "command": cmd,
-               "kernels": kernels,
+               "kernels": kernels, "source": source,
                "launches": [{k: v for k, v in l.items() if k != "units"} for l in launches]},
               f, indent=1)
   print(markdown(kernels), end="")
+  print(source_markdown(source) if isinstance(source, list) else
+        f"\nsource page: {source['error']}\n", end="")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,10 @@ def test_the_command_profiles_the_benchmark_with_extra_arguments_last():
   assert cmd[cmd.index("--kernel-name") + 1] == "regex:lstm_stack"
   assert cmd[cmd.index("--launch-count") + 1] == "9"
   assert ["--csv", "--page", "raw"] == cmd[cmd.index("--csv"):cmd.index("--csv") + 3]
+  assert "SourceCounters" in cmd and "--export" not in cmd
+  kept = ncu_kernels.ncu_command("/bin/ncu", "lstm_stack", 9, "/tmp/b", report="/tmp/r/ncu")
+  assert kept[kept.index("--export") + 1] == "/tmp/r/ncu"
+  assert kept.index("--export") < kept.index(sys.executable)  # ncu's option, not the program's
   bench = cmd[cmd.index("experiments.benchmark") + 1:]
   assert bench.index("--batch_sizes=64") > bench.index("--batch_sizes=8")  # the later wins
   assert bench[-1] == "--out=/tmp/b"
@@ -120,3 +124,105 @@ def test_a_run_that_profiles_nothing_fails_and_says_so(tmp_path):
   assert proc.returncode != 0
   assert "0 launches read" in proc.stderr
   assert not (tmp_path / "out" / "ncu.json").exists()
+
+
+SOURCE_HEADER = ["Address", "Source", "Warp Stall Sampling (All Samples)",
+                 "Warp Stall Sampling (Not-issued Samples)", "Instructions Executed",
+                 "stall_long_sb", "stall_barrier", "stall_long_sb_not_issued"]
+
+
+def _source_csv():
+  quote = lambda r: ",".join(f'"{c}"' for c in r)
+  lines = ["==PROF== a line of ncu's"]
+  # two launches of the weights' gradient (summed by address), one of the forward kernel
+  for name, rows in [
+      ("lstm_stack_weights_gradient", [["0x10", "DEPBAR.LE SB0, 0x3 ;", "60", "58", "8",
+                                        "50", "4", "49"],
+                                       ["0x20", "@!P0 LDS R4, [R2] ;", "30", "10", "8",
+                                        "2", "20", "1"],
+                                       ["0x30", "HGMMA.64x64x8.F32.TF32 R24 ;", "0", "0", "8",
+                                        "0", "0", "0"]]),
+      ("lstm_stack_forward", [["0x10", "MUFU.TANH R1, R2 ;", "5", "5", "1", "0", "0", "0"]]),
+      ("lstm_stack_weights_gradient", [["0x10", "DEPBAR.LE SB0, 0x3 ;", "20", "20", "8",
+                                        "20", "0", "20"],
+                                       ["0x20", "@!P0 LDS R4, [R2] ;", "10", "0", "8", "0",
+                                        "10", "0"],
+                                       ["0x30", "HGMMA.64x64x8.F32.TF32 R24 ;", "0", "0", "8",
+                                        "0", "0", "0"]])]:
+    lines += [quote(["Kernel Name", name]), quote(SOURCE_HEADER)] + [quote(r) for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+def test_source_page_is_summed_per_instruction_and_ranked():
+  by_kernel = ncu_kernels.parse_source_csv(_source_csv())
+  assert {k: len(v) for k, v in by_kernel.items()} == {"lstm_stack_weights_gradient": 6,
+                                                       "lstm_stack_forward": 1}
+  grad, forward = ncu_kernels.summarize_source(by_kernel)
+  assert grad["name"] == "lstm_stack_weights_gradient" and forward["samples"] == 5
+  assert grad["instructions"] == 3 and grad["samples"] == 120  # both launches
+  assert [t["address"] for t in grad["top"]] == ["0x10", "0x20"]  # none for 0 samples
+  assert grad["top"][0]["share"] == pytest.approx(80 / 120)
+  assert grad["top"][0]["reasons"] == {"long_sb": 70, "barrier": 4}  # not-issued left out
+  assert grad["by_opcode"] == {"DEPBAR": 80, "LDS": 40, "HGMMA": 0}  # predicate dropped
+  assert grad["by_reason"] == {"long_sb": 72, "barrier": 34}
+  table = ncu_kernels.source_markdown([grad])
+  assert "| 0x10 | `DEPBAR.LE SB0, 0x3 ;` | 66.7% | long_sb 58%, barrier 3% |" in table
+  assert "by opcode DEPBAR 67%, LDS 33%" in table
+
+
+def test_source_page_without_a_samples_column_says_which_columns_it_had():
+  text = '"Kernel Name","k"\n"Address","Source","Instructions Executed"\n"0x10","NOP ;","1"\n'
+  (k,) = ncu_kernels.summarize_source(ncu_kernels.parse_source_csv(text))
+  assert "no column of samples" in k["error"] and "Instructions Executed" in k["error"]
+
+
+def _exporting_ncu(tmp_path, source_exit=0):
+  """A fake ncu that, as the real one with --export, prints no page while profiling but
+  writes the report file, and prints its pages when importing it."""
+  (tmp_path / "report.csv").write_text(REPORT)
+  (tmp_path / "source.csv").write_text(_source_csv())
+  fake = tmp_path / "ncu"
+  fake.write_text(f"""#!/bin/sh
+if [ "$1" = --version ]; then echo "Version 2025.3.1"; exit 0; fi
+if [ "$1" = --import ]; then
+  case "$*" in
+    *"--page source"*) cat {tmp_path / "source.csv"}; exit {source_exit};;
+    *) cat {tmp_path / "report.csv"}; exit 0;;
+  esac
+fi
+while [ $# -gt 0 ]; do
+  if [ "$1" = --export ]; then echo report > "$2.ncu-rep"; fi
+  shift
+done
+echo "==PROF== Report: written"
+""")
+  fake.chmod(0o755)
+  return str(fake)
+
+
+def test_a_run_reads_its_report_file_and_ranks_the_instructions(tmp_path):
+  out = tmp_path / "out"
+  proc = subprocess.run([sys.executable, "-m", "experiments.ncu_kernels",
+                         f"--ncu={_exporting_ncu(tmp_path)}", f"--out={out}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert "| lstm_stack_weights_gradient | 1 | 2,400.0 |" in proc.stdout  # the raw page, imported
+  assert "| 0x10 | `DEPBAR.LE SB0, 0x3 ;` | 66.7% |" in proc.stdout
+  result = json.loads((out / "ncu.json").read_text())
+  assert [k["launches"] for k in result["kernels"]] == [2, 1]
+  assert [k["name"] for k in result["source"]] == ["lstm_stack_weights_gradient",
+                                                   "lstm_stack_forward"]
+  assert (out / "ncu_source.csv").read_text() == _source_csv()
+
+
+def test_a_source_page_ncu_cannot_print_leaves_the_summary(tmp_path):
+  out = tmp_path / "out"
+  fake = _exporting_ncu(tmp_path, source_exit=1)
+  (tmp_path / "source.csv").write_text("==ERROR== no source page\n")
+  proc = subprocess.run([sys.executable, "-m", "experiments.ncu_kernels", f"--ncu={fake}",
+                         f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads((out / "ncu.json").read_text())
+  assert len(result["kernels"]) == 2
+  assert "exited 1 with no instruction rows" in result["source"]["error"]
+  assert "no source page" in result["source"]["error"]
