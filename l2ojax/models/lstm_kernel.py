@@ -149,7 +149,10 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
       cols = jnp.arange(_padded(width) if lanes is None else lanes)
       inside = (cols >= shift) & (cols < shift + width)
       mask = row_ok & inside[None, :]
-      at = jnp.where(inside, cols - shift, 0)
+      # Unshifted, the columns are the lanes: one contiguous load the compiler issues
+      # several elements at a time (a gather loads one at a time). Shifted, masked lanes
+      # would point before the row's first column.
+      at = cols if shift == 0 else jnp.where(inside, cols - shift, 0)
       return plt.load(ref.at[rows[:, None], at[None, :]], mask=mask, other=0.0)
 
     def store(ref, value, width, offset=0):
@@ -510,16 +513,26 @@ def _gradient_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
     (ref, column, width, shift) of ``operands`` (summed where two share lanes),
     the bias's 1 in lane fan_in."""
     lanes, d_lanes = _padded(fan_in + 1), _padded(d_width)
+    # One load per (ref, column - shift): operands at the same offset (x's low half and h
+    # beside it) share it, their lanes being disjoint. Its columns are then the lanes
+    # plus a constant, which the compiler can load several at a time; a map of lanes to
+    # columns (a gather) is loaded one element at a time.
+    loads = []
+    for ref, column, width, shift in operands:
+      same = next((l for l in loads if l[0] is ref and l[1] == column - shift), None)
+      if same is None:
+        loads.append((ref, column - shift, [(shift, shift + width)]))
+      else:
+        same[2].append((shift, shift + width))
 
     def body(block, acc):
       rows = first + block * GRADIENT_BLOCK_ROWS + jnp.arange(GRADIENT_BLOCK_ROWS)
       row_ok = (rows < end)[:, None]
       lane = jnp.arange(lanes)[None, :]
       a = jnp.where(row_ok & (lane == fan_in), 1.0, 0.0)
-      for ref, column, width, shift in operands:
-        inside = (lane >= shift) & (lane < shift + width)
-        at = jnp.where(inside, column + lane - shift, 0)
-        a += plt.load(ref.at[rows[:, None], at], mask=row_ok & inside,
+      for ref, offset, spans in loads:
+        inside = functools.reduce(jnp.logical_or, [(lane >= lo) & (lane < hi) for lo, hi in spans])
+        a += plt.load(ref.at[rows[:, None], offset + lane], mask=row_ok & inside,
                       other=0.0).astype(jnp.float32)
       c = jnp.arange(d_lanes)[None, :]
       d = plt.load(d_ref.at[rows[:, None], c], mask=row_ok & (c < d_width),
