@@ -27,6 +27,8 @@ runs, in order and within ``--minutes``:
                  B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
                  throughput, the warps' stall reasons, and the SASS instructions
                  where the warps were sampled most
+  dm_loads*      dm_pallas again (W1 B = 1, 8, 64 and W2, profiled) since the fused
+                 kernels' loads became contiguous: the baseline of the stages below
   dm_bwd_128*    W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 128 rows per
                  8-warp program (at 64 rows two warpgroups compute each element twice),
                  profiled
@@ -62,8 +64,10 @@ runs, in order and within ``--minutes``:
 
 A stage runs only when its expected time still leaves ``--train_minutes`` for
 the trainings, and is skipped when ``bench_results/<gpu>_<stage>.json``
-already exists (the check's records that it passed; ``--redo`` runs them again):
-sessions too short for the whole list go on where the last one stopped. The
+already exists (the check's records that it passed, and counts only while the code it
+tested, its ``sources`` without comments and docstrings, is as it was then; ``--redo``
+runs them again): sessions too short for the whole list go on where the last one
+stopped. The
 trainings live in ``experiments/results/gpu_training/<family>/<variant>`` (a
 checkpoint, metrics.jsonl, calls.jsonl), so a session on a fresh machine resumes
 them from the repository.
@@ -79,7 +83,9 @@ replaces each training folder by the archive's and adds the benchmark JSON.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -91,6 +97,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import tokenize
 from typing import Callable, Dict, List, Optional, Sequence
 
 from absl import app, flags
@@ -144,27 +151,34 @@ class Stage:
   # file records that it passed
   bench: bool = True
   result: str = "benchmark.json"
+  # a check's code under test (repository paths): a check kept from an earlier session
+  # counts as passed only while these files are as they were when it passed
+  sources: tuple = ()
 
 
 def _bench(name: str, minutes: float, *args: str, needs: tuple = ()) -> Stage:
   return Stage(name, ("-m", "experiments.benchmark", *args, "--out={out}"), minutes, needs)
 
 
-def _gpu_tests(name: str, minutes: float, test_file: str, select: str = "gpu") -> Stage:
+def _gpu_tests(name: str, minutes: float, test_file: str, select: str = "gpu",
+               sources: tuple = ()) -> Stage:
   """A check: the GPU-only tests of ``test_file`` that pytest's ``-k select`` picks
-  (fails at once without a GPU)."""
+  (fails at once without a GPU), of the code in ``sources``."""
   return Stage(name, ("-c", "import sys, jax, pytest\n"
                       "if jax.default_backend() != 'gpu':\n"
                       f"  sys.exit(f'{name}: no GPU (jax backend {{jax.default_backend()}})')\n"
                       "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
                       f"{select!r},\n"
-                      f"                      {test_file!r}]))"), minutes, bench=False)
+                      f"                      {test_file!r}]))"), minutes, bench=False,
+               sources=sources)
 
 
 _PALLAS = ("--lstm_kernel=pallas", "--torch=off")
+_LSTM_KERNELS = ("l2ojax/models/lstm_kernel.py", "l2ojax/models/cells.py")
 STAGES = (
-    _gpu_tests("check", 2.5, "tests/test_lstm_kernel.py"),
-    _gpu_tests("check_mlp", 1.0, "tests/test_mlp_kernel.py"),
+    _gpu_tests("check", 2.5, "tests/test_lstm_kernel.py", sources=_LSTM_KERNELS),
+    _gpu_tests("check_mlp", 1.0, "tests/test_mlp_kernel.py",
+               sources=("l2ojax/optimizees/mlp_kernel.py",)),
     # the fused LSTM kernels against XLA's ops (and the PyTorch peer), each B; the
     # profile lists the GPU's kernels by time (in the log and the JSON)
     _bench("dm_pallas", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS,
@@ -194,6 +208,11 @@ STAGES = (
     Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",
                   "--benchmark_args=--optimizee_kernel=pallas"), 2.5, ("check", "check_mlp"),
           result="ncu.json"),
+    # dm_pallas again since the kernels' loads became contiguous (59c2871): the weights'
+    # gradient and forward kernels' times against dm_pallas's, and the baseline of the
+    # stages after it
+    _bench("dm_loads", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS,
+           "--profile_dir={out}/profile", needs=("check",)),
     # the cells' backward kernel without work done twice: at 64 rows and 8 warps (two
     # warpgroups) every thread computes 16 elements of each [64, 32] tile, twice its share
     # (SASS: the same instructions per thread as at 128 rows and 8 warps, or 64 rows and 4);
@@ -203,7 +222,8 @@ STAGES = (
            "--profile_dir={out}/profile", needs=("check",)),
     # tanh from the GPU's approximate instruction in both LSTM kernels (SASS: half the
     # forward kernel's instructions, 41% fewer in the backward's), once its check passed
-    _gpu_tests("check_tanh", 1.0, "tests/test_lstm_kernel.py", "gpu and approx_tanh"),
+    _gpu_tests("check_tanh", 1.0, "tests/test_lstm_kernel.py", "gpu and approx_tanh",
+               sources=_LSTM_KERNELS),
     _bench("dm_tanh", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS,
            "--kernel_constant=lstm_kernel.APPROX_TANH=1", "--profile_dir={out}/profile",
            needs=("check_tanh",)),
@@ -330,8 +350,58 @@ def _run(argv: Sequence[str], log_path: str, timeout: float) -> int:
 
 
 def kept_path(root: str, gpu: str, stage: str) -> str:
-  """Where a stage done on ``gpu`` keeps its JSON; its existence means done."""
+  """Where a stage done on ``gpu`` keeps its JSON; its existence means done (a check's:
+  see ``check_passed``)."""
   return os.path.join(root, BENCH_DIR, f"{gpu}_{stage}.json")
+
+
+def _code(text: str) -> str:
+  """A Python module's lines without comments, docstrings and blank lines: what its code
+  is, the same under any Python version (an AST's dump is not)."""
+  docstrings = set()
+  for node in ast.walk(ast.parse(text)):
+    body = getattr(node, "body", None)
+    if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)):
+      docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+  comments = {t.start[0]: t.start[1] for t in tokenize.generate_tokens(io.StringIO(text).readline)
+              if t.type == tokenize.COMMENT}
+  lines = (line[:comments.get(i, len(line))].rstrip()
+           for i, line in enumerate(text.splitlines(), 1) if i not in docstrings)
+  return "\n".join(line for line in lines if line)
+
+
+def sources_digest(root: str, sources: Sequence[str]) -> Dict[str, Optional[str]]:
+  """Each of ``sources`` (paths under ``root``) -> the SHA-256 of its code (a Python
+  file's without comments and docstrings, which a check does not test; other files'
+  bytes), None if missing."""
+  digest = {}
+  for path in sources:
+    try:
+      with open(os.path.join(root, path), "rb") as f:
+        data = f.read()
+    except FileNotFoundError:
+      digest[path] = None
+      continue
+    if path.endswith(".py"):
+      data = _code(data.decode()).encode()
+    digest[path] = hashlib.sha256(data).hexdigest()
+  return digest
+
+
+def check_passed(root: str, gpu: str, name: str, stage_list: Sequence[Stage] = STAGES) -> bool:
+  """Whether check ``name`` passed on ``gpu`` for the code now under ``root``: its record
+  exists and, where the check names its sources, records theirs as they are now (the
+  kernels changed since: it must run again before their timings or trainings count)."""
+  kept = kept_path(root, gpu, name)
+  if not os.path.exists(kept):
+    return False
+  sources = next((st.sources for st in stage_list if st.name == name), ())
+  if not sources:
+    return True
+  with open(kept) as f:
+    return json.load(f).get("sources") == sources_digest(root, sources)
 
 
 def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve: float,
@@ -339,8 +409,9 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
                root: str = REPO, clock: Callable[[], float] = time.monotonic,
                after_each: Callable[[List[dict]], object] = lambda rows: None) -> List[dict]:
   """Runs the ``selected`` stages of ``stage_list`` in order, each only if it fits before
-  ``deadline`` less ``train_reserve`` seconds and was not done on this ``gpu`` before;
-  keeps each one's JSON under ``root``/bench_results and calls ``after_each(rows)``."""
+  ``deadline`` less ``train_reserve`` seconds and was not done on this ``gpu`` before (a
+  check: not for the code as it is now); keeps each one's JSON under
+  ``root``/bench_results and calls ``after_each(rows)``."""
   rows, passed = [], {}  # check -> whether it passed (this session, or kept from one before)
   for st in stage_list:
     if st.name not in selected:
@@ -348,10 +419,12 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
     kept = kept_path(root, gpu, st.name)
     left = deadline - clock() - train_reserve
     why = None
-    if not st.bench and os.path.exists(kept) and not redo:
+    done = os.path.exists(kept) if st.bench else check_passed(root, gpu, st.name, stage_list)
+    if not st.bench and done and not redo:
       passed[st.name] = True
-    missing = [c for c in st.needs if not passed.get(c, os.path.exists(kept_path(root, gpu, c)))]
-    if os.path.exists(kept) and not redo:
+    missing = [c for c in st.needs
+               if not passed.get(c, check_passed(root, gpu, c, stage_list))]
+    if done and not redo:
       why = f"measured before: {os.path.relpath(kept, root)}"
     elif missing:
       why = " and ".join(f"the {c} " + ("failed" if c in passed else "has not passed")
@@ -375,9 +448,12 @@ def run_stages(selected: Sequence[str], gpu: str, deadline: float, train_reserve
       if st.bench:
         shutil.copyfile(os.path.join(out, st.result), kept)
       else:
+        record = {"passed": True, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "log_tail": _tail(log, 5)}
+        if st.sources:
+          record["sources"] = sources_digest(root, st.sources)
         with open(kept, "w") as f:
-          json.dump({"passed": True, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                     "log_tail": _tail(log, 5)}, f, indent=2)
+          json.dump(record, f, indent=2)
       row["kept"] = os.path.relpath(kept, root)
     rows.append(row)
     after_each(rows)
@@ -462,30 +538,33 @@ def w1_speed(bench_dir: str, gpu: str, stage: str, batch: int) -> Optional[float
 FASTER_BY = 1.03
 
 
-def _timed_faster(bench_dir: str, gpu: str, check: str, fused: str, other: str,
+def _timed_faster(root: str, gpu: str, check: str, fused: Sequence[str], other: str,
                   batch: int) -> str:
-  """"pallas" where ``check`` passed on ``gpu`` and stage ``fused`` measured W1 at ``batch``
-  at least ``FASTER_BY`` times as fast as stage ``other``, else "xla"."""
-  if not os.path.exists(os.path.join(bench_dir, f"{gpu}_{check}.json")):
+  """"pallas" where ``check`` passed on ``gpu`` for the code now under ``root`` and the
+  first of the stages ``fused`` measured there (the newest kernels first) ran W1 at
+  ``batch`` at least ``FASTER_BY`` times as fast as stage ``other``, else "xla"."""
+  bench_dir = os.path.join(root, BENCH_DIR)
+  if not check_passed(root, gpu, check):
     return "xla"
-  with_kernel = w1_speed(bench_dir, gpu, fused, batch)
+  stage = next((f for f in fused if os.path.exists(kept_path(root, gpu, f))), None)
+  with_kernel = stage and w1_speed(bench_dir, gpu, stage, batch)
   without = w1_speed(bench_dir, gpu, other, batch)
   return "pallas" if with_kernel and without and with_kernel >= FASTER_BY * without else "xla"
 
 
-def training_kernel(bench_dir: str, gpu: str, batch: int = 8) -> str:
+def training_kernel(root: str, gpu: str, batch: int = 8) -> str:
   """L2O-DM's LSTM stack for the trainings: "pallas" only where the check has passed on
-  this GPU and both stacks' W1 at the trainings' B were measured there, the fused kernels
-  faster (on an H100 their backward kernel was 7x slower than XLA's ops at first)."""
-  return _timed_faster(bench_dir, gpu, "check", "dm_pallas", "dm_xla_torch", batch)
+  this GPU for the kernels as they are and both stacks' W1 at the trainings' B were
+  measured there, the fused kernels faster (on an H100 their backward kernel was 7x
+  slower than XLA's ops at first); the fused kernels' newest timing is dm_loads's."""
+  return _timed_faster(root, gpu, "check", ("dm_loads", "dm_pallas"), "dm_xla_torch", batch)
 
 
 def training_optimizee_kernel(root: str, gpu: str, batch: int = 8) -> str:
   """The MNIST MLP's loss and gradient in the trainings: "pallas" only where check_mlp has
   passed on this GPU and W1 at the trainings' B was measured faster with it there (its
   first version, one program per optimizee, was slower than XLA's ops on an H100)."""
-  return _timed_faster(os.path.join(root, BENCH_DIR), gpu, "check_mlp", "dm_fused_mlp",
-                       "dm_pallas", batch)
+  return _timed_faster(root, gpu, "check_mlp", ("dm_fused_mlp",), "dm_pallas", batch)
 
 
 def latest_checkpoints(workdir: str) -> Dict[str, int]:
@@ -607,7 +686,7 @@ def main(argv):
     if minutes >= 1.0:
       kernel = FLAGS.train_lstm_kernel
       if kernel == "auto":
-        kernel = training_kernel(os.path.join(REPO, BENCH_DIR), gpu)
+        kernel = training_kernel(REPO, gpu)
       optimizee_kernel = FLAGS.train_optimizee_kernel
       if optimizee_kernel == "auto":
         optimizee_kernel = training_optimizee_kernel(REPO, gpu)
@@ -636,17 +715,19 @@ def plan(selected: Sequence[str], gpu: str, redo: bool, root: str = REPO) -> str
   for st in STAGES:
     if st.name in selected:
       kept = kept_path(root, gpu, st.name)
-      done = os.path.exists(kept) and not redo
-      lines.append(f"  {st.name:<13} {'done: ' + os.path.relpath(kept, root) if done else 'to run'}"
-                   f" ({st.minutes:g} min expected)")
+      stale = not st.bench and os.path.exists(kept) and not check_passed(root, gpu, st.name)
+      if os.path.exists(kept) and not stale and not redo:
+        state = f"done: {os.path.relpath(kept, root)}"
+      else:
+        state = "to run" + (" again: its code changed since it passed" if stale else "")
+      lines.append(f"  {st.name:<13} {state} ({st.minutes:g} min expected)")
   if "train" in selected:
-    kernel = training_kernel(os.path.join(root, BENCH_DIR), gpu)
-    if kernel == "xla" and "check" in selected and not os.path.exists(
-        kept_path(root, gpu, "check")):
+    kernel = training_kernel(root, gpu)
+    if kernel == "xla" and "check" in selected and not check_passed(root, gpu, "check"):
       kernel = "xla, pallas if the check passes and it is timed faster"
     optimizee_kernel = training_optimizee_kernel(root, gpu)
-    if optimizee_kernel == "xla" and "check_mlp" in selected and not os.path.exists(
-        kept_path(root, gpu, "check_mlp")):
+    if optimizee_kernel == "xla" and "check_mlp" in selected and not check_passed(
+        root, gpu, "check_mlp"):
       optimizee_kernel = "xla, pallas if check_mlp passes and it is timed faster"
     lines.append(f"  train         L2O-DM with lstm_kernel={kernel}, the MLP's kernel "
                  f"{optimizee_kernel}; runs in {TRAIN_DIR}:")

@@ -1,4 +1,5 @@
 """The bounded GPU session: stage scheduling, and training state carried between machines."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -250,14 +251,26 @@ def test_a_session_without_a_gpu_fails_its_check_and_reports_it(tmp_path):
   assert not os.path.exists(os.path.join(ROOT, "bench_results", "nogpu_check.json"))
 
 
+def _passed(root, gpu, check):
+  """A kept record of ``check`` having passed on ``gpu`` for the code now under ``root``."""
+  stage = next(st for st in gpu_session.STAGES if st.name == check)
+  path = root / gpu_session.BENCH_DIR / f"{gpu}_{check}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"passed": True, "sources": gpu_session.sources_digest(
+      str(root), stage.sources)}))
+
+
 def test_the_trainings_use_a_fused_kernel_only_once_checked_and_timed_faster(tmp_path):
-  def bench(stage, steps_per_s, folder=tmp_path):
+  kept = tmp_path / gpu_session.BENCH_DIR
+  kept.mkdir()
+
+  def bench(stage, steps_per_s):
     rows = [{"workload": "W1", "model": "dm", "B": b, "steps_per_s": steps_per_s * b}
             for b in (1, 8, 64)] + [{"workload": "W2", "model": "dm"}]
-    (folder / f"h100_{stage}.json").write_text(json.dumps({"rows": rows}))
+    (kept / f"h100_{stage}.json").write_text(json.dumps({"rows": rows}))
 
   assert gpu_session.training_kernel(str(tmp_path), "h100") == "xla"  # not checked
-  (tmp_path / "h100_check.json").write_text('{"passed": true}')
+  _passed(tmp_path, "h100", "check")
   assert gpu_session.training_kernel(str(tmp_path), "h100") == "xla"  # not timed
   bench("dm_pallas", 900.0)
   assert gpu_session.training_kernel(str(tmp_path), "h100") == "xla"  # XLA's not measured
@@ -266,20 +279,56 @@ def test_the_trainings_use_a_fused_kernel_only_once_checked_and_timed_faster(tmp
   bench("dm_pallas", 1100.0)
   assert gpu_session.training_kernel(str(tmp_path), "h100") == "pallas"
   assert gpu_session.training_kernel(str(tmp_path), "h200") == "xla"  # another GPU's check
+  bench("dm_loads", 950.0)  # the fused kernels' newer timing counts, not dm_pallas's
+  assert gpu_session.training_kernel(str(tmp_path), "h100") == "xla"
+  (kept / "h100_check.json").write_text('{"passed": true}')  # passed, for other code
+  bench("dm_loads", 1100.0)
+  assert gpu_session.training_kernel(str(tmp_path), "h100") == "xla"
 
   # the MLP's kernel: its own check, then W1 with it (dm_fused_mlp) against dm_pallas
-  root = tmp_path / "root"
-  kept = root / gpu_session.BENCH_DIR
-  kept.mkdir(parents=True)
-  bench("dm_pallas", 1000.0, kept)
-  bench("dm_fused_mlp", 1100.0, kept)
-  assert gpu_session.training_optimizee_kernel(str(root), "h100") == "xla"  # not checked
-  (kept / "h100_check_mlp.json").write_text('{"passed": true}')
-  assert gpu_session.training_optimizee_kernel(str(root), "h100") == "pallas"
-  bench("dm_fused_mlp", 1010.0, kept)  # faster by less than the medians' spread: a tie
-  assert gpu_session.training_optimizee_kernel(str(root), "h100") == "xla"
-  bench("dm_fused_mlp", 990.0, kept)
-  assert gpu_session.training_optimizee_kernel(str(root), "h100") == "xla"
+  bench("dm_pallas", 1000.0)
+  bench("dm_fused_mlp", 1100.0)
+  assert gpu_session.training_optimizee_kernel(str(tmp_path), "h100") == "xla"  # not checked
+  _passed(tmp_path, "h100", "check_mlp")
+  assert gpu_session.training_optimizee_kernel(str(tmp_path), "h100") == "pallas"
+  bench("dm_fused_mlp", 1010.0)  # faster by less than the medians' spread: a tie
+  assert gpu_session.training_optimizee_kernel(str(tmp_path), "h100") == "xla"
+  bench("dm_fused_mlp", 990.0)
+  assert gpu_session.training_optimizee_kernel(str(tmp_path), "h100") == "xla"
+
+
+def test_a_kept_check_runs_again_once_its_code_changed_not_its_comments(tmp_path):
+  """A check passed for the kernels' code as it was: after a change to that code its
+  record no longer counts (the stages needing it wait for it to pass again); a change to
+  comments, docstrings or blank lines alone leaves it standing."""
+  source = tmp_path / "kernel.py"
+  source.write_text('"""A kernel."""\nSIZE = 64  # rows\n\ndef f(x):\n  """Doubles."""\n'
+                    '  return 2 * x  # one product\n')
+  stages = [gpu_session.Stage("check", ("-c", "print('1 passed')"), 0.1, bench=False,
+                              sources=("kernel.py",)),
+            _writes_json("kernels", needs=("check",))]
+  run = lambda: {r["stage"]: (r["status"], r.get("why", "")) for r in gpu_session.run_stages(
+      ["check", "kernels"], "h100", 600.0, 0.0, str(tmp_path), redo=False, stage_list=stages,
+      root=str(tmp_path), clock=lambda: 0.0)}
+  assert [v[0] for v in run().values()] == ["ok", "ok"]
+  record = json.loads((tmp_path / "bench_results" / "h100_check.json").read_text())
+  assert record["sources"] == gpu_session.sources_digest(str(tmp_path), ["kernel.py"])
+  assert gpu_session.check_passed(str(tmp_path), "h100", "check", stages)
+
+  source.write_text('"""A kernel, reworded."""\n\nSIZE = 64  # rows per block\n\n'
+                    'def f(x):\n  """Twice x."""\n\n  return 2 * x\n')
+  assert gpu_session.check_passed(str(tmp_path), "h100", "check", stages)
+  (tmp_path / "bench_results" / "h100_kernels.json").unlink()
+  assert run() == {"check": ("skipped", "measured before: bench_results/h100_check.json"),
+                   "kernels": ("ok", "")}
+
+  source.write_text(source.read_text().replace("SIZE = 64", "SIZE = 128"))
+  assert not gpu_session.check_passed(str(tmp_path), "h100", "check", stages)
+  stages[0] = dataclasses.replace(stages[0], argv=("-c", "raise SystemExit(1)"))
+  (tmp_path / "bench_results" / "h100_kernels.json").unlink()
+  status = run()
+  assert status["check"][0] == "exit 1"  # ran again, and failed
+  assert status["kernels"] == ("skipped", "the check failed")
 
 
 def _fake_mps_control(tmp_path, monkeypatch):
@@ -319,9 +368,8 @@ def test_mps_is_stopped_and_left_out_where_a_jax_client_fails_under_it(tmp_path,
 
 
 def test_the_plan_names_what_is_done_and_how_far_each_training_got(tmp_path):
-  bench = tmp_path / "bench_results"
-  bench.mkdir()
-  (bench / "h100_check.json").write_text('{"passed": true}')
+  _passed(tmp_path, "h100", "check")
+  (tmp_path / "bench_results" / "h100_check_mlp.json").write_text('{"passed": true}')
   runs = tmp_path / gpu_session.TRAIN_DIR / "dm"
   for step in (50, 100):
     (runs / "dm" / "checkpoints" / str(step)).mkdir(parents=True)
@@ -329,12 +377,15 @@ def test_the_plan_names_what_is_done_and_how_far_each_training_got(tmp_path):
   (runs / "dm" / "checkpoints" / "150.orbax-checkpoint-tmp-1").mkdir()  # a save cut short
   (runs / "dm_cl").mkdir()
   (runs / "dm_cl" / "theta.msgpack").write_bytes(b"")
-  text = gpu_session.plan(["check", "dm_pallas", "train"], "h100", redo=False, root=str(tmp_path))
+  text = gpu_session.plan(["check", "check_mlp", "dm_pallas", "train"], "h100", redo=False,
+                          root=str(tmp_path))
   assert text.splitlines() == [
       "GPU h100:",
       "  check         done: bench_results/h100_check.json (2.5 min expected)",
+      "  check_mlp     to run again: its code changed since it passed (1 min expected)",
       "  dm_pallas     to run (2 min expected)",
-      f"  train         L2O-DM with lstm_kernel=xla, the MLP's kernel xla; runs in "
+      f"  train         L2O-DM with lstm_kernel=xla, the MLP's kernel xla, pallas if "
+      f"check_mlp passes and it is timed faster; runs in "
       f"{gpu_session.TRAIN_DIR}:",
       "    dm: dm (episode 100), dm_cl (episode 0, done)",
       "    scale: not started"]
@@ -342,7 +393,8 @@ def test_the_plan_names_what_is_done_and_how_far_each_training_got(tmp_path):
                           root=str(tmp_path))
   assert ("lstm_kernel=xla, pallas if the check passes and it is timed faster, the MLP's "
           "kernel xla, pallas if check_mlp passes and it is timed faster;") in text
-  (bench / "h200_check_mlp.json").write_text('{"passed": true}')
+  bench = tmp_path / "bench_results"
+  _passed(tmp_path, "h200", "check_mlp")
   assert "the MLP's kernel xla;" in gpu_session.plan(["train"], "h200", False, str(tmp_path))
   for stage, speed in (("dm_pallas", 1000.0), ("dm_fused_mlp", 1200.0)):
     (bench / f"h200_{stage}.json").write_text(json.dumps({"rows": [
