@@ -155,6 +155,19 @@ def test_a_stage_past_its_time_is_stopped(tmp_path):
   assert not (tmp_path / "bench_results").exists()
 
 
+def test_a_stage_far_past_its_expected_minutes_is_stopped_and_the_next_runs(tmp_path,
+                                                                           monkeypatch):
+  monkeypatch.setattr(gpu_session, "STAGE_OVERRUN", 0.05)  # 0.05 x 1 min: 3 s
+  stages = [_writes_json("hangs", minutes=1.0, code="import time; time.sleep(60)"),
+            _writes_json("next", minutes=1.0)]
+  t0 = time.monotonic()
+  rows = gpu_session.run_stages(["hangs", "next"], "h100", deadline=time.monotonic() + 600.0,
+                                train_reserve=0.0, work=str(tmp_path), redo=False,
+                                stage_list=stages, root=str(tmp_path))
+  assert [r["status"] for r in rows] == ["exit 124", "ok"]
+  assert time.monotonic() - t0 < 50.0  # not the 60 s the first one asked for
+
+
 def test_trainings_run_at_once_and_a_paused_one_reads_as_resumable(tmp_path, monkeypatch):
   monkeypatch.setattr(gpu_session, "TRAIN_STOP_SECONDS", 2.0)
   pid_file = tmp_path / "child.pid"
