@@ -120,10 +120,12 @@ def ncu_command(ncu: str, kernels: str, launch_count: int, benchmark_out: str,
   """ncu profiling one W1 meta-iteration of the benchmark; with ``report``, also kept as
   the report file ``report``.ncu-rep (which ``source_command`` reads)."""
   sections = [a for s in SECTIONS for a in ("--section", s)]
-  export = ["--import-source", "no", "--export", report, "--force-overwrite"] if report else []
+  # exporting, the pages are printed from the report afterwards (import_command), as
+  # ncu's documentation does it; without, the raw page goes to stdout
+  output = (["--import-source", "no", "--export", report, "--force-overwrite"] if report
+            else ["--csv", "--page", "raw", "--print-units", "base"])
   return [ncu, "--target-processes", "all", "--kernel-name", f"regex:{kernels}",
-          "--launch-count", str(launch_count), "--clock-control", "none", *sections, *export,
-          "--csv", "--page", "raw", "--print-units", "base",
+          "--launch-count", str(launch_count), "--clock-control", "none", *sections, *output,
           sys.executable, "-m", "experiments.benchmark", *BENCHMARK_ARGS, *benchmark_args,
           f"--out={benchmark_out}"]
 
@@ -322,12 +324,11 @@ def main(argv):
     if not os.access(env.get("HOME", "/nonexistent"), os.W_OK):
       env["HOME"] = bench_out  # ncu deploys its section files there; unwritable: no report
     proc = _run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  raw = proc.stdout
-  launches = parse_raw_csv(raw)
   rep = report + ".ncu-rep"
-  if not launches and proc.returncode == 0 and os.path.exists(rep):
-    raw = _run(import_command(ncu, rep, "raw")).stdout  # exporting, ncu printed no page
-    launches = parse_raw_csv(raw)
+  raw = proc.stdout
+  if proc.returncode == 0 and os.path.exists(rep):
+    raw = _run(import_command(ncu, rep, "raw")).stdout
+  launches = parse_raw_csv(raw)
   with open(os.path.join(out, "ncu.csv"), "w") as f:
     f.write(raw)
   if proc.returncode != 0 or not launches:

@@ -88,6 +88,10 @@ def test_the_command_profiles_the_benchmark_with_extra_arguments_last():
   kept = ncu_kernels.ncu_command("/bin/ncu", "lstm_stack", 9, "/tmp/b", report="/tmp/r/ncu")
   assert kept[kept.index("--export") + 1] == "/tmp/r/ncu"
   assert kept.index("--export") < kept.index(sys.executable)  # ncu's option, not the program's
+  assert "--page" not in kept  # the pages come from the report
+  assert ncu_kernels.import_command("/bin/ncu", "/tmp/r/ncu.ncu-rep", "source") == [
+      "/bin/ncu", "--import", "/tmp/r/ncu.ncu-rep", "--csv", "--page", "source",
+      "--print-source", "sass", "--print-units", "base"]
   bench = cmd[cmd.index("experiments.benchmark") + 1:]
   assert bench.index("--batch_sizes=64") > bench.index("--batch_sizes=8")  # the later wins
   assert bench[-1] == "--out=/tmp/b"
