@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -413,3 +414,23 @@ def test_the_plan_names_what_is_done_and_how_far_each_training_got(tmp_path):
     (bench / f"h200_{stage}.json").write_text(json.dumps({"rows": [
         {"workload": "W1", "model": "dm", "B": 8, "steps_per_s": speed}]}))
   assert "the MLP's kernel pallas;" in gpu_session.plan(["train"], "h200", False, str(tmp_path))
+
+
+def test_the_checks_select_the_gpu_tests_of_their_kernels(tmp_path):
+  """Each check's pytest selection, collected here (the GPU tests are skipped, not left
+  out, without a GPU): check has every compiled-kernel test of the LSTM kernels but the
+  tanh.approx one, which check_tanh has alone, so that its failure keeps out only what
+  needs it; check_mlp has the MLP kernel's."""
+  def collected(name):
+    stage = next(st for st in gpu_session.STAGES if st.name == name)
+    select, path = re.search(r"'-k', '([^']*)',\s*'([^']*)'", stage.argv[1]).groups()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p",
+                           "no:cacheprovider", "-k", select, path], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    return [l.split("::", 1)[1] for l in proc.stdout.splitlines() if "::" in l]
+
+  check, tanh, mlp = collected("check"), collected("check_tanh"), collected("check_mlp")
+  assert "test_fused_kernel_on_gpu[dm_approx_tanh]" in tanh and len(tanh) == 1
+  assert "test_fused_kernel_on_gpu[dm]" in check and "test_kernel_lowers_for_gpu" in check
+  assert not set(check) & set(tanh)
+  assert mlp and all("gpu" in t for t in mlp)
