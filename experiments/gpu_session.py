@@ -46,6 +46,8 @@ runs, in order and within ``--minutes``:
   dm_grad_2x*    W1 of L2O-DM, B = 1, 8, 64, with the weights' gradient kernel unpipelined
                  (128 registers: two programs per multiprocessor) and twice the partial
                  sums, profiled
+  dm_grad_128*   W1 of L2O-DM, B = 1, 8, 64, the weights' gradient kernel on 128-row
+                 blocks with 2 pipeline stages (half the loop iterations), profiled
   dm_fwd_128*    W1 of L2O-DM at B = 64 and W2 with a bfloat16 state, the forward
                  kernel on 128 rows per program (against dm_bf16's 64)
   dm_unroll*+    W1 of L2O-DM at B = 1, 8 and W2 with both fused kernels and the
@@ -252,6 +254,13 @@ STAGES = (
     _bench("dm_grad_2x", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
            *_PALLAS, "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
            "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
+           "--profile_dir={out}/profile", needs=("check",)),
+    # the weights' gradient kernel on blocks of 128 rows, 2 pipeline stages (3 would ask for
+    # 352 KB of shared memory): half the loop iterations, and their waits, for the same
+    # instructions per row (ptxas: 255 registers, no spills)
+    _bench("dm_grad_128", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
+           *_PALLAS, "--kernel_constant=lstm_kernel.GRADIENT_BLOCK_ROWS=128",
+           "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=2",
            "--profile_dir={out}/profile", needs=("check",)),
     # the forward kernel with 128 rows per 4-warp program (ptxas: 237 registers, two programs
     # per multiprocessor: 256 rows in flight, not 3 x 64), bfloat16 state: against dm_bf16
