@@ -175,9 +175,10 @@ def _loader(param_refs, at: Layout):
 
   def load(name, index, mask):
     piece, offset = at.where[PARAMS.index(name)]
-    # masked lanes point past the piece: an interpreted masked load reads every lane
-    where = jnp.where(mask, offset + index, at.sizes[piece])
-    return plt.load(param_refs[piece].at[where], mask=mask, other=0.0)
+    # the offsets as the index computes them (the mask alone keeps other lanes out: an
+    # interpreted load reads them, in bounds or not, and drops them): where they run
+    # along a tile's lanes, the compiler loads several at a time; mapped elsewhere, one
+    return plt.load(param_refs[piece].at[offset + index], mask=mask, other=0.0)
 
   return load
 
