@@ -106,11 +106,15 @@ def _fake_ncu(tmp_path, report):
   return str(fake)
 
 
+def _ncu_kernels(ncu, out):
+  """experiments.ncu_kernels run with the fake ``ncu``, writing to ``out``."""
+  return subprocess.run([sys.executable, "-m", "experiments.ncu_kernels", f"--ncu={ncu}",
+                         f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 def test_a_run_writes_the_csv_and_the_summary(tmp_path):
   out = tmp_path / "out"
-  proc = subprocess.run([sys.executable, "-m", "experiments.ncu_kernels",
-                         f"--ncu={_fake_ncu(tmp_path, REPORT)}", f"--out={out}"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = _ncu_kernels(_fake_ncu(tmp_path, REPORT), out)
   assert proc.returncode == 0, proc.stderr
   assert "| lstm_stack_weights_gradient | 1 | 2,400.0 |" in proc.stdout
   result = json.loads((out / "ncu.json").read_text())
@@ -121,10 +125,8 @@ def test_a_run_writes_the_csv_and_the_summary(tmp_path):
 
 
 def test_a_run_that_profiles_nothing_fails_and_says_so(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "experiments.ncu_kernels",
-                         f"--ncu={_fake_ncu(tmp_path, '==PROF== No kernels were profiled.')}",
-                         f"--out={tmp_path / 'out'}"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = _ncu_kernels(_fake_ncu(tmp_path, '==PROF== No kernels were profiled.'),
+                      tmp_path / "out")
   assert proc.returncode != 0
   assert "0 launches read" in proc.stderr
   assert not (tmp_path / "out" / "ncu.json").exists()
@@ -206,9 +208,7 @@ echo "==PROF== Report: written"
 
 def test_a_run_reads_its_report_file_and_ranks_the_instructions(tmp_path):
   out = tmp_path / "out"
-  proc = subprocess.run([sys.executable, "-m", "experiments.ncu_kernels",
-                         f"--ncu={_exporting_ncu(tmp_path)}", f"--out={out}"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = _ncu_kernels(_exporting_ncu(tmp_path), out)
   assert proc.returncode == 0, proc.stderr
   assert "| lstm_stack_weights_gradient | 1 | 2,400.0 |" in proc.stdout  # the raw page, imported
   assert "| 0x10 | `DEPBAR.LE SB0, 0x3 ;` | 66.7% |" in proc.stdout
@@ -223,8 +223,7 @@ def test_a_source_page_ncu_cannot_print_leaves_the_summary(tmp_path):
   out = tmp_path / "out"
   fake = _exporting_ncu(tmp_path, source_exit=1)
   (tmp_path / "source.csv").write_text("==ERROR== no source page\n")
-  proc = subprocess.run([sys.executable, "-m", "experiments.ncu_kernels", f"--ncu={fake}",
-                         f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = _ncu_kernels(fake, out)
   assert proc.returncode == 0, proc.stderr
   result = json.loads((out / "ncu.json").read_text())
   assert len(result["kernels"]) == 2
