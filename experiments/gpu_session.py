@@ -66,14 +66,14 @@ runs, in order and within ``--minutes``:
 
 A stage runs only when its expected time still leaves ``--train_minutes`` for
 the trainings (and is stopped at twice its expected time, ``STAGE_OVERRUN``), and
-is skipped when ``bench_results/<gpu>_<stage>.json``
-already exists (the check's records that it passed, and counts only while the code it
-tested, its ``sources`` without comments and docstrings, is as it was then; ``--redo``
-runs them again): sessions too short for the whole list go on where the last one
-stopped. The
-trainings live in ``experiments/results/gpu_training/<family>/<variant>`` (a
-checkpoint, metrics.jsonl, calls.jsonl), so a session on a fresh machine resumes
-them from the repository.
+is skipped when ``bench_results/<gpu>_<stage>.json`` already exists (a check's
+records that it passed, and counts only while the code it tested, its
+``sources`` without comments and docstrings, is as it was then; ``--redo`` runs
+them again): sessions too short for the whole list go on where the last one
+stopped. The trainings live in
+``experiments/results/gpu_training/<family>/<variant>`` (a checkpoint,
+metrics.jsonl, calls.jsonl), so a session on a fresh machine resumes them from
+the repository.
 
 Everything a session produced comes back as one archive, ``OUT/session.tar.gz``,
 with repository-relative paths (the stages' JSON, the training folders with their
