@@ -177,13 +177,13 @@ def _gpu_tests(name: str, minutes: float, test_file: str, select: str = "gpu",
 
 
 _PALLAS = ("--lstm_kernel=pallas", "--torch=off")
-_LSTM_KERNELS = ("l2ojax/models/lstm_kernel.py", "l2ojax/models/cells.py")
+_LSTM_KERNELS = ("l2ojax/models/lstm_kernel.py", "l2ojax/models/cells.py", "l2ojax/gpu.py")
 STAGES = (
     # (tanh.approx's test is check_tanh's: its failure keeps out only what needs it)
     _gpu_tests("check", 2.5, "tests/test_lstm_kernel.py", "gpu and not approx_tanh",
                sources=_LSTM_KERNELS),
     _gpu_tests("check_mlp", 1.0, "tests/test_mlp_kernel.py",
-               sources=("l2ojax/optimizees/mlp_kernel.py",)),
+               sources=("l2ojax/optimizees/mlp_kernel.py", "l2ojax/gpu.py")),
     # the fused LSTM kernels against XLA's ops (and the PyTorch peer), each B; the
     # profile lists the GPU's kernels by time (in the log and the JSON)
     _bench("dm_pallas", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS,
