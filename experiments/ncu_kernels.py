@@ -118,7 +118,7 @@ def find_ncu(given: str = "") -> str:
 def ncu_command(ncu: str, kernels: str, launch_count: int, benchmark_out: str,
                 benchmark_args: Sequence[str] = (), report: str = "") -> List[str]:
   """ncu profiling one W1 meta-iteration of the benchmark; with ``report``, also kept as
-  the report file ``report``.ncu-rep (which ``source_command`` reads)."""
+  the report file ``report``.ncu-rep (which ``import_command`` prints pages of)."""
   sections = [a for s in SECTIONS for a in ("--section", s)]
   # exporting, the pages are printed from the report afterwards (import_command), as
   # ncu's documentation does it; without, the raw page goes to stdout
@@ -267,7 +267,8 @@ def summarize_source(by_kernel: Dict[str, List[Dict[str, str]]], top: int = 25) 
     by_opcode: Dict[str, float] = {}
     by_reason: Dict[str, float] = {}
     for s in sites.values():
-      by_opcode[_opcode(s["source"])] = by_opcode.get(_opcode(s["source"]), 0.0) + s["samples"]
+      op = _opcode(s["source"])
+      by_opcode[op] = by_opcode.get(op, 0.0) + s["samples"]
       for reason, v in s["reasons"].items():
         by_reason[reason] = by_reason.get(reason, 0.0) + v
     ranked = sorted(sites.values(), key=lambda s: -s["samples"])[:top]
