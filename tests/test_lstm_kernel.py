@@ -190,9 +190,9 @@ def test_kernels_looping_over_blocks_of_rows(monkeypatch, n_in, sizes):
 
 
 @pytest.mark.parametrize("n_in,sizes", [(2, (20, 20)), (20, (20, 20))])
-def test_backward_kernel_on_blocks_of_128_rows(monkeypatch, n_in, sizes):
-  """lstm_kernel.BACKWARD_BLOCK_ROWS = 128 (the GPU session's dm_bwd_128 stage): 300 rows
-  as three programs, the last one partly past the rows: XLA's gradients; then also
+def test_backward_kernel_on_other_blocks_of_rows(monkeypatch, n_in, sizes):
+  """300 rows at the default lstm_kernel.BACKWARD_BLOCK_ROWS (128: three programs, the
+  last one partly past the rows) and at 64 (five): XLA's gradients; then
   GRADIENT_BLOCK_ROWS = 128 (dm_grad_128)."""
   layers, readout, x, states = _stack(jax.random.PRNGKey(10), n_in, sizes, lead=(300,))
 
@@ -202,7 +202,9 @@ def test_backward_kernel_on_blocks_of_128_rows(monkeypatch, n_in, sizes):
         argnums=(0, 1, 2))(layers, x, states)
 
   want = grads("xla")
-  monkeypatch.setattr(lstm_kernel, "BACKWARD_BLOCK_ROWS", 128)
+  assert lstm_kernel.BACKWARD_BLOCK_ROWS == 128
+  chex.assert_trees_all_close(grads("pallas_interpret"), want, atol=1e-6, rtol=1e-5)
+  monkeypatch.setattr(lstm_kernel, "BACKWARD_BLOCK_ROWS", 64)
   chex.assert_trees_all_close(grads("pallas_interpret"), want, atol=1e-6, rtol=1e-5)
   # the weights' gradient kernel's blocks too (dm_grad_128): each program's 150 rows as a
   # whole block and a partial one

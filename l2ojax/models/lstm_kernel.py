@@ -254,12 +254,13 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
 # (ptxas, sm_90a: 255 registers and a ~2 KB stack frame of spills per thread at
 # any block size) and ran 60x slower than XLA's whole backward pass on an H100
 # (W1 L2O-DM B = 64: 37 ms per step). Without them, ptxas: 245-247 registers, no
-# spills at 64 rows, 8 warps (40 bytes of spills at 32 rows). Its SASS shows that at
-# 64 rows two warpgroups each compute all of a [64, 32] tile: every thread issues as
-# many instructions as at 128 rows and 8 warps (255 registers, 24 bytes of spills) or
-# 64 rows and 4 warps (255, 56 bytes), which cover twice the rows per thread; not yet
-# timed (BENCHMARKS.md).
-BACKWARD_BLOCK_ROWS = 64
+# spills at 64 rows, 8 warps (40 bytes of spills at 32 rows). At 64 rows its SASS has
+# two warpgroups each compute all of a [64, 32] tile, so at 128 rows and 8 warps every
+# thread issues about the same instructions for twice the rows (ptxas: L2O-DM 255
+# registers and 24 bytes of spills, RNNProp 254 and none, a bfloat16 state 255 and
+# none). Timed on an H100 (W1 L2O-DM, BENCHMARKS.md), 128 rows made the kernel 1.33x
+# faster at B = 64 (3.07 -> 2.31 ms per step) and 1.34x at B = 1.
+BACKWARD_BLOCK_ROWS = 128
 BACKWARD_NUM_WARPS = 8
 # Blocks of rows per program, in a loop, and software-pipeline stages of that loop
 # (with more than one block and stage, the next block's inputs are fetched while one
@@ -277,10 +278,11 @@ KEEP_LOWER_GATES = False
 
 # Rows per block, warps and software-pipeline stages of ``weights_gradient``'s
 # programs: with 3 stages each block's loads are issued asynchronously (cp.async)
-# while the block before is multiplied; ptxas (sm_90a): 146 registers, no spills
-# (1 stage: 128; 4 warps: 255 at 1, 2 or 3 stages). On an H100 this kernel takes
-# 2.4 ms per step at B = 64, ~7x its loads' time: bound by latency, one program of 8
-# warps per multiprocessor. With 1 stage, 128 registers let two programs share one
+# while the block before is multiplied; ptxas (sm_90a): 154 registers, no spills
+# (1 stage: 108; 4 warps: 255 at 1, 2 or 3 stages). On an H100 it takes 0.73 ms per
+# step at B = 64 since its loads are contiguous (2.42 ms when each was a gather), ~2x
+# its loads' time, one program of 8 warps per multiprocessor; blocks of 128 rows at 2
+# stages were 1.11x slower. With 1 stage, 108 registers let two programs share one
 # (GRADIENT_PROGRAMS_PER_CORE = 2); not yet timed.
 GRADIENT_BLOCK_ROWS = 64
 GRADIENT_NUM_WARPS = 8
