@@ -23,28 +23,24 @@ runs, in order and within ``--minutes``:
                  (half the state's bytes per evaluation step)
   rnnprop*       W1 of RNNProp with the fused kernels, B = 1, 8, 64
   scale          W1 of L2O-Scale, B = 1, 8, 64
-  ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
-                 B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
-                 throughput, the warps' stall reasons, and the SASS instructions
-                 where the warps were sampled most
   dm_loads*      dm_pallas again (W1 B = 1, 8, 64 and W2, profiled) since the fused
                  kernels' loads became contiguous: the baseline of the stages below
   dm_bwd_128*    W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 128 rows per
                  8-warp program (at 64 rows two warpgroups compute each element twice),
-                 profiled
+                 profiled; 1.18-1.33x faster, the default since
   check_tanh     the GPU test of the LSTM kernels with tanh.approx.f32 (relative error
                  ~2^-11): XLA's loss curves and meta-gradients to a looser tolerance;
                  # needs it to pass
   dm_tanh#       W1 of L2O-DM, B = 1, 8, 64, and W2 with the fused LSTM kernels taking
                  tanh from tanh.approx.f32, profiled
   dm_best*#      W1 of L2O-DM, B = 1, 8, 64, 256, and W2 with these at once: tanh.approx,
-                 the backward kernel on 128 rows, a bfloat16 state
+                 the backward kernel on 128 rows (the default now), a bfloat16 state
   dm_best_mlp*+# the same with the fused MLP kernel and dm_grad_2x's weights' gradient
                  kernel too, W1 at B = 1, 8
   dm_bwd_4w*     W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 64 rows per
                  4-warp program (two programs per multiprocessor), profiled
   dm_grad_2x*    W1 of L2O-DM, B = 1, 8, 64, with the weights' gradient kernel unpipelined
-                 (128 registers: two programs per multiprocessor) and twice the partial
+                 (108 registers: two programs per multiprocessor) and twice the partial
                  sums, profiled
   dm_grad_128*   W1 of L2O-DM, B = 1, 8, 64, the weights' gradient kernel on 128-row
                  blocks with 2 pipeline stages (half the loop iterations), profiled
@@ -53,6 +49,11 @@ runs, in order and within ``--minutes``:
   dm_unroll*+    W1 of L2O-DM at B = 1, 8 and W2 with both fused kernels and the
                  segment's loop unrolled 20 steps (as the trainings run it), against
                  dm_fused_mlp
+  ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
+                 B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
+                 throughput, the warps' stall reasons, and the SASS instructions
+                 where the warps were sampled most (last: one run under ncu took
+                 its 5 minutes without output)
   train          the paper-scale meta-trainings, resumed: the five L2O-DM variants
                  (experiments.ablation --family=dm) and L2O-Scale with and without
                  CL+IL (--family=scale), seven processes sharing the GPU, until the
@@ -207,12 +208,6 @@ STAGES = (
            *_PALLAS, needs=("check",)),
     _bench("scale", 1.5, "--models=scale", "--batch_sizes=1,8,64", "--workloads=w1",
            "--torch=off"),
-    # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 8, both fused kernels):
-    # occupancy, throughput and the warps' stall reasons of the latency-bound kernels, and at
-    # which instructions (the program-counter samples)
-    Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",
-                  "--benchmark_args=--optimizee_kernel=pallas"), 2.5, ("check", "check_mlp"),
-          result="ncu.json"),
     # dm_pallas again since the kernels' loads became contiguous (59c2871): the weights'
     # gradient and forward kernels' times against dm_pallas's, and the baseline of the
     # stages after it
@@ -247,9 +242,10 @@ STAGES = (
            "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",
            needs=("check", "check_mlp", "check_tanh")),
     _bench("dm_bwd_4w", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
-           *_PALLAS, "--kernel_constant=lstm_kernel.BACKWARD_NUM_WARPS=4",
+           *_PALLAS, "--kernel_constant=lstm_kernel.BACKWARD_BLOCK_ROWS=64",
+           "--kernel_constant=lstm_kernel.BACKWARD_NUM_WARPS=4",
            "--profile_dir={out}/profile", needs=("check",)),
-    # the weights' gradient kernel without pipelining (128 registers, not 146): two programs
+    # the weights' gradient kernel without pipelining (108 registers, not 154): two programs
     # per multiprocessor, twice the partial sums
     _bench("dm_grad_2x", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
            *_PALLAS, "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
@@ -270,6 +266,13 @@ STAGES = (
     # kernels: W1 at B = 1 and 8, and W2 (each loop iteration 20 steps), against dm_fused_mlp
     _bench("dm_unroll", 2.0, "--models=dm", "--batch_sizes=1,8", "--unroll=20",
            "--optimizee_kernel=pallas", *_PALLAS, needs=("check", "check_mlp")),
+    # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 8, both fused kernels):
+    # occupancy, throughput and the warps' stall reasons of the latency-bound kernels, and at
+    # which instructions (the program-counter samples). Last: its run under ncu once took
+    # the 5 minutes it was allowed without a line of output (H100, 2026-11-27)
+    Stage("ncu", ("-m", "experiments.ncu_kernels", "--out={out}",
+                  "--benchmark_args=--optimizee_kernel=pallas"), 2.5, ("check", "check_mlp"),
+          result="ncu.json"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES) + ("train",)
 # The trainings pause this long before the session's end (an episode under way, a
