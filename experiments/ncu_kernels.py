@@ -308,6 +308,19 @@ def _run(cmd: List[str], **kwargs) -> subprocess.CompletedProcess:
   return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
 
 
+def _profile(cmd: List[str], env: Dict[str, str], cwd: str) -> "tuple[int, str]":
+  """Runs the profiling ``cmd``; its stdout is echoed line by line as it comes (ncu's
+  progress per launch: where a stopped run was) and returned, its stderr passed
+  through."""
+  lines = []
+  with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=cwd) as proc:
+    for line in proc.stdout:
+      lines.append(line)
+      sys.stdout.write(line)
+      sys.stdout.flush()
+  return proc.returncode, "".join(lines)
+
+
 def main(argv):
   del argv
   ncu = find_ncu(FLAGS.ncu)
@@ -321,20 +334,23 @@ def main(argv):
     # No huge-page re-execution of the benchmark (experiments/hugepages.py: a CPU matter);
     # JAX takes the GPU memory it uses, not 75% of it: ncu's replay of a launch keeps a
     # copy of the memory the kernel writes.
-    env = dict(os.environ, L2OJAX_HUGEPAGES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    # XLA's GEMM autotuning off: its trial launches of every candidate would each pass
+    # through ncu, and the profiled kernels (Pallas, fixed tilings) do not depend on it.
+    env = dict(os.environ, L2OJAX_HUGEPAGES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
+                                                "--xla_gpu_autotune_level=0"])))
     if not os.access(env.get("HOME", "/nonexistent"), os.W_OK):
       env["HOME"] = bench_out  # ncu deploys its section files there; unwritable: no report
-    proc = _run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    returncode, raw = _profile(cmd, env, os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
   rep = report + ".ncu-rep"
-  raw = proc.stdout
-  if proc.returncode == 0 and os.path.exists(rep):
+  if returncode == 0 and os.path.exists(rep):
     raw = _run(import_command(ncu, rep, "raw")).stdout
   launches = parse_raw_csv(raw)
   with open(os.path.join(out, "ncu.csv"), "w") as f:
     f.write(raw)
-  if proc.returncode != 0 or not launches:
-    sys.stderr.write(proc.stderr[-4000:])
-    raise SystemExit(f"ncu_kernels: ncu exited {proc.returncode} with {len(launches)} "
+  if returncode != 0 or not launches:
+    raise SystemExit(f"ncu_kernels: ncu exited {returncode} with {len(launches)} "
                      f"launches read (its output: {os.path.join(out, 'ncu.csv')})")
   kernels = summarize(launches)
   page = _run(import_command(ncu, rep, "source")) if os.path.exists(rep) else None

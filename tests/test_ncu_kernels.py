@@ -196,6 +196,7 @@ if [ "$1" = --import ]; then
     *) cat {tmp_path / "report.csv"}; exit 0;;
   esac
 fi
+echo "$XLA_FLAGS" > {tmp_path / "xla_flags"}
 while [ $# -gt 0 ]; do
   if [ "$1" = --export ]; then echo report > "$2.ncu-rep"; fi
   shift
@@ -217,6 +218,8 @@ def test_a_run_reads_its_report_file_and_ranks_the_instructions(tmp_path):
   assert [k["name"] for k in result["source"]] == ["lstm_stack_weights_gradient",
                                                    "lstm_stack_forward"]
   assert (out / "ncu_source.csv").read_text() == _source_csv()
+  assert "==PROF== Report: written" in proc.stdout  # the profiling run's own output, passed on
+  assert (tmp_path / "xla_flags").read_text().split()[-1] == "--xla_gpu_autotune_level=0"
 
 
 def test_a_source_page_ncu_cannot_print_leaves_the_summary(tmp_path):
