@@ -37,6 +37,8 @@ runs, in order and within ``--minutes``:
                  the backward kernel on 128 rows (the default now), a bfloat16 state
   dm_best_mlp*+# the same with the fused MLP kernel and dm_grad_2x's weights' gradient
                  kernel too, W1 at B = 1, 8
+  dm_best_unroll*+#  dm_best_mlp's levers with the segment's loop unrolled 20 steps, W1
+                 at B = 1, 8 and W2 (Adam on the fused MLP, unrolled alike)
   dm_bwd_4w*     W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 64 rows per
                  4-warp program (two programs per multiprocessor), profiled
   dm_grad_2x*    W1 of L2O-DM, B = 1, 8, 64, with the weights' gradient kernel unpipelined
@@ -237,6 +239,15 @@ STAGES = (
     _bench("dm_best_mlp", 1.0, "--models=dm", "--batch_sizes=1,8", "--workloads=w1", *_PALLAS,
            "--kernel_constant=lstm_kernel.APPROX_TANH=1",
            "--kernel_constant=lstm_kernel.BACKWARD_BLOCK_ROWS=128",
+           "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
+           "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
+           "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",
+           needs=("check", "check_mlp", "check_tanh")),
+    # every lever with the segment's loop unrolled 20 steps too (a loop iteration per step
+    # also costs its condition's trip to the host): W1 at B = 1, 8 and W2, Adam on the fused
+    # MLP unrolled alike; the closest to issue 7's B = 1 and W2 targets
+    _bench("dm_best_unroll", 1.5, "--models=dm", "--batch_sizes=1,8", "--unroll=20", *_PALLAS,
+           "--kernel_constant=lstm_kernel.APPROX_TANH=1",
            "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
            "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
            "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",
@@ -732,6 +743,7 @@ def main(argv):
 def plan(selected: Sequence[str], gpu: str, redo: bool, root: str = REPO) -> str:
   """The stages a session on ``gpu`` would consider, in order, and the trainings' state."""
   lines = [f"GPU {gpu}:"]
+  width = max([len(st.name) for st in STAGES if st.name in selected] + [13])
   for st in STAGES:
     if st.name in selected:
       kept = kept_path(root, gpu, st.name)
@@ -740,7 +752,7 @@ def plan(selected: Sequence[str], gpu: str, redo: bool, root: str = REPO) -> str
         state = f"done: {os.path.relpath(kept, root)}"
       else:
         state = "to run" + (" again: its code changed since it passed" if stale else "")
-      lines.append(f"  {st.name:<13} {state} ({st.minutes:g} min expected)")
+      lines.append(f"  {st.name:<{width}} {state} ({st.minutes:g} min expected)")
   if "train" in selected:
     kernel = training_kernel(root, gpu)
     if kernel == "xla" and "check" in selected and not check_passed(root, gpu, "check"):
