@@ -31,14 +31,14 @@ runs, in order and within ``--minutes``:
   check_tanh     the GPU test of the LSTM kernels with tanh.approx.f32 (relative error
                  ~2^-11): XLA's loss curves and meta-gradients to a looser tolerance;
                  # needs it to pass
-  dm_tanh#       W1 of L2O-DM, B = 1, 8, 64, and W2 with the fused LSTM kernels taking
-                 tanh from tanh.approx.f32, profiled
   dm_best*#      W1 of L2O-DM, B = 1, 8, 64, 256, and W2 with these at once: tanh.approx,
                  the backward kernel on 128 rows (the default now), a bfloat16 state
   dm_best_mlp*+# the same with the fused MLP kernel and dm_grad_2x's weights' gradient
                  kernel too, W1 at B = 1, 8
   dm_best_unroll*+#  dm_best_mlp's levers with the segment's loop unrolled 20 steps, W1
                  at B = 1, 8 and W2 (Adam on the fused MLP, unrolled alike)
+  dm_tanh#       W1 of L2O-DM, B = 1, 8, 64, and W2 with the fused LSTM kernels taking
+                 tanh from tanh.approx.f32, profiled
   dm_bwd_4w*     W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 64 rows per
                  4-warp program (two programs per multiprocessor), profiled
   dm_grad_2x*    W1 of L2O-DM, B = 1, 8, 64, with the weights' gradient kernel unpipelined
@@ -226,11 +226,8 @@ STAGES = (
     # forward kernel's instructions, 41% fewer in the backward's), once its check passed
     _gpu_tests("check_tanh", 1.0, "tests/test_lstm_kernel.py", "gpu and approx_tanh",
                sources=_LSTM_KERNELS),
-    _bench("dm_tanh", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS,
-           "--kernel_constant=lstm_kernel.APPROX_TANH=1", "--profile_dir={out}/profile",
-           needs=("check_tanh",)),
-    # every LSTM lever at once (none of them timed yet): tanh.approx, the backward kernel on
-    # 128 rows, a bfloat16 state; W1 up to B = 256 and W2 (Adam and L2O-DM on XLA's MLP, the
+    # every LSTM lever at once: tanh.approx, the backward kernel on 128 rows (timed alone in
+    # dm_bwd_128, the default now), a bfloat16 state; W1 up to B = 256 and W2 (Adam and L2O-DM on XLA's MLP, the
     # default); then W1 at small B with the fused MLP kernel too
     _bench("dm_best", 2.5, "--models=dm", "--batch_sizes=1,8,64,256", *_PALLAS,
            "--kernel_constant=lstm_kernel.APPROX_TANH=1",
@@ -243,15 +240,18 @@ STAGES = (
            "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
            "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",
            needs=("check", "check_mlp", "check_tanh")),
-    # every lever with the segment's loop unrolled 20 steps too (a loop iteration per step
-    # also costs its condition's trip to the host): W1 at B = 1, 8 and W2, Adam on the fused
-    # MLP unrolled alike; the closest to issue 7's B = 1 and W2 targets
+    # every lever with the segment's loop unrolled 20 steps too (each loop iteration has
+    # kernels of its own: the counter, the condition): W1 at B = 1, 8 and W2, Adam on the
+    # fused MLP unrolled alike; the closest to issue 7's B = 1 and W2 targets
     _bench("dm_best_unroll", 1.5, "--models=dm", "--batch_sizes=1,8", "--unroll=20", *_PALLAS,
            "--kernel_constant=lstm_kernel.APPROX_TANH=1",
            "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
            "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
            "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",
            needs=("check", "check_mlp", "check_tanh")),
+    _bench("dm_tanh", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS,
+           "--kernel_constant=lstm_kernel.APPROX_TANH=1", "--profile_dir={out}/profile",
+           needs=("check_tanh",)),
     _bench("dm_bwd_4w", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1",
            *_PALLAS, "--kernel_constant=lstm_kernel.BACKWARD_BLOCK_ROWS=64",
            "--kernel_constant=lstm_kernel.BACKWARD_NUM_WARPS=4",
