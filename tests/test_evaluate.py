@@ -236,6 +236,15 @@ def test_median_table_is_not_moved_by_a_run_that_reaches_exactly_zero():
   assert "| p | opt | -2.000 | -2.000 |" in table and "±" not in table
 
 
+def test_the_experiments_modules_tests_import_share_one_process():
+  """The experiments modules the tests import (in whatever order pytest-xdist hands out the
+  tests) define no flag of the same name twice on import."""
+  modules = "benchmark, gpu_kernels, gpu_session, ncu_kernels, tanh_error, train"
+  proc = subprocess.run([sys.executable, "-c", f"from experiments import {modules}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_tanh_error_emulation_rounds_only_the_cells_tanh(tiny_image_npz):
   """experiments.tanh_error: round_bits keeps 11 significant bits (relative error below
   2^-11, exact where 11 bits suffice); the "rounded" mode changes the shipped L2O-DM's
