@@ -44,25 +44,32 @@ from l2ojax.meta import trainer
 
 FAMILIES = {"dm": dm_mnist, "rnnprop": rnnprop_mnist, "scale": scale_mnist}
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "Output folder.")
-_FAMILY = flags.DEFINE_enum("family", "dm", list(FAMILIES), "Learned optimizer family.")
-_VARIANTS = flags.DEFINE_list(
-    "variants", None, "Variants to run (default: those with a paper figure, i.e. all five "
-    "for dm, plain and CL-IL for rnnprop and scale).")
-_MAX_MINUTES = flags.DEFINE_float("max_minutes", None,
-                                  "Pause (checkpoint, exit 75) after this many minutes.")
-_OVERRIDES = flags.DEFINE_multi_string(
-    "override", [], "field=value for every variant's config; variant:field=value for one.")
-_EVAL_STEPS = flags.DEFINE_integer("eval_steps", 0, "Evaluation steps (0: config eval.steps).")
-_EVAL_N = flags.DEFINE_integer("eval_optimizees", 0, "Fresh optimizees (0: config eval).")
-_LABEL = flags.DEFINE_string("label", "", "Run description for the table's caption.")
-_STATUS = flags.DEFINE_bool("status", False, "Print each variant's training progress and exit.")
-_PROCESSES = flags.DEFINE_integer(
-    "processes", 1, "Train up to this many variants at once, each in its own process sharing "
-    "the device (XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 / processes unless set); logs in "
-    "WORKDIR/<variant>.log. Then this process evaluates and writes the table.")
-_TABLE = flags.DEFINE_bool("table", True, "Write WORKDIR/ablation.{md,json,png} (the processes "
-                           "--processes starts leave it to their parent).")
+
+def define_flags() -> None:
+  """The command line's flags, defined when run as a program (experiments modules
+  share flag names such as workdir: importing several in one process must work)."""
+  global _WORKDIR, _FAMILY, _VARIANTS, _MAX_MINUTES, _OVERRIDES, _EVAL_STEPS, _EVAL_N
+  global _LABEL, _STATUS, _PROCESSES, _TABLE
+  _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "Output folder.")
+  _FAMILY = flags.DEFINE_enum("family", "dm", list(FAMILIES), "Learned optimizer family.")
+  _VARIANTS = flags.DEFINE_list(
+      "variants", None, "Variants to run (default: those with a paper figure, i.e. all five "
+      "for dm, plain and CL-IL for rnnprop and scale).")
+  _MAX_MINUTES = flags.DEFINE_float("max_minutes", None,
+                                    "Pause (checkpoint, exit 75) after this many minutes.")
+  _OVERRIDES = flags.DEFINE_multi_string(
+      "override", [], "field=value for every variant's config; variant:field=value for one.")
+  _EVAL_STEPS = flags.DEFINE_integer("eval_steps", 0, "Evaluation steps (0: config eval.steps).")
+  _EVAL_N = flags.DEFINE_integer("eval_optimizees", 0, "Fresh optimizees (0: config eval).")
+  _LABEL = flags.DEFINE_string("label", "", "Run description for the table's caption.")
+  _STATUS = flags.DEFINE_bool("status", False, "Print each variant's training progress and exit.")
+  _PROCESSES = flags.DEFINE_integer(
+      "processes", 1, "Train up to this many variants at once, each in its own process sharing "
+      "the device (XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 / processes unless set); logs in "
+      "WORKDIR/<variant>.log. Then this process evaluates and writes the table.")
+  _TABLE = flags.DEFINE_bool("table", True, "Write WORKDIR/ablation.{md,json,png} (the processes "
+                             "--processes starts leave it to their parent).")
+
 
 REPORT_STEPS = (100, 1000, 10000)
 
@@ -294,5 +301,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   hugepages.ensure()  # before any work: it re-executes the process
   app.run(main)

@@ -28,46 +28,56 @@ from absl import app, flags
 from experiments import hugepages
 from l2ojax import checkpoints, evaluation, models, optimizees, plots, pretrained
 
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Output folder (and default home of theta.msgpack).")
-_THETA = flags.DEFINE_string("theta", "", "Trained optimizer file (default WORKDIR/theta.msgpack).")
-_OPTIMIZER = flags.DEFINE_string("optimizer", "", "A shipped pretrained optimizer by name "
-                                 "(instead of a theta file).")
-_PROBLEMS = flags.DEFINE_list("problems", ["mnist_relu", "mnist_deeper", "mnist_conv"],
-                              f"Optimizees by name; known: {optimizees.names()}")
-_STEPS = flags.DEFINE_integer("steps", 10000, "Optimizee steps per evaluation run.")
-_SEEDS = flags.DEFINE_integer("seeds", 10,
-                              "Evaluation runs (fresh optimizees, vmapped) per problem.")
-_TUNE_SEEDS = flags.DEFINE_integer("tune_seeds", 3, "Separate runs the baselines are tuned on.")
-_TUNE_STEPS = flags.DEFINE_integer("tune_steps", 0, "Horizon of the tuning (0: --steps).")
-_SEED = flags.DEFINE_integer("seed", 12345, "Seed of the evaluation (tuning uses seed + 1).")
-_BASELINES = flags.DEFINE_list(
-    "baselines", ["adam", "rmsprop", "sgd_momentum"],
-    f"Tuned analytical optimizers; known: {sorted(evaluation.BASELINES)}")
-_GRIDS = {name: flags.DEFINE_list(f"{name}_learning_rates",
-                                  [str(x) for x in base.learning_rates],
-                                  f"{base.label}'s learning-rate grid.")
-          for name, base in evaluation.BASELINES.items()}
-_REPORT = flags.DEFINE_list("report_steps", [], "Steps of the summary table (default: "
-                            "0, 100, 1000, 10000 and --steps, those within --steps).")
-_TARGETS = flags.DEFINE_list("targets", [], "Target losses PROBLEM=LOSS,... for the "
-                             "steps-to-target column (default: tuned Adam's mean final loss).")
-_CHUNK = flags.DEFINE_integer("chunk", evaluation.DEFAULT_CHUNK, "Optimizee steps per jitted call.")
-_SOURCE = flags.DEFINE_string("data_source", "auto", "Data source: auto, tfds, npz, idx.")
-_PATH = flags.DEFINE_string("data_path", "", "npz file or IDX folder for every data problem.")
-_PATHS = flags.DEFINE_list("data_paths", [], "Per-problem overrides: PROBLEM=PATH,...")
-_SPLIT = flags.DEFINE_string("data_split", "test", "Data split (the paper's: MNIST's test split).")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "tensorflow-datasets data_dir.")
-_MACHINE = flags.DEFINE_string("machine", "", "Machine to name in the summary (default: "
-                               "platform and device kind).")
-_MODEL_OPTIONS = flags.DEFINE_list("model_options", [], "Overrides of the learned optimizer's "
-                                    "options, NAME=VALUE,... (e.g. state_dtype=bfloat16).")
-_OPTIMIZEE_KERNEL = flags.DEFINE_enum(
-    "optimizee_kernel", "xla", ["xla", "pallas"], "The MLP problems' loss and gradient per "
-    "step: XLA's ops, or one fused Pallas kernel on a GPU (one hidden layer only; "
-    "optimizees.mlp_kernel).")
-_RELU_ON_LOGITS = flags.DEFINE_bool("relu_on_logits", False, "Conv nets: ReLU on the logits, "
-                                    "as the paper's code did (to reproduce its figures).")
+
+def define_flags() -> None:
+  """The command line's flags, defined when run as a program (experiments modules
+  share flag names such as workdir: importing several in one process must work)."""
+  global _WORKDIR, _THETA, _OPTIMIZER, _PROBLEMS, _STEPS, _SEEDS, _TUNE_SEEDS, _TUNE_STEPS
+  global _SEED, _BASELINES, _GRIDS, _REPORT, _TARGETS, _CHUNK, _SOURCE, _PATH, _PATHS
+  global _SPLIT, _DATA_DIR, _MACHINE, _MODEL_OPTIONS, _OPTIMIZEE_KERNEL, _RELU_ON_LOGITS
+  _WORKDIR = flags.DEFINE_string("workdir", None,
+                                 "Output folder (and default home of theta.msgpack).")
+  _THETA = flags.DEFINE_string("theta", "",
+                               "Trained optimizer file (default WORKDIR/theta.msgpack).")
+  _OPTIMIZER = flags.DEFINE_string("optimizer", "", "A shipped pretrained optimizer by name "
+                                   "(instead of a theta file).")
+  _PROBLEMS = flags.DEFINE_list("problems", ["mnist_relu", "mnist_deeper", "mnist_conv"],
+                                f"Optimizees by name; known: {optimizees.names()}")
+  _STEPS = flags.DEFINE_integer("steps", 10000, "Optimizee steps per evaluation run.")
+  _SEEDS = flags.DEFINE_integer("seeds", 10,
+                                "Evaluation runs (fresh optimizees, vmapped) per problem.")
+  _TUNE_SEEDS = flags.DEFINE_integer("tune_seeds", 3, "Separate runs the baselines are tuned on.")
+  _TUNE_STEPS = flags.DEFINE_integer("tune_steps", 0, "Horizon of the tuning (0: --steps).")
+  _SEED = flags.DEFINE_integer("seed", 12345, "Seed of the evaluation (tuning uses seed + 1).")
+  _BASELINES = flags.DEFINE_list(
+      "baselines", ["adam", "rmsprop", "sgd_momentum"],
+      f"Tuned analytical optimizers; known: {sorted(evaluation.BASELINES)}")
+  _GRIDS = {name: flags.DEFINE_list(f"{name}_learning_rates",
+                                    [str(x) for x in base.learning_rates],
+                                    f"{base.label}'s learning-rate grid.")
+            for name, base in evaluation.BASELINES.items()}
+  _REPORT = flags.DEFINE_list("report_steps", [], "Steps of the summary table (default: "
+                              "0, 100, 1000, 10000 and --steps, those within --steps).")
+  _TARGETS = flags.DEFINE_list("targets", [], "Target losses PROBLEM=LOSS,... for the "
+                               "steps-to-target column (default: tuned Adam's mean final loss).")
+  _CHUNK = flags.DEFINE_integer("chunk", evaluation.DEFAULT_CHUNK,
+                                "Optimizee steps per jitted call.")
+  _SOURCE = flags.DEFINE_string("data_source", "auto", "Data source: auto, tfds, npz, idx.")
+  _PATH = flags.DEFINE_string("data_path", "", "npz file or IDX folder for every data problem.")
+  _PATHS = flags.DEFINE_list("data_paths", [], "Per-problem overrides: PROBLEM=PATH,...")
+  _SPLIT = flags.DEFINE_string("data_split", "test",
+                               "Data split (the paper's: MNIST's test split).")
+  _DATA_DIR = flags.DEFINE_string("data_dir", "", "tensorflow-datasets data_dir.")
+  _MACHINE = flags.DEFINE_string("machine", "", "Machine to name in the summary (default: "
+                                 "platform and device kind).")
+  _MODEL_OPTIONS = flags.DEFINE_list("model_options", [], "Overrides of the learned optimizer's "
+                                      "options, NAME=VALUE,... (e.g. state_dtype=bfloat16).")
+  _OPTIMIZEE_KERNEL = flags.DEFINE_enum(
+      "optimizee_kernel", "xla", ["xla", "pallas"], "The MLP problems' loss and gradient per "
+      "step: XLA's ops, or one fused Pallas kernel on a GPU (one hidden layer only; "
+      "optimizees.mlp_kernel).")
+  _RELU_ON_LOGITS = flags.DEFINE_bool("relu_on_logits", False, "Conv nets: ReLU on the logits, "
+                                      "as the paper's code did (to reproduce its figures).")
 
 
 MLP_PROBLEMS = ("mnist_mlp", "mnist_relu", "mnist_deeper", "fashion_mlp")
@@ -193,6 +203,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   hugepages.ensure()  # before any work: it re-executes the process
   flags.mark_flag_as_required("workdir")
   app.run(main)

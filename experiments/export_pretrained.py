@@ -21,12 +21,18 @@ from absl import app, flags
 
 from l2ojax import checkpoints, pretrained
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder.")
-_NAME = flags.DEFINE_string("name", None, "Name to ship it under (lower case, digits, _).")
-_DESCRIPTION = flags.DEFINE_string("description", "", "One line for the top of the card.")
-_EVALUATION = flags.DEFINE_string("evaluation", "", "Folder of an experiments.evaluate run of it.")
-_DIRECTORY = flags.DEFINE_string("directory", pretrained.DIRECTORY, "Where to write.")
-_MACHINE = flags.DEFINE_string("machine", "", "Machine it was trained on (default: this one).")
+
+def define_flags() -> None:
+  """The command line's flags, defined when run as a program (experiments modules
+  share flag names such as workdir: importing several in one process must work)."""
+  global _WORKDIR, _NAME, _DESCRIPTION, _EVALUATION, _DIRECTORY, _MACHINE
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder.")
+  _NAME = flags.DEFINE_string("name", None, "Name to ship it under (lower case, digits, _).")
+  _DESCRIPTION = flags.DEFINE_string("description", "", "One line for the top of the card.")
+  _EVALUATION = flags.DEFINE_string("evaluation", "",
+                                    "Folder of an experiments.evaluate run of it.")
+  _DIRECTORY = flags.DEFINE_string("directory", pretrained.DIRECTORY, "Where to write.")
+  _MACHINE = flags.DEFINE_string("machine", "", "Machine it was trained on (default: this one).")
 
 
 def _commit() -> str:
@@ -118,5 +124,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["workdir", "name"])
   app.run(main)

@@ -227,8 +227,8 @@ STAGES = (
     _gpu_tests("check_tanh", 1.0, "tests/test_lstm_kernel.py", "gpu and approx_tanh",
                sources=_LSTM_KERNELS),
     # every LSTM lever at once: tanh.approx, the backward kernel on 128 rows (timed alone in
-    # dm_bwd_128, the default now), a bfloat16 state; W1 up to B = 256 and W2 (Adam and L2O-DM on XLA's MLP, the
-    # default); then W1 at small B with the fused MLP kernel too
+    # dm_bwd_128, the default now), a bfloat16 state; W1 up to B = 256 and W2 (Adam and
+    # L2O-DM on XLA's MLP, the default); then W1 at small B with the fused MLP kernel too
     _bench("dm_best", 2.5, "--models=dm", "--batch_sizes=1,8,64,256", *_PALLAS,
            "--kernel_constant=lstm_kernel.APPROX_TANH=1",
            "--kernel_constant=lstm_kernel.BACKWARD_BLOCK_ROWS=128",

@@ -34,12 +34,17 @@ from l2ojax import evaluation, plots
 from l2ojax.meta import config as config_lib
 from l2ojax.meta import trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.name>).")
-_OVERRIDES = flags.DEFINE_multi_string("override", [], "field=value, applied after the "
-                                        "config (l2ojax.meta.config.override).")
-_MAX_MINUTES = flags.DEFINE_float("max_minutes", None,
-                                  "Pause (checkpoint, exit 75) after this many minutes.")
+
+def define_flags() -> None:
+  """The command line's flags, defined when run as a program (experiments modules
+  share flag names such as workdir: importing several in one process must work)."""
+  global _CONFIG, _WORKDIR, _OVERRIDES, _MAX_MINUTES
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.name>).")
+  _OVERRIDES = flags.DEFINE_multi_string("override", [], "field=value, applied after the "
+                                          "config (l2ojax.meta.config.override).")
+  _MAX_MINUTES = flags.DEFINE_float("max_minutes", None,
+                                    "Pause (checkpoint, exit 75) after this many minutes.")
 
 
 def evaluate_against_adam(config, result) -> dict:
@@ -90,5 +95,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   hugepages.ensure()  # before any work: it re-executes the process
   app.run(main)

@@ -236,10 +236,11 @@ def test_median_table_is_not_moved_by_a_run_that_reaches_exactly_zero():
   assert "| p | opt | -2.000 | -2.000 |" in table and "±" not in table
 
 
-def test_the_experiments_modules_tests_import_share_one_process():
-  """The experiments modules the tests import (in whatever order pytest-xdist hands out the
-  tests) define no flag of the same name twice on import."""
-  modules = "benchmark, gpu_kernels, gpu_session, ncu_kernels, tanh_error, train"
+def test_the_experiments_modules_share_one_process():
+  """Importing the experiments programs together (a notebook, or the tests in whatever
+  order pytest-xdist hands them out) defines no flag of the same name twice."""
+  modules = ("ablation, benchmark, evaluate, export_pretrained, gpu_kernels, gpu_session, "
+             "ncu_kernels, tanh_error, train")
   proc = subprocess.run([sys.executable, "-c", f"from experiments import {modules}"],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]

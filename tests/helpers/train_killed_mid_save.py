@@ -33,4 +33,5 @@ for _name in ("async_save", "save"):
 
 if __name__ == "__main__":
   from absl import app
+  train.define_flags()
   app.run(train.main)
