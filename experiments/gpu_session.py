@@ -36,7 +36,7 @@ runs, in order and within ``--minutes``:
   dm_best_mlp*+# the same with the fused MLP kernel and dm_grad_2x's weights' gradient
                  kernel too, W1 at B = 1, 8
   dm_best_unroll*+#  dm_best_mlp's levers with the segment's loop unrolled 20 steps, W1
-                 at B = 1, 8 and W2 (Adam on the fused MLP, unrolled alike)
+                 at B = 1, 8 (profiled) and W2 (Adam on the fused MLP, unrolled alike)
   dm_tanh#       W1 of L2O-DM, B = 1, 8, 64, and W2 with the fused LSTM kernels taking
                  tanh from tanh.approx.f32, profiled
   dm_bwd_4w*     W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 64 rows per
@@ -248,7 +248,7 @@ STAGES = (
            "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
            "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
            "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",
-           needs=("check", "check_mlp", "check_tanh")),
+           "--profile_dir={out}/profile", needs=("check", "check_mlp", "check_tanh")),
     _bench("dm_tanh", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS,
            "--kernel_constant=lstm_kernel.APPROX_TANH=1", "--profile_dir={out}/profile",
            needs=("check_tanh",)),
