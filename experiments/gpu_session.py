@@ -27,7 +27,7 @@ runs, in order and within ``--minutes``:
                  kernels' loads became contiguous: the baseline of the stages below
   dm_bwd_128*    W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 128 rows per
                  8-warp program (at 64 rows two warpgroups compute each element twice),
-                 profiled; 1.18-1.33x faster, the default since
+                 profiled; the kernel 1.28-1.34x faster, the default since
   check_tanh     the GPU test of the LSTM kernels with tanh.approx.f32 (relative error
                  ~2^-11): XLA's loss curves and meta-gradients to a looser tolerance;
                  # needs it to pass

@@ -32,20 +32,19 @@ from l2ojax.models import cells
 
 MODES = ("exact", "rounded", "shrunk", "bf16_state")
 
-FLAGS = flags.FLAGS
-
 
 def define_flags() -> None:
-  """The command line's flags, defined when run as a program only: other experiments
-  modules define some of the same names (data_path, optimizer, out)."""
-  flags.DEFINE_string("optimizer", "dm_cl_il_mnist", "A shipped L2O-DM optimizer.")
-  flags.DEFINE_string("data_path", "", "MNIST .npz (default: tensorflow-datasets).")
-  flags.DEFINE_integer("steps", 2000, "Optimizee steps per run.")
-  flags.DEFINE_integer("runs", 10, "Fresh optimizees (vmapped).")
-  flags.DEFINE_integer("seed", 123, "Seed of the optimizees and minibatches.")
-  flags.DEFINE_list("modes", list(MODES), f"Of {MODES}.")
-  flags.DEFINE_list("report_steps", ["100", "1000", "2000"], "Steps of the table.")
-  flags.DEFINE_string("out", "", "Folder for tanh_error.json and .md (default: none).")
+  """The command line's flags, defined when run as a program (experiments modules
+  share flag names such as data_path: importing several in one process must work)."""
+  global _OPTIMIZER, _PATH, _STEPS, _RUNS, _SEED, _MODES, _REPORT, _OUT
+  _OPTIMIZER = flags.DEFINE_string("optimizer", "dm_cl_il_mnist", "A shipped L2O-DM optimizer.")
+  _PATH = flags.DEFINE_string("data_path", "", "MNIST .npz (default: tensorflow-datasets).")
+  _STEPS = flags.DEFINE_integer("steps", 2000, "Optimizee steps per run.")
+  _RUNS = flags.DEFINE_integer("runs", 10, "Fresh optimizees (vmapped).")
+  _SEED = flags.DEFINE_integer("seed", 123, "Seed of the optimizees and minibatches.")
+  _MODES = flags.DEFINE_list("modes", list(MODES), f"Of {MODES}.")
+  _REPORT = flags.DEFINE_list("report_steps", ["100", "1000", "2000"], "Steps of the table.")
+  _OUT = flags.DEFINE_string("out", "", "Folder for tanh_error.json and .md (default: none).")
 
 
 def round_bits(x: jax.Array, bits: int = 11) -> jax.Array:
@@ -88,26 +87,26 @@ def curves(mode: str, name: str, optimizee, keys: jax.Array, steps: int) -> np.n
 def main(argv):
   del argv
   hugepages.ensure()
-  unknown = sorted(set(FLAGS.modes) - set(MODES))
+  unknown = sorted(set(_MODES.value) - set(MODES))
   if unknown:
     raise app.UsageError(f"--modes: unknown {unknown}; allowed: {list(MODES)}")
-  lopt, _, _ = pretrained.load_theta(FLAGS.optimizer)
+  lopt, _, _ = pretrained.load_theta(_OPTIMIZER.value)
   if not isinstance(lopt, models.DM):
-    raise app.UsageError(f"--optimizer={FLAGS.optimizer!r} is not an L2O-DM optimizer")
-  report = [int(s) for s in FLAGS.report_steps if int(s) <= FLAGS.steps]
-  optimizee = optimizees.get("mnist_mlp", **({"path": FLAGS.data_path} if FLAGS.data_path else {}))
-  keys = jax.random.split(jax.random.PRNGKey(FLAGS.seed), FLAGS.runs)
+    raise app.UsageError(f"--optimizer={_OPTIMIZER.value!r} is not an L2O-DM optimizer")
+  report = [int(s) for s in _REPORT.value if int(s) <= _STEPS.value]
+  optimizee = optimizees.get("mnist_mlp", **({"path": _PATH.value} if _PATH.value else {}))
+  keys = jax.random.split(jax.random.PRNGKey(_SEED.value), _RUNS.value)
   rows = {}
-  for mode in FLAGS.modes:
+  for mode in _MODES.value:
     t0 = time.perf_counter()
-    ln = np.log(curves(mode, FLAGS.optimizer, optimizee, keys, FLAGS.steps))
+    ln = np.log(curves(mode, _OPTIMIZER.value, optimizee, keys, _STEPS.value))
     rows[mode] = {"mean_ln_loss": {s: float(ln[:, s].mean()) for s in report},
                   "ln_loss_last_step": [float(v) for v in ln[:, -1]],
                   "seconds": time.perf_counter() - t0}
     print(f"{mode}: " + ", ".join(f"step {s}: {rows[mode]['mean_ln_loss'][s]:.4f}"
                                   for s in report), flush=True)
   exact = rows.get("exact")
-  lines = [f"{FLAGS.optimizer} on mnist_mlp, {FLAGS.runs} runs, seed {FLAGS.seed}, "
+  lines = [f"{_OPTIMIZER.value} on mnist_mlp, {_RUNS.value} runs, seed {_SEED.value}, "
            f"jax {jax.__version__} ({jax.default_backend()}): mean ln(training loss)", "",
            "| LSTM | " + " | ".join(f"step {s:,}" for s in report) + " |",
            "|---|" + "---|" * len(report)]
@@ -117,13 +116,13 @@ def main(argv):
         if exact and mode != "exact" else "") for s in report]
     lines.append(f"| {mode} | " + " | ".join(cells_) + " |")
   print("\n".join(lines))
-  if FLAGS.out:
-    os.makedirs(FLAGS.out, exist_ok=True)
-    with open(os.path.join(FLAGS.out, "tanh_error.json"), "w") as f:
-      json.dump({"optimizer": FLAGS.optimizer, "runs": FLAGS.runs, "seed": FLAGS.seed,
-                 "steps": FLAGS.steps, "jax": jax.__version__,
+  if _OUT.value:
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "tanh_error.json"), "w") as f:
+      json.dump({"optimizer": _OPTIMIZER.value, "runs": _RUNS.value, "seed": _SEED.value,
+                 "steps": _STEPS.value, "jax": jax.__version__,
                  "backend": jax.default_backend(), "modes": rows}, f, indent=2)
-    with open(os.path.join(FLAGS.out, "tanh_error.md"), "w") as f:
+    with open(os.path.join(_OUT.value, "tanh_error.md"), "w") as f:
       f.write("\n".join(lines) + "\n")
 
 
