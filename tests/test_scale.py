@@ -195,8 +195,10 @@ def _textbook_gru(params, x, h, bias=None):
   return u * h + (1.0 - u) * c
 
 
+# up to cells.SMALL_ROWS rows the products are written elementwise; above, as matrix products
 @pytest.mark.parametrize("rows,bias_shape", [((5,), None), ((5,), (12,)), ((5,), (5, 12)),
-                                             ((2, 5), (2, 5, 12))])
+                                             ((2, 5), (2, 5, 12)), ((100,), (100, 12)),
+                                             ((2, 70), (2, 70, 12))])
 def test_gru_written_out_gradient_matches_autodiff_of_the_textbook_cell(rows, bias_shape):
   k = jax.random.split(jax.random.PRNGKey(0), 5)
   params = cells.gru_init(k[0], 3, 4)
@@ -217,3 +219,37 @@ def test_gru_written_out_gradient_matches_autodiff_of_the_textbook_cell(rows, bi
       lambda p: jnp.sum(jax.grad(objective(cell), 1)(p, x, h, bias) ** 2))(params)
   chex.assert_trees_all_close(second(cells.gru_apply), second(_textbook_gru), atol=2e-6,
                               rtol=1e-5)
+
+
+def test_weights_gradient_over_many_rows_is_split_into_chunks_that_divide_them():
+  # the MNIST MLP's 15,910 coordinates: 37 chunks of 430 rows, no padding
+  assert cells._row_chunks(15910) == 37 and 15910 % 37 == 0
+  assert cells._row_chunks(4099) == 1  # a prime: one product
+  assert cells._row_chunks(1024) == 2 and cells._row_chunks(100) == 1
+  k = jax.random.split(jax.random.PRNGKey(0), 2)
+  a, d = jax.random.normal(k[0], (15910, 23)), jax.random.normal(k[1], (15910, 20))
+  np.testing.assert_allclose(cells._chunked_summed_outer(a, d, 37), a.T @ d, rtol=1e-4,
+                             atol=1e-3)
+  # lowered for CUDA, one batched product over the chunks and no padded copy; elsewhere
+  # one product over all rows
+  for platform, product in (("cuda", "tensor<37x430x23xf32>"), ("cpu", "tensor<15910x20xf32>")):
+    text = jax.export.export(jax.jit(cells._summed_outer), platforms=[platform])(a, d).mlir_module()
+    products = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert len(products) == 1 and product in products[0], (platform, products)
+    assert "stablehlo.pad" not in text
+
+
+@pytest.mark.parametrize("rows", [(7,), (3, 5), (100,), (4, 40)])
+def test_products_with_weights_match_matrix_products_and_their_gradients(rows):
+  """cells.matmul (elementwise up to SMALL_ROWS rows) and cells.coordinate_matmul (its
+  weights' gradient summed chunk-wise) against a @ w, to second order."""
+  k = jax.random.split(jax.random.PRNGKey(1), 2)
+  a, w = jax.random.normal(k[0], rows + (6,)), jax.random.normal(k[1], (6, 3))
+  objective = lambda f: (lambda a, w: jnp.sum(jnp.sin(f(a, w))))
+  plain = lambda a, w: a @ w
+  for f in (cells.matmul, cells.coordinate_matmul):
+    np.testing.assert_allclose(f(a, w), plain(a, w), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(jax.grad(objective(f), (0, 1))(a, w),
+                                jax.grad(objective(plain), (0, 1))(a, w), rtol=1e-5, atol=1e-5)
+    second = lambda f: jax.grad(lambda w: jnp.sum(jax.grad(objective(f))(a, w) ** 2))(w)
+    np.testing.assert_allclose(second(f), second(plain), rtol=1e-4, atol=1e-4)
