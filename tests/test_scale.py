@@ -223,9 +223,9 @@ def test_gru_written_out_gradient_matches_autodiff_of_the_textbook_cell(rows, bi
 
 def test_weights_gradient_over_many_rows_is_split_into_chunks_that_divide_them():
   # the MNIST MLP's 15,910 coordinates: 37 chunks of 430 rows, no padding
-  assert cells._row_chunks(15910) == 37 and 15910 % 37 == 0
-  assert cells._row_chunks(4099) == 1  # a prime: one product
-  assert cells._row_chunks(1024) == 2 and cells._row_chunks(100) == 1
+  assert cells.row_chunks(15910) == 37 and 15910 % 37 == 0
+  assert cells.row_chunks(4099) == 1  # a prime: one product
+  assert cells.row_chunks(1024) == 2 and cells.row_chunks(100) == 1
   k = jax.random.split(jax.random.PRNGKey(0), 2)
   a, d = jax.random.normal(k[0], (15910, 23)), jax.random.normal(k[1], (15910, 20))
   np.testing.assert_allclose(cells._chunked_summed_outer(a, d, 37), a.T @ d, rtol=1e-4,

@@ -533,7 +533,7 @@ def matmul(a: chex.Array, w: chex.Array) -> chex.Array:
 OUTER_CHUNK_ROWS = 512
 
 
-def _row_chunks(rows: int, most: int = OUTER_CHUNK_ROWS) -> int:
+def row_chunks(rows: int, most: int = OUTER_CHUNK_ROWS) -> int:
   """The fewest chunks of at most ``most`` rows each that divide ``rows`` evenly,
   looked for up to twice the fewest possible; 1 where none does."""
   fewest = -(-rows // most)
@@ -542,11 +542,11 @@ def _row_chunks(rows: int, most: int = OUTER_CHUNK_ROWS) -> int:
 
 def _summed_outer(a: chex.Array, d: chex.Array) -> chex.Array:
   """a^T d over all rows of a [..., fa] and d [..., fd]: [fa, fd]. Where the program
-  is lowered for CUDA, as partial products over ``_row_chunks`` (then summed)."""
+  is lowered for CUDA, as partial products over ``row_chunks`` (then summed)."""
   a, d = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
   if a.shape[0] <= SMALL_ROWS:
     return jnp.sum(a[:, :, None] * d[:, None, :], axis=0)
-  k = _row_chunks(a.shape[0])
+  k = row_chunks(a.shape[0])
   if k == 1:
     return a.T @ d
   return jax.lax.platform_dependent(a, d, cuda=functools.partial(_chunked_summed_outer, k=k),
