@@ -23,9 +23,10 @@ runs, in order and within ``--minutes``:
                  (half the state's bytes per evaluation step)
   rnnprop*       W1 of RNNProp with the fused kernels, B = 1, 8, 64
   scale          W1 of L2O-Scale, B = 1, 8, 64
-  scale_chunks   W1 of L2O-Scale, B = 1, 8, 64, since its few-row products are written
-                 elementwise and its weights' gradients summed in chunks of rows (fewer
-                 kernels and bytes per step, as compiled), profiled: against scale
+  chunks*        W1 of L2O-Scale and RNNProp, B = 1, 8, 64, since their weights' gradients
+                 over the coordinates are summed in chunks of rows and L2O-Scale's few-row
+                 products are written elementwise (fewer kernels and bytes per step, as
+                 compiled), profiled: against scale and rnnprop
   dm_loads*      dm_pallas again (W1 B = 1, 8, 64 and W2, profiled) since the fused
                  kernels' loads became contiguous: the baseline of the stages below
   dm_bwd_128*    W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 128 rows per
@@ -216,9 +217,9 @@ STAGES = (
     # L2O-Scale since its products of a few rows (per-tensor and global levels) are written
     # elementwise and its weights' gradients over the coordinates summed in chunks that divide
     # them (as compiled for an H100, B = 8: 132 -> 114 kernels, 804 -> 760 MB per step), against
-    # scale; profiled
-    _bench("scale_chunks", 2.0, "--models=scale", "--batch_sizes=1,8,64", "--workloads=w1",
-           "--torch=off", "--profile_dir={out}/profile"),
+    # scale; RNNProp's input layer alike (its fused LSTM kernels as in rnnprop: 874 -> 851 MB)
+    _bench("chunks", 3.0, "--models=scale,rnnprop", "--batch_sizes=1,8,64", "--workloads=w1",
+           *_PALLAS, "--profile_dir={out}/profile", needs=("check",)),
     # dm_pallas again since the kernels' loads became contiguous (59c2871): the weights'
     # gradient and forward kernels' times against dm_pallas's, and the baseline of the
     # stages after it
