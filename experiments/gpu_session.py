@@ -55,6 +55,9 @@ runs, in order and within ``--minutes``:
   dm_unroll*+    W1 of L2O-DM at B = 1, 8 and W2 with both fused kernels and the
                  segment's loop unrolled 20 steps (as the trainings run it), against
                  dm_fused_mlp
+  dm_bias_product*  W1 of L2O-DM, B = 1, 8, and W2 with the MNIST MLP's biases' gradients
+                 taken from the weights' products (mlp.BIAS_IN_PRODUCT; XLA's MLP),
+                 profiled: against dm_bwd_128 and dm_loads
   ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
                  B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
                  throughput, the warps' stall reasons, and the SASS instructions
@@ -287,6 +290,13 @@ STAGES = (
     # kernels: W1 at B = 1 and 8, and W2 (each loop iteration 20 steps), against dm_fused_mlp
     _bench("dm_unroll", 2.0, "--models=dm", "--batch_sizes=1,8", "--unroll=20",
            "--optimizee_kernel=pallas", *_PALLAS, needs=("check", "check_mlp")),
+    # the MNIST MLP's biases' gradients out of the weights' products (mlp.BIAS_IN_PRODUCT): at
+    # B = 1 with XLA's MLP three kernels each sum the first bias's gradient again, serially
+    # (43 of the step's 208 us in dm_loads' profile); W1 at B = 1, 8 and W2, profiled, against
+    # dm_bwd_128 (W1) and dm_loads (W2)
+    _bench("dm_bias_product", 1.5, "--models=dm", "--batch_sizes=1,8", *_PALLAS,
+           "--kernel_constant=mlp.BIAS_IN_PRODUCT=1", "--profile_dir={out}/profile",
+           needs=("check",)),
     # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 8, both fused kernels):
     # occupancy, throughput and the warps' stall reasons of the latency-bound kernels, and at
     # which instructions (the program-counter samples). Last: its run under ncu once took

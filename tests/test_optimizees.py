@@ -1,3 +1,5 @@
+import importlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -76,3 +78,32 @@ def test_missing_data_fails_with_instructions(tmp_path):
 def test_unknown_optimizee_lists_allowed():
   with pytest.raises(ValueError, match="quadratic"):
     optimizees.get("mnist_transformer")
+
+
+def test_biases_gradients_from_the_weights_product_are_autodiffs(tiny_image_npz, monkeypatch):
+  """mlp.BIAS_IN_PRODUCT: the same loss and gradient (bias's from [x, 1]^T d), under vmap
+  and for a batch of several leading dimensions too; the gradient then has no reduction of
+  its own per bias."""
+  mlp_lib = importlib.import_module("l2ojax.optimizees.mlp")  # not the function mlp
+  problem = optimizees.get("mnist_mlp", path=str(tiny_image_npz), hidden_sizes=(6, 5))
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = jax.vmap(lambda k: problem.init(k)[0])(keys)
+  idx = jax.vmap(problem.minibatch)(keys)
+  value_and_grad = jax.jit(jax.vmap(lambda p, i: jax.value_and_grad(problem.batch_loss)(p, (), i)))
+  want = value_and_grad(params, idx)
+  hlo = lambda: jax.jit(jax.grad(lambda p: problem.batch_loss(p, (), idx[0]))).lower(
+      jax.tree_util.tree_map(lambda a: a[0], params)).as_text()
+  # sums over the minibatch (its dimension 0): autodiff's per bias
+  biases_summed = lambda text: sum("stablehlo.reduce" in line and "dimensions = [0]" in line
+                                   for line in text.splitlines())
+  assert biases_summed(hlo()) >= 3
+  monkeypatch.setattr(mlp_lib, "BIAS_IN_PRODUCT", True)
+  got = jax.jit(jax.vmap(lambda p, i: jax.value_and_grad(problem.batch_loss)(p, (), i)))(
+      params, idx)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  assert biases_summed(hlo()) == 0
+  x, w, b = jnp.ones((2, 4, 3)), jnp.arange(6.0).reshape(3, 2), jnp.array([1.0, -1.0])
+  f = lambda dense: lambda x, w, b: jnp.sum(jnp.sin(dense(x, w, b)))
+  chex.assert_trees_all_close(jax.grad(f(mlp_lib.dense), (0, 1, 2))(x, w, b),
+                              jax.grad(f(lambda x, w, b: x @ w + b), (0, 1, 2))(x, w, b),
+                              rtol=1e-5, atol=1e-5)
