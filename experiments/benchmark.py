@@ -36,9 +36,10 @@ prints the device's kernels by total time (``device_kernel_times``; on a GPU:
 which kernel a step waits on), kept in the row's JSON as ``kernel_times``.
 
 ``--kernel_constant=lstm_kernel.BLOCK_ROWS=128`` (repeatable) sets a tunable of
-the fused kernels (an int constant of ``lstm_kernel`` or ``mlp_kernel``), or of
-the MNIST MLP (``mlp.BIAS_IN_PRODUCT=1``), before anything is traced: other
-tilings and formulations, timed without editing the code.
+the fused kernels (an int constant of ``lstm_kernel`` or ``mlp_kernel``), of
+the MNIST MLP (``mlp.BIAS_IN_PRODUCT=1``) or of the cells (``cells.SMALL_ROWS``)
+before anything is traced: other tilings and formulations, timed without
+editing the code.
 
 Writes a markdown table to stdout and <out>/benchmark.json.
 """
@@ -100,8 +101,8 @@ _OPTIMIZEE_KERNEL = flags.DEFINE_enum(
     "see optimizees.mlp_kernel).")
 _KERNEL_CONSTANTS = flags.DEFINE_multi_string(
     "kernel_constant", [], "MODULE.NAME=VALUE: a fused kernel's tunable, an int constant of "
-    "l2ojax.models.lstm_kernel, l2ojax.optimizees.mlp_kernel or l2ojax.optimizees.mlp read when "
-    "a kernel is traced "
+    "l2ojax.models.lstm_kernel, l2ojax.optimizees.mlp_kernel, l2ojax.optimizees.mlp or "
+    "l2ojax.models.cells read when a kernel is traced "
     "(e.g. lstm_kernel.BLOCK_ROWS=128, mlp_kernel.CHUNKS_PER_PROGRAM=2), set before anything "
     "is traced. Repeatable.")
 _SHARD = flags.DEFINE_bool("shard", False, "Shard the meta-batch over all devices.")
@@ -128,12 +129,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def set_kernel_constants(settings: List[str]) -> Dict[str, int]:
   """Sets each "MODULE.NAME=VALUE" of ``settings`` (``--kernel_constant``): an existing
-  upper-case int (or bool) constant of ``lstm_kernel``, ``mlp_kernel`` or ``mlp``; returns
+  upper-case int (or bool) constant of ``lstm_kernel``, ``mlp_kernel``, ``mlp`` or
+  ``cells``; returns
   what was set. A bad setting raises ValueError naming it."""
-  from l2ojax.models import lstm_kernel
+  from l2ojax.models import cells, lstm_kernel
   from l2ojax.optimizees import mlp_kernel
   mlp = importlib.import_module("l2ojax.optimizees.mlp")  # the package exports a function mlp
-  modules = {"lstm_kernel": lstm_kernel, "mlp_kernel": mlp_kernel, "mlp": mlp}
+  modules = {"lstm_kernel": lstm_kernel, "mlp_kernel": mlp_kernel, "mlp": mlp, "cells": cells}
   done = {}
   for setting in settings:
     m = re.fullmatch(r"(\w+)\.([A-Z][A-Z0-9_]*)=(-?\d+|[Tt]rue|[Ff]alse)", setting.strip())
