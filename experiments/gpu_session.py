@@ -222,7 +222,7 @@ STAGES = (
     # L2O-Scale since its products of a few rows (per-tensor and global levels) are written
     # elementwise and its weights' gradients over the coordinates summed in chunks that divide
     # them (as compiled for an H100, B = 8: 132 -> 114 kernels, 804 -> 760 MB per step), against
-    # scale; RNNProp's input layer alike (its fused LSTM kernels as in rnnprop: 874 -> 851 MB)
+    # scale; RNNProp's input layer alike (fused LSTM kernels: 44 -> 42 kernels, 874 -> 852 MB)
     _bench("chunks", 3.0, "--models=scale,rnnprop", "--batch_sizes=1,8,64", *_PALLAS,
            "--profile_dir={out}/profile", needs=("check",)),
     # L2O-Scale's per-parameter GRU with its products written elementwise too (cells.SMALL_ROWS

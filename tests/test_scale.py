@@ -241,8 +241,9 @@ def test_weights_gradient_over_many_rows_is_split_into_chunks_that_divide_them()
 
 @pytest.mark.parametrize("rows", [(7,), (3, 5), (100,), (4, 40)])
 def test_products_with_weights_match_matrix_products_and_their_gradients(rows):
-  """cells.matmul (elementwise up to SMALL_ROWS rows) and cells.coordinate_matmul (its
-  weights' gradient summed chunk-wise) against a @ w, to second order."""
+  """cells.matmul (elementwise up to SMALL_ROWS rows), cells.coordinate_matmul and
+  cells.coordinate_linear (their weights' gradients summed chunk-wise) against a @ w (+ b),
+  to second order."""
   k = jax.random.split(jax.random.PRNGKey(1), 2)
   a, w = jax.random.normal(k[0], rows + (6,)), jax.random.normal(k[1], (6, 3))
   objective = lambda f: (lambda a, w: jnp.sum(jnp.sin(f(a, w))))
@@ -253,3 +254,10 @@ def test_products_with_weights_match_matrix_products_and_their_gradients(rows):
                                 jax.grad(objective(plain), (0, 1))(a, w), rtol=1e-5, atol=1e-5)
     second = lambda f: jax.grad(lambda w: jnp.sum(jax.grad(objective(f))(a, w) ** 2))(w)
     np.testing.assert_allclose(second(f), second(plain), rtol=1e-4, atol=1e-4)
+  b = jax.random.normal(jax.random.PRNGKey(2), (3,))
+  linear = lambda f: (lambda a, w, b: jnp.sum(jnp.sin(f(a, w, b))))
+  ours, ref = linear(cells.coordinate_linear), linear(lambda a, w, b: a @ w + b)
+  chex.assert_trees_all_close(jax.grad(ours, (0, 1, 2))(a, w, b),
+                              jax.grad(ref, (0, 1, 2))(a, w, b), rtol=1e-5, atol=1e-5)
+  second = lambda f: jax.grad(lambda b: jnp.sum(jax.grad(f, 1)(a, w, b) ** 2))(b)
+  np.testing.assert_allclose(second(ours), second(ref), rtol=1e-4, atol=1e-4)

@@ -580,6 +580,26 @@ coordinate_matmul.defvjp(_coordinate_matmul_fwd, _coordinate_matmul_bwd)
 
 
 @jax.custom_vjp
+def coordinate_linear(a: chex.Array, w: chex.Array, b: chex.Array) -> chex.Array:
+  """a @ w + b over many rows, whose gradient for w and b is one ``_summed_outer``
+  of [a, 1]."""
+  return a @ w + b
+
+
+def _coordinate_linear_fwd(a, w, b):
+  return a @ w + b, (a, w)
+
+
+def _coordinate_linear_bwd(res, d):
+  a, w = res
+  wb = _summed_outer(_with_ones(a), d)
+  return d @ w.T, wb[:-1], wb[-1]
+
+
+coordinate_linear.defvjp(_coordinate_linear_fwd, _coordinate_linear_bwd)
+
+
+@jax.custom_vjp
 def _gru_core(w_g, b_g, w_c, b_c, x, h, bias):
   return _gru_core_fwd(w_g, b_g, w_c, b_c, x, h, bias)[0]
 

@@ -125,7 +125,7 @@ class RNNProp:
     """
     input_layer, stack = theta if isinstance(theta, tuple) else self.prepare(theta)
     x, (count, mu, nu) = self.features(g, state)
-    x = jax.nn.elu(cells.coordinate_matmul(x, input_layer["w"]) + input_layer["b"])
+    x = jax.nn.elu(cells.coordinate_linear(x, input_layer["w"], input_layer["b"]))
     out, new_lstm = cells.lstm_stack_run(stack, x, state.lstm)
     return self.scale * jnp.tanh(out[:, 0]), RNNPropState(count, mu, nu, new_lstm)
 
