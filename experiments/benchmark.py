@@ -37,7 +37,7 @@ which kernel a step waits on), kept in the row's JSON as ``kernel_times``.
 
 ``--kernel_constant=lstm_kernel.BLOCK_ROWS=128`` (repeatable) sets a tunable of
 the fused kernels (an int constant of ``lstm_kernel`` or ``mlp_kernel``), of
-the MNIST MLP (``mlp.BIAS_IN_PRODUCT=1``) or of the cells (``cells.SMALL_ROWS``)
+the MNIST MLP (``mlp.BIAS_IN_PRODUCT=1``) or of ``products`` (``SMALL_ROWS``)
 before anything is traced: other tilings and formulations, timed without
 editing the code.
 
@@ -102,7 +102,7 @@ _OPTIMIZEE_KERNEL = flags.DEFINE_enum(
 _KERNEL_CONSTANTS = flags.DEFINE_multi_string(
     "kernel_constant", [], "MODULE.NAME=VALUE: a fused kernel's tunable, an int constant of "
     "l2ojax.models.lstm_kernel, l2ojax.optimizees.mlp_kernel, l2ojax.optimizees.mlp or "
-    "l2ojax.models.cells read when a kernel is traced "
+    "l2ojax.products read when a kernel is traced "
     "(e.g. lstm_kernel.BLOCK_ROWS=128, mlp_kernel.CHUNKS_PER_PROGRAM=2), set before anything "
     "is traced. Repeatable.")
 _SHARD = flags.DEFINE_bool("shard", False, "Shard the meta-batch over all devices.")
@@ -130,12 +130,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def set_kernel_constants(settings: List[str]) -> Dict[str, int]:
   """Sets each "MODULE.NAME=VALUE" of ``settings`` (``--kernel_constant``): an existing
   upper-case int (or bool) constant of ``lstm_kernel``, ``mlp_kernel``, ``mlp`` or
-  ``cells``; returns
+  ``products``; returns
   what was set. A bad setting raises ValueError naming it."""
-  from l2ojax.models import cells, lstm_kernel
+  from l2ojax import products
+  from l2ojax.models import lstm_kernel
   from l2ojax.optimizees import mlp_kernel
   mlp = importlib.import_module("l2ojax.optimizees.mlp")  # the package exports a function mlp
-  modules = {"lstm_kernel": lstm_kernel, "mlp_kernel": mlp_kernel, "mlp": mlp, "cells": cells}
+  modules = {"lstm_kernel": lstm_kernel, "mlp_kernel": mlp_kernel, "mlp": mlp,
+             "products": products}
   done = {}
   for setting in settings:
     m = re.fullmatch(r"(\w+)\.([A-Z][A-Z0-9_]*)=(-?\d+|[Tt]rue|[Ff]alse)", setting.strip())

@@ -28,7 +28,8 @@ runs, in order and within ``--minutes``:
                  L2O-Scale's few-row products are written elementwise (fewer kernels and
                  bytes per step, as compiled), profiled: against scale and rnnprop
   scale_elementwise  the same for L2O-Scale with every product of its per-parameter GRU
-                 written elementwise (cells.SMALL_ROWS unbounded), profiled: against chunks
+                 written elementwise (products.SMALL_ROWS unbounded), profiled: against
+                 chunks
   dm_loads*      dm_pallas again (W1 B = 1, 8, 64 and W2, profiled) since the fused
                  kernels' loads became contiguous: the baseline of the stages below
   dm_bwd_128*    W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 128 rows per
@@ -225,11 +226,11 @@ STAGES = (
     # scale; RNNProp's input layer alike (fused LSTM kernels: 44 -> 42 kernels, 874 -> 852 MB)
     _bench("chunks", 3.0, "--models=scale,rnnprop", "--batch_sizes=1,8,64", *_PALLAS,
            "--profile_dir={out}/profile", needs=("check",)),
-    # L2O-Scale's per-parameter GRU with its products written elementwise too (cells.SMALL_ROWS
-    # unbounded): as compiled for an H100, B = 8, 114 -> 109 kernels and 760 -> 727 MB per
+    # L2O-Scale's per-parameter GRU with its products written elementwise too
+    # (products.SMALL_ROWS unbounded): as compiled for an H100, B = 8, 114 -> 109 kernels and 760 -> 727 MB per
     # step, W2 53 -> 52 kernels and 272 -> 248 MB; against chunks
     _bench("scale_elementwise", 2.0, "--models=scale", "--batch_sizes=1,8,64", "--torch=off",
-           "--kernel_constant=cells.SMALL_ROWS=1000000000", "--profile_dir={out}/profile"),
+           "--kernel_constant=products.SMALL_ROWS=1000000000", "--profile_dir={out}/profile"),
     # dm_pallas again since the kernels' loads became contiguous (59c2871): the weights'
     # gradient and forward kernels' times against dm_pallas's, and the baseline of the
     # stages after it

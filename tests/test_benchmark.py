@@ -246,22 +246,23 @@ def test_device_kernel_times_sums_each_kernel_on_the_gpu_streams_only():
 
 
 def test_kernel_constants_set_the_fused_kernels_tunables_and_name_bad_ones(monkeypatch):
-  """--kernel_constant: an int or bool tunable of lstm_kernel, mlp_kernel, mlp or cells, set before
+  """--kernel_constant: an int or bool tunable of lstm_kernel, mlp_kernel, mlp or products, set before
   tracing; anything else is refused with the setting named."""
   from experiments import benchmark
-  from l2ojax.models import cells, lstm_kernel
+  from l2ojax import products
+  from l2ojax.models import lstm_kernel
   from l2ojax.optimizees import mlp_kernel
   mlp = importlib.import_module("l2ojax.optimizees.mlp")
   for module, name in ((lstm_kernel, "BLOCK_ROWS"), (lstm_kernel, "KEEP_LOWER_GATES"),
                        (mlp_kernel, "CHUNKS_PER_PROGRAM"), (mlp, "BIAS_IN_PRODUCT"),
-                       (cells, "SMALL_ROWS")):
+                       (products, "SMALL_ROWS")):
     monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
   done = benchmark.set_kernel_constants(
       ["lstm_kernel.BLOCK_ROWS=128", "lstm_kernel.KEEP_LOWER_GATES=true",
-       " mlp_kernel.CHUNKS_PER_PROGRAM=2", "mlp.BIAS_IN_PRODUCT=1", "cells.SMALL_ROWS=100"])
+       " mlp_kernel.CHUNKS_PER_PROGRAM=2", "mlp.BIAS_IN_PRODUCT=1", "products.SMALL_ROWS=100"])
   assert done == {"lstm_kernel.BLOCK_ROWS": 128, "lstm_kernel.KEEP_LOWER_GATES": True,
                   "mlp_kernel.CHUNKS_PER_PROGRAM": 2, "mlp.BIAS_IN_PRODUCT": True,
-                  "cells.SMALL_ROWS": 100}
+                  "products.SMALL_ROWS": 100}
   assert (lstm_kernel.BLOCK_ROWS, lstm_kernel.KEEP_LOWER_GATES,
           mlp_kernel.CHUNKS_PER_PROGRAM, mlp.BIAS_IN_PRODUCT) == (128, True, 2, True)
   for bad in ("lstm_kernel.block_rows=64", "lstm_kernel.NO_SUCH=1", "scale.SEED=2",

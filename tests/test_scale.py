@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from experiments.configs import scale_mnist
-from l2ojax import models, optimizees
+from l2ojax import models, optimizees, products
 from l2ojax.models import cells
 from l2ojax.meta import step as step_lib
 from l2ojax.meta import trainer
@@ -195,7 +195,7 @@ def _textbook_gru(params, x, h, bias=None):
   return u * h + (1.0 - u) * c
 
 
-# up to cells.SMALL_ROWS rows the products are written elementwise; above, as matrix products
+# up to products.SMALL_ROWS rows the products are written elementwise; above, as matrix products
 @pytest.mark.parametrize("rows,bias_shape", [((5,), None), ((5,), (12,)), ((5,), (5, 12)),
                                              ((2, 5), (2, 5, 12)), ((100,), (100, 12)),
                                              ((2, 70), (2, 70, 12))])
@@ -223,32 +223,32 @@ def test_gru_written_out_gradient_matches_autodiff_of_the_textbook_cell(rows, bi
 
 def test_weights_gradient_over_many_rows_is_split_into_chunks_that_divide_them():
   # the MNIST MLP's 15,910 coordinates: 37 chunks of 430 rows, no padding
-  assert cells.row_chunks(15910) == 37 and 15910 % 37 == 0
-  assert cells.row_chunks(4099) == 1  # a prime: one product
-  assert cells.row_chunks(1024) == 2 and cells.row_chunks(100) == 1
+  assert products.row_chunks(15910) == 37 and 15910 % 37 == 0
+  assert products.row_chunks(4099) == 1  # a prime: one product
+  assert products.row_chunks(1024) == 2 and products.row_chunks(100) == 1
   k = jax.random.split(jax.random.PRNGKey(0), 2)
   a, d = jax.random.normal(k[0], (15910, 23)), jax.random.normal(k[1], (15910, 20))
-  np.testing.assert_allclose(cells._chunked_summed_outer(a, d, 37), a.T @ d, rtol=1e-4,
+  np.testing.assert_allclose(products.chunked_summed_outer(a, d, 37), a.T @ d, rtol=1e-4,
                              atol=1e-3)
   # lowered for CUDA, one batched product over the chunks and no padded copy; elsewhere
   # one product over all rows
   for platform, product in (("cuda", "tensor<37x430x23xf32>"), ("cpu", "tensor<15910x20xf32>")):
-    text = jax.export.export(jax.jit(cells._summed_outer), platforms=[platform])(a, d).mlir_module()
-    products = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
-    assert len(products) == 1 and product in products[0], (platform, products)
+    text = jax.export.export(jax.jit(products.summed_outer), platforms=[platform])(a, d).mlir_module()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) == 1 and product in dots[0], (platform, dots)
     assert "stablehlo.pad" not in text
 
 
 @pytest.mark.parametrize("rows", [(7,), (3, 5), (100,), (4, 40)])
 def test_products_with_weights_match_matrix_products_and_their_gradients(rows):
-  """cells.matmul (elementwise up to SMALL_ROWS rows), cells.coordinate_matmul and
-  cells.coordinate_linear (their weights' gradients summed chunk-wise) against a @ w (+ b),
+  """products.matmul (elementwise up to SMALL_ROWS rows), products.rows_matmul and
+  products.rows_linear (their weights' gradients summed chunk-wise) against a @ w (+ b),
   to second order."""
   k = jax.random.split(jax.random.PRNGKey(1), 2)
   a, w = jax.random.normal(k[0], rows + (6,)), jax.random.normal(k[1], (6, 3))
   objective = lambda f: (lambda a, w: jnp.sum(jnp.sin(f(a, w))))
   plain = lambda a, w: a @ w
-  for f in (cells.matmul, cells.coordinate_matmul):
+  for f in (products.matmul, products.rows_matmul):
     np.testing.assert_allclose(f(a, w), plain(a, w), rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(jax.grad(objective(f), (0, 1))(a, w),
                                 jax.grad(objective(plain), (0, 1))(a, w), rtol=1e-5, atol=1e-5)
@@ -256,7 +256,7 @@ def test_products_with_weights_match_matrix_products_and_their_gradients(rows):
     np.testing.assert_allclose(second(f), second(plain), rtol=1e-4, atol=1e-4)
   b = jax.random.normal(jax.random.PRNGKey(2), (3,))
   linear = lambda f: (lambda a, w, b: jnp.sum(jnp.sin(f(a, w, b))))
-  ours, ref = linear(cells.coordinate_linear), linear(lambda a, w, b: a @ w + b)
+  ours, ref = linear(products.rows_linear), linear(lambda a, w, b: a @ w + b)
   chex.assert_trees_all_close(jax.grad(ours, (0, 1, 2))(a, w, b),
                               jax.grad(ref, (0, 1, 2))(a, w, b), rtol=1e-5, atol=1e-5)
   second = lambda f: jax.grad(lambda b: jnp.sum(jax.grad(f, 1)(a, w, b) ** 2))(b)

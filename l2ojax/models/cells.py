@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2ojax import gpu
+from l2ojax import gpu, products
 from l2ojax.models import lstm_kernel
 
 
@@ -491,7 +491,7 @@ def linear_init(key: chex.PRNGKey, input_size: int, output_size: int) -> dict:
 
 
 def linear_apply(params: dict, x: chex.Array) -> chex.Array:
-  return matmul(x, params["w"]) + params["b"]
+  return products.matmul(x, params["w"]) + params["b"]
 
 
 def gru_init(key: chex.PRNGKey, input_size: int, hidden: int, scale: float = 0.5,
@@ -507,98 +507,6 @@ def gru_init(key: chex.PRNGKey, input_size: int, hidden: int, scale: float = 0.5
           "b_cand": jnp.zeros((hidden,))}
 
 
-# At most this many rows, a product with a weight matrix is written as products and
-# sums of elements: XLA fuses those into the neighbouring kernels, where a matrix
-# product is a kernel of its own (on a GPU a launch per step for a few rows: the
-# per-tensor and global levels of a hierarchical optimizer).
-SMALL_ROWS = 64
-
-
-def _rows(a: chex.Array) -> int:
-  return int(np.prod(a.shape[:-1]))
-
-
-def matmul(a: chex.Array, w: chex.Array) -> chex.Array:
-  """a [..., k] @ w [k, m], as elementwise products and a sum where a has at most
-  ``SMALL_ROWS`` rows."""
-  if _rows(a) <= SMALL_ROWS:
-    return jnp.sum(a[..., :, None] * w, axis=-2)
-  return a @ w
-
-
-# Rows of each partial product of a weights' gradient over many coordinates on a
-# GPU: a product over all of them (K = rows) is split by XLA into padded copies of
-# both operands, a batched product and a reduction; chunks that divide the rows
-# need no copies.
-OUTER_CHUNK_ROWS = 512
-
-
-def row_chunks(rows: int, most: int = OUTER_CHUNK_ROWS) -> int:
-  """The fewest chunks of at most ``most`` rows each that divide ``rows`` evenly,
-  looked for up to twice the fewest possible; 1 where none does."""
-  fewest = -(-rows // most)
-  return next((k for k in range(fewest, 2 * fewest + 1) if rows % k == 0), 1)
-
-
-def _summed_outer(a: chex.Array, d: chex.Array) -> chex.Array:
-  """a^T d over all rows of a [..., fa] and d [..., fd]: [fa, fd]. Where the program
-  is lowered for CUDA, as partial products over ``row_chunks`` (then summed)."""
-  a, d = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
-  if a.shape[0] <= SMALL_ROWS:
-    return jnp.sum(a[:, :, None] * d[:, None, :], axis=0)
-  k = row_chunks(a.shape[0])
-  if k == 1:
-    return a.T @ d
-  return jax.lax.platform_dependent(a, d, cuda=functools.partial(_chunked_summed_outer, k=k),
-                                    default=lambda a, d: a.T @ d)
-
-
-def _chunked_summed_outer(a: chex.Array, d: chex.Array, k: int) -> chex.Array:
-  """a^T d of [rows, fa] and [rows, fd] as ``k`` partial products of rows / k rows each
-  (``k`` divides the rows), summed."""
-  per = a.shape[0] // k
-  return jnp.einsum("kri,krj->kij", a.reshape(k, per, -1), d.reshape(k, per, -1)).sum(0)
-
-
-@jax.custom_vjp
-def coordinate_matmul(a: chex.Array, w: chex.Array) -> chex.Array:
-  """a [..., k] @ w [k, m] over many rows (coordinates), whose gradient for ``w``
-  is ``_summed_outer``'s (autodiff's is one product over all the rows)."""
-  return a @ w
-
-
-def _coordinate_matmul_fwd(a, w):
-  return a @ w, (a, w)
-
-
-def _coordinate_matmul_bwd(res, d):
-  a, w = res
-  return d @ w.T, _summed_outer(a, d)
-
-
-coordinate_matmul.defvjp(_coordinate_matmul_fwd, _coordinate_matmul_bwd)
-
-
-@jax.custom_vjp
-def coordinate_linear(a: chex.Array, w: chex.Array, b: chex.Array) -> chex.Array:
-  """a @ w + b over many rows, whose gradient for w and b is one ``_summed_outer``
-  of [a, 1]."""
-  return a @ w + b
-
-
-def _coordinate_linear_fwd(a, w, b):
-  return a @ w + b, (a, w)
-
-
-def _coordinate_linear_bwd(res, d):
-  a, w = res
-  wb = _summed_outer(_with_ones(a), d)
-  return d @ w.T, wb[:-1], wb[-1]
-
-
-coordinate_linear.defvjp(_coordinate_linear_fwd, _coordinate_linear_bwd)
-
-
 @jax.custom_vjp
 def _gru_core(w_g, b_g, w_c, b_c, x, h, bias):
   return _gru_core_fwd(w_g, b_g, w_c, b_c, x, h, bias)[0]
@@ -606,10 +514,10 @@ def _gru_core(w_g, b_g, w_c, b_c, x, h, bias):
 
 def _gru_core_fwd(w_g, b_g, w_c, b_c, x, h, bias):
   hidden = h.shape[-1]
-  gates = matmul(jnp.concatenate([x, h], axis=-1), w_g) + b_g + bias[..., :2 * hidden]
+  gates = products.matmul(jnp.concatenate([x, h], axis=-1), w_g) + b_g + bias[..., :2 * hidden]
   ru = jax.nn.sigmoid(gates)
   r, u = jnp.split(ru, 2, axis=-1)
-  c = jnp.tanh(matmul(jnp.concatenate([x, r * h], axis=-1), w_c) + b_c + bias[..., 2 * hidden:])
+  c = jnp.tanh(products.matmul(jnp.concatenate([x, r * h], axis=-1), w_c) + b_c + bias[..., 2 * hidden:])
   # Saved for the backward pass: the inputs, the two gates and the candidate, as
   # two arrays (a loop of steps stacks each array in a kernel of its own, and
   # the inputs' can run before the step overwrites h in place).
@@ -623,12 +531,13 @@ def _gru_core_bwd(res, dh_new):
   x, h = xh[..., :n_in], xh[..., n_in:]
   r, u, c = jnp.split(ruc, 3, axis=-1)
   dzc = dh_new * (1.0 - u) * (1.0 - c * c)
-  dxrh = matmul(dzc, w_c.T)
+  dxrh = products.matmul(dzc, w_c.T)
   drh = dxrh[..., n_in:]
   dg = jnp.concatenate([drh * h * r * (1.0 - r), dh_new * (h - c) * u * (1.0 - u)], axis=-1)
-  dxh = matmul(dg, w_g.T)
+  dxh = products.matmul(dg, w_g.T)
   xh, xrh = jnp.concatenate([x, h], axis=-1), jnp.concatenate([x, r * h], axis=-1)
-  dwb_g, dwb_c = _summed_outer(_with_ones(xh), dg), _summed_outer(_with_ones(xrh), dzc)
+  dwb_g = products.summed_outer(_with_ones(xh), dg)
+  dwb_c = products.summed_outer(_with_ones(xrh), dzc)
   dx = dxh[..., :n_in] + dxrh[..., :n_in]
   dh = dh_new * u + drh * r + dxh[..., n_in:]
   dbias = jnp.concatenate([dg, dzc], axis=-1)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from l2ojax import products
 from l2ojax.models import base, cells, residuals
 
 
@@ -125,7 +126,7 @@ class RNNProp:
     """
     input_layer, stack = theta if isinstance(theta, tuple) else self.prepare(theta)
     x, (count, mu, nu) = self.features(g, state)
-    x = jax.nn.elu(cells.coordinate_linear(x, input_layer["w"], input_layer["b"]))
+    x = jax.nn.elu(products.rows_linear(x, input_layer["w"], input_layer["b"]))
     out, new_lstm = cells.lstm_stack_run(stack, x, state.lstm)
     return self.scale * jnp.tanh(out[:, 0]), RNNPropState(count, mu, nu, new_lstm)
 

@@ -54,6 +54,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from l2ojax import products
 from l2ojax.models import base, cells, residuals
 
 # Initialisation constants of the original (its command-line defaults).
@@ -271,9 +272,9 @@ class Scale:
 
     # read-outs: direction (unit RMS per tensor) x step size exp(log_lr - 1)
     # the four read-outs of the per-parameter state as one product
-    readouts = cells.coordinate_matmul(param_h, jnp.concatenate(
+    readouts = products.rows_matmul(param_h, jnp.concatenate(
         [theta["direction"]] + [theta[k]["w"] for k in ("lr", "scl_decay", "inp_decay")], axis=1))
-    direction = readouts[:, 0] + cells.coordinate_matmul(scaled, theta["shortcut"])[:, 0]
+    direction = readouts[:, 0] + products.rows_matmul(scaled, theta["shortcut"])[:, 0]
     rms = jnp.sqrt(_tensor_means(jnp.square(direction), sizes) + 1e-16)
     direction = direction / _per_coordinate(rms, sizes)
     step_log_lr = state.log_lr + readouts[:, 1] + theta["lr"]["b"][0]

@@ -10,42 +10,19 @@ import optax
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from l2ojax import gpu
+from l2ojax import gpu, products
 from l2ojax.optimizees import data as data_lib
 from l2ojax.optimizees import mlp_kernel
 
 ACTIVATIONS = {"sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu, "tanh": jnp.tanh}
 
-# Whether ``batch_loss``'s layers take their biases' gradients from the weights' product
-# (``dense``) instead of autodiff's sum over the minibatch: as compiled for a GPU at
-# B = 1 (XLA's MLP), XLA fuses that small reduction into each of three kernels that
-# read the gradient, each summing it again serially (BENCHMARKS.md); from the product,
-# once, at the cost of a kernel writing [x, 1]. Read when the loss is traced (the
-# benchmark's --kernel_constant=mlp.BIAS_IN_PRODUCT=1). Not yet timed.
+# Whether ``batch_loss``'s layers take their biases' gradients from the weights'
+# product (``products.rows_linear``) instead of autodiff's sum over the minibatch: as
+# compiled for a GPU at B = 1 (XLA's MLP), XLA fuses that small reduction into each of
+# three kernels that read the gradient, each summing it again serially (BENCHMARKS.md);
+# from the product, once, at the cost of a kernel writing [x, 1]. Read when the loss is
+# traced (the benchmark's --kernel_constant=mlp.BIAS_IN_PRODUCT=1). Not yet timed.
 BIAS_IN_PRODUCT = False
-
-
-@jax.custom_vjp
-def dense(x: chex.Array, w: chex.Array, b: chex.Array) -> chex.Array:
-  """x [..., fan_in] @ w + b, whose gradient for w and b is one product, [x, 1]^T d
-  (on a GPU in the matrix products' precision, TF32 by default, like w's alone).
-  Reverse mode only (a ``jax.custom_vjp``)."""
-  return x @ w + b
-
-
-def _dense_fwd(x, w, b):
-  return x @ w + b, (x, w)
-
-
-def _dense_bwd(res, d):
-  x, w = res
-  ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
-  rows = lambda a: a.reshape(-1, a.shape[-1])
-  wb = rows(jnp.concatenate([x, ones], axis=-1)).T @ rows(d)
-  return d @ w.T, wb[:-1], wb[-1]
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 @struct.dataclass
@@ -96,7 +73,7 @@ class MLP:
     n = len(params)
     for i in range(n):
       layer = params[f"layer_{i}"]
-      x = (dense(x, layer["w"], layer["b"]) if BIAS_IN_PRODUCT
+      x = (products.rows_linear(x, layer["w"], layer["b"]) if BIAS_IN_PRODUCT
            else x @ layer["w"] + layer["b"])
       if i < n - 1:
         x = act(x)
