@@ -88,7 +88,8 @@ def cached_curves(stem: str, res, optimizee, keys, steps: int) -> np.ndarray:
   if os.path.exists(stem + ".npy") and os.path.exists(stem + ".json"):
     if json.load(open(stem + ".json")) == tag:
       return np.load(stem + ".npy")
-  learned = evaluation.curves(res.lopt.transform(res.theta), optimizee, keys, steps)
+  learned = evaluation.curves(res.lopt.transform(res.theta), optimizee, keys, steps,
+                              flat_carry=True)
   np.save(stem + ".npy", learned)
   with open(stem + ".json", "w") as f:
     json.dump(tag, f)

@@ -193,7 +193,7 @@ def main(argv):
     for model in names:
       lopt = benchmark.learned_optimizer(model, cells.GRADIENT_CHUNKS)  # forward only
       program = compile_program(
-          lambda th, ks, o: batch_rollout(lopt.transform(th), o, ks, 100, unroll),
+          lambda th, ks, o: batch_rollout(lopt.transform(th), o, ks, 100, unroll, flat_carry=True),
           lopt.init(jax.random.PRNGKey(0)), keys, optimizee)
       report(f"W2 {model}", program, unroll)
   if _PTXAS.value:

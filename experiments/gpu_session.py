@@ -58,6 +58,9 @@ runs, in order and within ``--minutes``:
   dm_unroll*+    W1 of L2O-DM at B = 1, 8 and W2 with both fused kernels and the
                  segment's loop unrolled 20 steps (as the trainings run it), against
                  dm_fused_mlp
+  w2_flat*       W2 of L2O-DM with the fused LSTM kernels since the learned optimizer's
+                 loop carries the parameters flat: against dm_loads
+  w2_flat_mlp*+  the same with the fused MLP kernel (for Adam too): against dm_fused_mlp
   dm_bias_product*  W1 of L2O-DM, B = 1, 8, and W2 with the MNIST MLP's biases' gradients
                  taken from the weights' products (mlp.BIAS_IN_PRODUCT; XLA's MLP),
                  profiled: against dm_bwd_128 and dm_loads
@@ -298,6 +301,13 @@ STAGES = (
     # kernels: W1 at B = 1 and 8, and W2 (each loop iteration 20 steps), against dm_fused_mlp
     _bench("dm_unroll", 2.0, "--models=dm", "--batch_sizes=1,8", "--unroll=20",
            "--optimizee_kernel=pallas", *_PALLAS, needs=("check", "check_mlp")),
+    # W2 since a learned optimizer's evaluation loop carries the parameters as one vector
+    # (Adam's per leaf): as compiled for an H100, L2O-DM 20 -> 19 kernels per step with XLA's
+    # MLP (Adam 19), 11 -> 8 with the fused MLP (Adam 11); against dm_loads' W2 (5.25x Adam)
+    # and dm_fused_mlp's (3.43x)
+    _bench("w2_flat", 1.0, "--models=dm", "--workloads=w2", *_PALLAS, needs=("check",)),
+    _bench("w2_flat_mlp", 1.0, "--models=dm", "--workloads=w2", "--optimizee_kernel=pallas",
+           *_PALLAS, needs=("check", "check_mlp")),
     # the MNIST MLP's biases' gradients out of the weights' products (mlp.BIAS_IN_PRODUCT): at
     # B = 1 with XLA's MLP three kernels each sum the first bias's gradient again, serially
     # (43 of the step's 208 us in dm_loads' profile); W1 at B = 1, 8 and W2, profiled, against

@@ -52,7 +52,8 @@ def evaluate_against_adam(config, result) -> dict:
   ev = config.eval
   optimizee = trainer.build_optimizee(config)
   keys = jax.random.split(jax.random.PRNGKey(ev.seed), ev.num_optimizees)
-  learned = evaluation.curves(result.lopt.transform(result.theta), optimizee, keys, ev.steps)
+  learned = evaluation.curves(result.lopt.transform(result.theta), optimizee, keys, ev.steps,
+                              flat_carry=True)
   tuned = evaluation.tune_learning_rate(optax.adam, optimizee, keys, ev.steps,
                                         tuple(ev.adam_learning_rates))
   adam = evaluation.curves(optax.adam(tuned.learning_rate), optimizee, keys, ev.steps)
