@@ -61,6 +61,7 @@ runs, in order and within ``--minutes``:
   w2_flat*       W2 of L2O-DM with the fused LSTM kernels since the learned optimizer's
                  loop carries the parameters flat: against dm_loads
   w2_flat_mlp*+  the same with the fused MLP kernel (for Adam too): against dm_fused_mlp
+  w2_flat_bf16*+ the same with a bfloat16 state too: against dm_bf16's W2 (4.05x)
   dm_bias_product*  W1 of L2O-DM, B = 1, 8, and W2 with the MNIST MLP's biases' gradients
                  taken from the weights' products (mlp.BIAS_IN_PRODUCT; XLA's MLP),
                  profiled: against dm_bwd_128 and dm_loads
@@ -308,6 +309,8 @@ STAGES = (
     _bench("w2_flat", 1.0, "--models=dm", "--workloads=w2", *_PALLAS, needs=("check",)),
     _bench("w2_flat_mlp", 1.0, "--models=dm", "--workloads=w2", "--optimizee_kernel=pallas",
            *_PALLAS, needs=("check", "check_mlp")),
+    _bench("w2_flat_bf16", 1.0, "--models=dm", "--workloads=w2", "--optimizee_kernel=pallas",
+           "--dm_state_dtype=bfloat16", *_PALLAS, needs=("check", "check_mlp")),
     # the MNIST MLP's biases' gradients out of the weights' products (mlp.BIAS_IN_PRODUCT): at
     # B = 1 with XLA's MLP three kernels each sum the first bias's gradient again, serially
     # (43 of the step's 208 us in dm_loads' profile); W1 at B = 1, 8 and W2, profiled, against
