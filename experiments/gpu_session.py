@@ -30,6 +30,13 @@ runs, in order and within ``--minutes``:
   scale_elementwise  the same for L2O-Scale with every product of its per-parameter GRU
                  written elementwise (products.SMALL_ROWS unbounded), profiled: against
                  chunks
+  w2_flat*       W2 of L2O-DM with the fused LSTM kernels since the learned optimizer's
+                 loop carries the parameters flat: against dm_loads
+  w2_flat_mlp*+  the same with the fused MLP kernel (for Adam too): against dm_fused_mlp
+  w2_flat_bf16*+ the same with a bfloat16 state too: against dm_bf16's W2 (4.05x)
+  dm_bias_product*  W1 of L2O-DM, B = 1, 8, and W2 with the MNIST MLP's biases' gradients
+                 taken from the weights' products (mlp.BIAS_IN_PRODUCT; XLA's MLP),
+                 profiled: against dm_bwd_128 (W1) and w2_flat (W2)
   dm_loads*      dm_pallas again (W1 B = 1, 8, 64 and W2, profiled) since the fused
                  kernels' loads became contiguous: the baseline of the stages below
   dm_bwd_128*    W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 128 rows per
@@ -58,13 +65,6 @@ runs, in order and within ``--minutes``:
   dm_unroll*+    W1 of L2O-DM at B = 1, 8 and W2 with both fused kernels and the
                  segment's loop unrolled 20 steps (as the trainings run it), against
                  dm_fused_mlp
-  w2_flat*       W2 of L2O-DM with the fused LSTM kernels since the learned optimizer's
-                 loop carries the parameters flat: against dm_loads
-  w2_flat_mlp*+  the same with the fused MLP kernel (for Adam too): against dm_fused_mlp
-  w2_flat_bf16*+ the same with a bfloat16 state too: against dm_bf16's W2 (4.05x)
-  dm_bias_product*  W1 of L2O-DM, B = 1, 8, and W2 with the MNIST MLP's biases' gradients
-                 taken from the weights' products (mlp.BIAS_IN_PRODUCT; XLA's MLP),
-                 profiled: against dm_bwd_128 and dm_loads
   ncu*+          Nsight Compute's counters of the fused kernels in W1 of L2O-DM at
                  B = 8 (experiments.ncu_kernels): registers, occupancy, DRAM and SM
                  throughput, the warps' stall reasons, and the SASS instructions
@@ -235,6 +235,22 @@ STAGES = (
     # step, W2 53 -> 52 kernels and 272 -> 248 MB; against chunks
     _bench("scale_elementwise", 2.0, "--models=scale", "--batch_sizes=1,8,64", "--torch=off",
            "--kernel_constant=products.SMALL_ROWS=1000000000", "--profile_dir={out}/profile"),
+    # W2 since a learned optimizer's evaluation loop carries the parameters as one vector
+    # (Adam's per leaf): as compiled for an H100, L2O-DM 20 -> 19 kernels per step with XLA's
+    # MLP (Adam 19), 11 -> 8 with the fused MLP (Adam 11); against dm_loads' W2 (5.25x Adam)
+    # and dm_fused_mlp's (3.43x)
+    _bench("w2_flat", 1.0, "--models=dm", "--workloads=w2", *_PALLAS, needs=("check",)),
+    _bench("w2_flat_mlp", 1.0, "--models=dm", "--workloads=w2", "--optimizee_kernel=pallas",
+           *_PALLAS, needs=("check", "check_mlp")),
+    _bench("w2_flat_bf16", 1.0, "--models=dm", "--workloads=w2", "--optimizee_kernel=pallas",
+           "--dm_state_dtype=bfloat16", *_PALLAS, needs=("check", "check_mlp")),
+    # the MNIST MLP's biases' gradients out of the weights' products (mlp.BIAS_IN_PRODUCT): at
+    # B = 1 with XLA's MLP three kernels each sum the first bias's gradient again, serially
+    # (43 of the step's 208 us in dm_loads' profile); W1 at B = 1, 8 and W2, profiled, against
+    # dm_bwd_128 (W1) and w2_flat (W2)
+    _bench("dm_bias_product", 1.5, "--models=dm", "--batch_sizes=1,8", *_PALLAS,
+           "--kernel_constant=mlp.BIAS_IN_PRODUCT=1", "--profile_dir={out}/profile",
+           needs=("check",)),
     # dm_pallas again since the kernels' loads became contiguous (59c2871): the weights'
     # gradient and forward kernels' times against dm_pallas's, and the baseline of the
     # stages after it
@@ -302,22 +318,6 @@ STAGES = (
     # kernels: W1 at B = 1 and 8, and W2 (each loop iteration 20 steps), against dm_fused_mlp
     _bench("dm_unroll", 2.0, "--models=dm", "--batch_sizes=1,8", "--unroll=20",
            "--optimizee_kernel=pallas", *_PALLAS, needs=("check", "check_mlp")),
-    # W2 since a learned optimizer's evaluation loop carries the parameters as one vector
-    # (Adam's per leaf): as compiled for an H100, L2O-DM 20 -> 19 kernels per step with XLA's
-    # MLP (Adam 19), 11 -> 8 with the fused MLP (Adam 11); against dm_loads' W2 (5.25x Adam)
-    # and dm_fused_mlp's (3.43x)
-    _bench("w2_flat", 1.0, "--models=dm", "--workloads=w2", *_PALLAS, needs=("check",)),
-    _bench("w2_flat_mlp", 1.0, "--models=dm", "--workloads=w2", "--optimizee_kernel=pallas",
-           *_PALLAS, needs=("check", "check_mlp")),
-    _bench("w2_flat_bf16", 1.0, "--models=dm", "--workloads=w2", "--optimizee_kernel=pallas",
-           "--dm_state_dtype=bfloat16", *_PALLAS, needs=("check", "check_mlp")),
-    # the MNIST MLP's biases' gradients out of the weights' products (mlp.BIAS_IN_PRODUCT): at
-    # B = 1 with XLA's MLP three kernels each sum the first bias's gradient again, serially
-    # (43 of the step's 208 us in dm_loads' profile); W1 at B = 1, 8 and W2, profiled, against
-    # dm_bwd_128 (W1) and dm_loads (W2)
-    _bench("dm_bias_product", 1.5, "--models=dm", "--batch_sizes=1,8", *_PALLAS,
-           "--kernel_constant=mlp.BIAS_IN_PRODUCT=1", "--profile_dir={out}/profile",
-           needs=("check",)),
     # Nsight Compute's counters of the fused kernels (W1 L2O-DM, B = 8, both fused kernels):
     # occupancy, throughput and the warps' stall reasons of the latency-bound kernels, and at
     # which instructions (the program-counter samples). Last: its run under ncu once took
