@@ -231,8 +231,8 @@ STAGES = (
     _bench("chunks", 3.0, "--models=scale,rnnprop", "--batch_sizes=1,8,64", *_PALLAS,
            "--profile_dir={out}/profile", needs=("check",)),
     # L2O-Scale's per-parameter GRU with its products written elementwise too
-    # (products.SMALL_ROWS unbounded): as compiled for an H100, B = 8, 114 -> 109 kernels and 760 -> 727 MB per
-    # step, W2 53 -> 52 kernels and 272 -> 248 MB; against chunks
+    # (products.SMALL_ROWS unbounded): as compiled for an H100, B = 8, 114 -> 109 kernels
+    # and 760 -> 727 MB per step, W2 53 -> 52 kernels and 272 -> 248 MB; against chunks
     _bench("scale_elementwise", 2.0, "--models=scale", "--batch_sizes=1,8,64", "--torch=off",
            "--kernel_constant=products.SMALL_ROWS=1000000000", "--profile_dir={out}/profile"),
     # W2 since a learned optimizer's evaluation loop carries the parameters as one vector

@@ -29,7 +29,9 @@ def _rows(a: chex.Array) -> int:
   return int(np.prod(a.shape[:-1]))
 
 
-def _with_ones(a: chex.Array) -> chex.Array:
+def with_ones(a: chex.Array) -> chex.Array:
+  """[a, 1]: the operand whose product with a cotangent gives a weight matrix's
+  and its bias's gradients at once (one kernel, not a product and a row sum)."""
   return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
 
 
@@ -104,7 +106,7 @@ def _rows_linear_fwd(a, w, b):
 
 def _rows_linear_bwd(res, d):
   a, w = res
-  wb = summed_outer(_with_ones(a), d)
+  wb = summed_outer(with_ones(a), d)
   return d @ w.T, wb[:-1], wb[-1]
 
 

@@ -233,7 +233,8 @@ def test_weights_gradient_over_many_rows_is_split_into_chunks_that_divide_them()
   # lowered for CUDA, one batched product over the chunks and no padded copy; elsewhere
   # one product over all rows
   for platform, product in (("cuda", "tensor<37x430x23xf32>"), ("cpu", "tensor<15910x20xf32>")):
-    text = jax.export.export(jax.jit(products.summed_outer), platforms=[platform])(a, d).mlir_module()
+    exported = jax.export.export(jax.jit(products.summed_outer), platforms=[platform])(a, d)
+    text = exported.mlir_module()
     dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
     assert len(dots) == 1 and product in dots[0], (platform, dots)
     assert "stablehlo.pad" not in text

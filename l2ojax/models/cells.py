@@ -65,12 +65,6 @@ def _cell_forward(w, b, x, h, c):
   return (*_next_state(t, c), t)
 
 
-def _with_ones(a: chex.Array) -> chex.Array:
-  """[a, 1]: the operand whose product with a cotangent gives a weight matrix's
-  and its bias's gradients at once (one kernel, not a product and a row sum)."""
-  return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
-
-
 # On a GPU a loop of steps accumulates the weights' gradient in this many
 # partial sums over the coordinates (LSTMStack): each step's product then adds
 # into its accumulator in one kernel, where one sum takes a padded split-K
@@ -129,7 +123,8 @@ def _cell_backward(wt, x, h, c, t, dh_new, dc_new, k=1):
   dz = _chunk_rows(dt * (1.0 - t * t), k)
   lead = x.shape[:-1]
   dxh = (dz @ wt)[:int(np.prod(lead))].reshape(lead + wt.shape[-1:])
-  dwb = _chunked_outer(_chunk_rows(_with_ones(jnp.concatenate([x, h], axis=-1)), k), dz, k)
+  xh1 = products.with_ones(jnp.concatenate([x, h], axis=-1))
+  dwb = _chunked_outer(_chunk_rows(xh1, k), dz, k)
   return dwb, dxh[..., :x.shape[-1]], dxh[..., x.shape[-1]:], dc * f
 
 
@@ -331,7 +326,7 @@ def _xla_stack_backward(layouts, k, inputs, gates, d_out, dh_news, dc_news):
   ts = jnp.split(gates, np.cumsum([4 * h for h in hidden])[:-1], axis=-1)
   xs = [x_in] + [_next_state(t, c)[0] for t, c in zip(ts[:-1], cs[:-1])]
   top = _next_state(ts[-1], cs[-1])[0]
-  dwb_out = _chunked_outer(_chunk_rows(_with_ones(top), k), _chunk_rows(d_out, k), k)
+  dwb_out = _chunked_outer(_chunk_rows(products.with_ones(top), k), _chunk_rows(d_out, k), k)
   dx = d_out @ layouts.w_out.T  # reaches the top layer's h'
   dwbs, dhs, dcs = [], [], []
   for l in reversed(range(len(layouts.wts))):
@@ -517,7 +512,8 @@ def _gru_core_fwd(w_g, b_g, w_c, b_c, x, h, bias):
   gates = products.matmul(jnp.concatenate([x, h], axis=-1), w_g) + b_g + bias[..., :2 * hidden]
   ru = jax.nn.sigmoid(gates)
   r, u = jnp.split(ru, 2, axis=-1)
-  c = jnp.tanh(products.matmul(jnp.concatenate([x, r * h], axis=-1), w_c) + b_c + bias[..., 2 * hidden:])
+  c = jnp.tanh(products.matmul(jnp.concatenate([x, r * h], axis=-1), w_c) + b_c
+               + bias[..., 2 * hidden:])
   # Saved for the backward pass: the inputs, the two gates and the candidate, as
   # two arrays (a loop of steps stacks each array in a kernel of its own, and
   # the inputs' can run before the step overwrites h in place).
@@ -536,8 +532,8 @@ def _gru_core_bwd(res, dh_new):
   dg = jnp.concatenate([drh * h * r * (1.0 - r), dh_new * (h - c) * u * (1.0 - u)], axis=-1)
   dxh = products.matmul(dg, w_g.T)
   xh, xrh = jnp.concatenate([x, h], axis=-1), jnp.concatenate([x, r * h], axis=-1)
-  dwb_g = products.summed_outer(_with_ones(xh), dg)
-  dwb_c = products.summed_outer(_with_ones(xrh), dzc)
+  dwb_g = products.summed_outer(products.with_ones(xh), dg)
+  dwb_c = products.summed_outer(products.with_ones(xrh), dzc)
   dx = dxh[..., :n_in] + dxrh[..., :n_in]
   dh = dh_new * u + drh * r + dxh[..., n_in:]
   dbias = jnp.concatenate([dg, dzc], axis=-1)
