@@ -91,7 +91,8 @@ def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_le
                    meta_loss: str = "sum", second_order: bool = False,
                    divergence_bound: float = 1e3, remat: Optional[str] = None,
                    remat_chunk: int = 0, scan_unroll: int = 1,
-                   mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+                   mesh: Optional[jax.sharding.Mesh] = None,
+                   residual_tape: bool = False) -> Callable:
   """Returns jit(meta_step)(theta, outer_state, states, key, optimizee).
 
   ``states`` is an UnrollState batched over optimizees; the step unrolls each
@@ -118,17 +119,25 @@ def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_le
   sharded with no other change; with that ``mesh`` given too, each device
   unrolls its optimizees in a program of its own (``sharding.per_device``),
   which the fused Pallas kernels (``lstm_kernel="pallas"``) need.
+  ``residual_tape``: the fused LSTM kernels keep each step's saved inputs in
+  one buffer for the segment, written and read in place
+  (``unroll.scan_steps``); not with ``remat`` or ``remat_chunk``.
   """
   loss_fn = losses_lib.get(meta_loss)
   remat_lib.check_policy(remat)
   if remat_chunk < 0 or scan_unroll < 1:
     raise ValueError(f"make_meta_step: remat_chunk={remat_chunk} must be >= 0 and "
                      f"scan_unroll={scan_unroll} >= 1")
+  if residual_tape and (remat_lib.resolve(remat) or remat_chunk):
+    raise ValueError(f"make_meta_step: residual_tape with remat={remat!r} (here "
+                     f"{remat_lib.resolve(remat)!r}), remat_chunk={remat_chunk}: a recomputed "
+                     "update would rewrite the tape; turn remat off")
 
   def one(lopt, theta, state, key, optimizee):
     tx = remat_lib.checkpointed(lopt.transform(theta), remat)
     state, fs = unroll(tx, optimizee, state, key, segment_length, second_order,
-                       scan_unroll=scan_unroll, remat_chunk=remat_chunk)
+                       scan_unroll=scan_unroll, remat_chunk=remat_chunk,
+                       residual_tape=residual_tape)
     return loss_fn(fs, state.initial_loss), (state, fs)
 
   def meta_step(theta, outer_state, states: UnrollState, key, optimizee

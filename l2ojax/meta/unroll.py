@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from l2ojax.models import residuals
 from l2ojax.optimizees.base import Optimizee
 
 
@@ -87,7 +88,8 @@ def step_inputs(optimizee: Optimizee, step_keys: chex.Array) -> Tuple[Any, Any]:
 
 def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: UnrollState,
                step_keys: chex.Array, second_order: bool = False, *, unroll: int = 1,
-               remat_chunk: int = 0, flat_carry: bool = True) -> Tuple[UnrollState, chex.Array]:
+               remat_chunk: int = 0, flat_carry: bool = True,
+               residual_tape: bool = False) -> Tuple[UnrollState, chex.Array]:
   """One step of ``tx`` per key of ``step_keys`` (each key draws that step's minibatch).
 
   Returns the new state and the loss before each step ([len(step_keys)]).
@@ -102,11 +104,19 @@ def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: Un
   when all leaves share a dtype: the update is one add (and its transpose
   one), and a learned optimizer ravels them anyway; a per-leaf optax
   transformation (Adam) compiles to fewer kernels per step without it (GPU,
-  W2: 19 instead of 25). None of these changes the result.
+  W2: 19 instead of 25). ``residual_tape``: the loop is a
+  ``residuals.taped_scan``: a step whose learned optimizer records its
+  residual (the fused LSTM kernels') writes it in place into one buffer for
+  the segment, which the backward pass reads in place, rather than the loop
+  stacking it (for reverse-mode differentiation of the segment; not with
+  ``remat_chunk``). None of these changes the result.
   """
   if remat_chunk < 0 or unroll < 1:
     raise ValueError(f"scan_steps: remat_chunk={remat_chunk} must be >= 0 and "
                      f"unroll={unroll} >= 1")
+  if residual_tape and remat_chunk:
+    raise ValueError(f"scan_steps: residual_tape with remat_chunk={remat_chunk}: a "
+                     "recomputed chunk would rewrite the tape; use one or the other")
   xs, loss_and_grad = step_inputs(optimizee, step_keys)
 
   flat_params = flat_carry and len(
@@ -146,7 +156,8 @@ def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: Un
 
   def scan(carry, xs):
     steps = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    return jax.lax.scan(body, carry, xs, unroll=min(unroll, max(steps, 1)))
+    loop = residuals.taped_scan if residual_tape else jax.lax.scan
+    return loop(body, carry, xs, unroll=min(unroll, max(steps, 1)))
 
   carry = (start, state.opt_state)
   n = step_keys.shape[0]
@@ -168,20 +179,20 @@ def scan_steps(tx: optax.GradientTransformation, optimizee: Optimizee, state: Un
 
 def unroll(tx: optax.GradientTransformation, optimizee: Optimizee, state: UnrollState,
            key: chex.PRNGKey, num_steps: int, second_order: bool = False, *,
-           scan_unroll: int = 1, remat_chunk: int = 0, flat_carry: bool = True
-           ) -> Tuple[UnrollState, chex.Array]:
+           scan_unroll: int = 1, remat_chunk: int = 0, flat_carry: bool = True,
+           residual_tape: bool = False) -> Tuple[UnrollState, chex.Array]:
   """Runs ``num_steps`` steps of ``tx`` on one optimizee.
 
   Returns the new state and the losses f(x_0), ..., f(x_T) ([num_steps + 1]),
   each on the minibatch of its own step. Unless ``second_order``, the
   optimizee gradient enters ``tx`` as a constant: meta-gradients flow through
   the parameters the updates produce, not through d(grad)/d(params).
-  ``scan_unroll``, ``remat_chunk``, ``flat_carry``: see ``scan_steps``.
+  ``scan_unroll``, ``remat_chunk``, ``flat_carry``, ``residual_tape``: see ``scan_steps``.
   """
   keys = jax.random.split(key, num_steps + 1)
   new_state, losses = scan_steps(tx, optimizee, state, keys[:-1], second_order,
                                  unroll=scan_unroll, remat_chunk=remat_chunk,
-                                 flat_carry=flat_carry)
+                                 flat_carry=flat_carry, residual_tape=residual_tape)
   final_loss = optimizee.loss(new_state.params, state.instance, keys[-1])
   return new_state, jnp.concatenate([losses, final_loss[None]])
 

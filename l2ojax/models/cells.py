@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2ojax import gpu, products
-from l2ojax.models import lstm_kernel
+from l2ojax.models import lstm_kernel, residuals
 
 
 class LSTMState(NamedTuple):
@@ -296,25 +296,37 @@ def _stack_core_bwd(kernel, log_sign_k, res, cotangents):
 
   if len(saved) == 2:
     return with_dg(*_xla_stack_backward(layouts, k, *saved, *cotangents))
+  return with_dg(*_recomputing_backward(kernel, layouts, k, saved[0], *cotangents))
 
-  def xla(layouts, inputs, d_out, dh_news, dc_news):  # the gates recomputed by XLA's ops
+
+def _recomputing_backward(kernel, layouts, k, inputs, d_out, dh_news, dc_news, slot=None):
+  """(d_grad, dx, dh's, dc's) of the stack from its saved inputs, the gates recomputed:
+  the fused kernels or XLA's ops (``gpu.on_gpu``). ``slot``: ``inputs`` is a tape
+  [steps x rows, width] and the step's are its rows [slot x rows, (slot + 1) x rows)."""
+  lead = d_out.shape[:-1]
+  rows = int(np.prod(lead))
+
+  def xla(layouts, inputs, slot, d_out, dh_news, dc_news):
+    if slot is not None:
+      inputs = jax.lax.dynamic_slice_in_dim(inputs, slot[0] * rows, rows)
+      inputs = inputs.reshape(lead + inputs.shape[-1:])
     ts = _xla_stack(layouts, *_split_inputs(layouts, inputs))[1]
     return _xla_stack_backward(layouts, k, inputs, jnp.concatenate(ts, axis=-1), d_out,
                                dh_news, dc_news)
 
-  def fused(layouts, inputs, d_out, dh_news, dc_news):
+  def fused(layouts, inputs, slot, d_out, dh_news, dc_news):
     # the cells' backward pass in one kernel, the weights' gradient from its outputs in another
-    lead = inputs.shape[:-1]
+    interpret = kernel == "pallas_interpret"
     dx, dhs, dcs, dzs, outs = lstm_kernel.stack_backward(
         layouts.padded, _flat(inputs), _flat(d_out), [_flat(d) for d in dh_news],
-        [_flat(d) for d in dc_news], interpret=kernel == "pallas_interpret")
+        [_flat(d) for d in dc_news], interpret=interpret, slot=slot)
     unflat = lambda a, like: a.reshape(lead + a.shape[-1:]).astype(like.dtype)
     d_grad = lstm_kernel.weights_gradient(_flat(inputs), outs, dzs, _flat(d_out), k,
-                                          interpret=kernel == "pallas_interpret")
+                                          interpret=interpret, slot=slot)
     return (d_grad.astype(layouts.w_out.dtype), unflat(dx, layouts.ws[0]),
             tuple(map(unflat, dhs, dh_news)), tuple(map(unflat, dcs, dc_news)))
 
-  return with_dg(*gpu.on_gpu(kernel, fused, xla, layouts, *saved, *cotangents))
+  return gpu.on_gpu(kernel, fused, xla, layouts, inputs, slot, d_out, dh_news, dc_news)
 
 
 def _xla_stack_backward(layouts, k, inputs, gates, d_out, dh_news, dc_news):
@@ -340,6 +352,51 @@ def _xla_stack_backward(layouts, k, inputs, gates, d_out, dh_news, dc_news):
 
 
 _stack_core.defvjp(_stack_core_fwd, _stack_core_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _taped_stack_core(kernel, log_sign_k, layouts, grad, x, g, hs, cs, tape, slot):
+  """``_stack_core`` (kernel "pallas" or "pallas_interpret") that keeps its saved
+  inputs on ``tape`` (``residuals.record``): ((out, h's, c's), new tape). Its
+  backward pass reads them from the cotangent of the new tape, which
+  ``residuals.taped_scan`` makes the tape itself, and passes that on."""
+  return _taped_stack_core_fwd(kernel, log_sign_k, layouts, grad, x, g, hs, cs, tape, slot)[0]
+
+
+def _taped_stack_core_fwd(kernel, log_sign_k, layouts, grad, x, g, hs, cs, tape, slot):
+  lead = x.shape[:-1]
+  rows = int(np.prod(lead))
+
+  def fused(layouts, x, g, hs, cs, tape, slot):
+    *outs, tape = lstm_kernel.stack_forward(
+        layouts.padded, _flat(x) if log_sign_k is None else g.reshape(-1),
+        [_flat(h) for h in hs], [_flat(c) for c in cs], layouts.w_out.shape[1],
+        interpret=kernel == "pallas_interpret", log_and_sign_k=log_sign_k, tape=tape, slot=slot)
+    unflat = lambda a: a.reshape(lead + a.shape[-1:])
+    return (unflat(outs[0]), tuple(map(unflat, outs[1])), tuple(map(unflat, outs[2]))), tape
+
+  def xla(layouts, x, g, hs, cs, tape, slot):
+    del g
+    (out, h_news, c_news), _ = _xla_stack(layouts, x, [h.astype(x.dtype) for h in hs],
+                                          [c.astype(x.dtype) for c in cs])
+    saved = _flat(_saved_inputs(x, hs, cs)).astype(tape.dtype)
+    return ((out, _cast_like(h_news, hs), _cast_like(c_news, cs)),
+            jax.lax.dynamic_update_slice_in_dim(tape, saved, slot[0] * rows, 0))
+
+  outs, tape = gpu.on_gpu(kernel, fused, xla, layouts, x, g, hs, cs, tape, slot)
+  return (outs, tape), (layouts, grad.shape[0], slot)
+
+
+def _taped_stack_core_bwd(kernel, log_sign_k, res, cotangents):
+  layouts, k, slot = res
+  (d_out, dh_news, dc_news), tape = cotangents
+  d_grad, dx, dhs, dcs = _recomputing_backward(kernel, layouts, k, tape, d_out, dh_news,
+                                               dc_news, slot)
+  return (jax.tree_util.tree_map(jnp.zeros_like, layouts), d_grad, dx,
+          None if log_sign_k is None else jnp.zeros_like(dx[..., 0]), dhs, dcs, tape, None)
+
+
+_taped_stack_core.defvjp(_taped_stack_core_fwd, _taped_stack_core_bwd)
 
 
 def lstm_apply(params: dict, x: chex.Array, state: LSTMState,
@@ -455,10 +512,16 @@ def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState],
   if g is not None and (g.shape != x.shape[:-1] or x.shape[-1] != 2):
     raise ValueError(f"lstm_stack_run: log_and_sign_of's gradient {g.shape} does not match "
                      f"x {x.shape} (its two features per row)")
-  out, hs, cs = _stack_core(stack.kernel, None if k is None else float(k), layouts,
-                            cast(stack.grad), cast(x), None if g is None else cast(g),
-                            tuple(as_computed(s.h) for s in states),
-                            tuple(as_computed(s.c) for s in states))
+  args = (stack.kernel, None if k is None else float(k), layouts, cast(stack.grad), cast(x),
+          None if g is None else cast(g), tuple(as_computed(s.h) for s in states),
+          tuple(as_computed(s.c) for s in states))
+  taped = None
+  if stack.kernel in ("pallas", "pallas_interpret"):
+    # in a residuals.taped_scan, the saved inputs go on its tape
+    saved = jax.eval_shape(_saved_inputs, *args[4:5], *args[6:])
+    taped = residuals.record(int(np.prod(saved.shape[:-1])), saved.shape[-1], saved.dtype,
+                             lambda tape, slot: _taped_stack_core(*args, tape, slot))
+  out, hs, cs = _stack_core(*args) if taped is None else taped
   return out, tuple(LSTMState(h.astype(s.h.dtype), c.astype(s.c.dtype))
                     for h, c, s in zip(hs, cs, states))
 

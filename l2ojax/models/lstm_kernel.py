@@ -123,17 +123,22 @@ def pad_stack(ws: Sequence[chex.Array], bs: Sequence[chex.Array], w_out: chex.Ar
 
 
 def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: int,
-            with_gates: bool, log_and_sign_k: Optional[float], tanh=jnp.tanh):
-  # refs: x, h_0.., c_0.., wx_0.., wh_0.., b_0.., w_out, b_out | out, h'_0.., c'_0.. [, t_0..]
+            with_gates: bool, log_and_sign_k: Optional[float], tanh=jnp.tanh,
+            taped: bool = False):
+  # refs: x, h_0.., c_0.., wx_0.., wh_0.., b_0.., w_out, b_out [, slot, tape]
+  #       | out, h'_0.., c'_0.. [, t_0..] [, tape']
   x_ref, refs = refs[0], refs[1:]
   h_refs, c_refs = refs[:num_layers], refs[num_layers:2 * num_layers]
   wx_refs = refs[2 * num_layers:3 * num_layers]
   wh_refs = refs[3 * num_layers:4 * num_layers]
   b_refs = refs[4 * num_layers:5 * num_layers]
-  w_out_ref, b_out_ref, out_ref = refs[5 * num_layers:5 * num_layers + 3]
-  h_out_refs = refs[5 * num_layers + 3:6 * num_layers + 3]
-  c_out_refs = refs[6 * num_layers + 3:7 * num_layers + 3]
-  t_refs = refs[7 * num_layers + 3:]
+  w_out_ref, b_out_ref = refs[5 * num_layers:5 * num_layers + 2]
+  refs = refs[5 * num_layers + 2:]
+  slot_ref, refs = (refs[0], refs[2:]) if taped else (None, refs)  # the tape in: aliased
+  out_ref, refs = refs[0], refs[1:]
+  h_out_refs, c_out_refs = refs[:num_layers], refs[num_layers:2 * num_layers]
+  t_refs = refs[2 * num_layers:2 * num_layers + (num_layers if with_gates else 0)]
+  tape_ref = refs[-1] if taped else None
   pl, plt = _pallas()
 
   n = x_ref.shape[0]
@@ -170,11 +175,30 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
       lane = jnp.arange(lanes)[None, :]
       return jnp.where(lane == shift, log, jnp.where(lane == shift + 1, sign, 0.0))
 
+    if taped:  # this step's inputs [x, h's, c's] (cells._saved_inputs) in the tape's slot
+      saved_rows = slot_ref[0] * n + rows
+      split_x = _saved_layout(tape_ref, sizes)[1]
+      x_width = tape_ref.shape[-1] - 2 * sum(sizes)
+
+      def keep(value, width, offset):
+        cols = jnp.arange(value.shape[1])
+        plt.store(tape_ref.at[saved_rows[:, None], offset + cols[None, :]],
+                  value.astype(tape_ref.dtype), mask=row_ok & (cols < width)[None, :])
+
+      x_saved = inputs(_padded(n_in))
+      keep(x_saved, n_in, 0)
+      if split_x:  # [hi, lo], hi + lo = x
+        hi = x_saved.astype(tape_ref.dtype).astype(jnp.float32)
+        keep(x_saved - hi, n_in, n_in)
+
     packed = packs_input(n_in, sizes[0])
     x = None if packed else inputs(_padded(n_in))
     for l, hidden in enumerate(sizes):
       h = load(h_refs[l], hidden).astype(jnp.float32)
       c = load(c_refs[l], hidden).astype(jnp.float32)
+      if taped:
+        keep(h, hidden, x_width + sum(sizes[:l]))
+        keep(c, hidden, x_width + sum(sizes) + sum(sizes[:l]))
       if l == 0 and packed:  # [h, x, 0] in one tile
         h = h + inputs(_padded(hidden), hidden)
       # one tanh per gate: i, f, o = (1 + t) / 2 and j = t (weights pre-scaled)
@@ -198,7 +222,8 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
 
 def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
                   cs: Sequence[chex.Array], n_out: int, interpret: bool = False,
-                  with_gates: bool = False, log_and_sign_k: Optional[float] = None
+                  with_gates: bool = False, log_and_sign_k: Optional[float] = None,
+                  tape: Optional[chex.Array] = None, slot: Optional[chex.Array] = None
                   ) -> Tuple[chex.Array, ...]:
   """(read-out [n, n_out], new h's, new c's) of the stack on rows ``x`` [n, n_in].
 
@@ -212,6 +237,11 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
   f, o), what ``cells._stack_core_fwd`` keeps for the backward pass.
   ``interpret``: run the kernel's program on the current backend (any platform;
   slow) instead of compiling it for a GPU.
+  ``tape`` [steps x n, width], ``slot`` (int32 [1]): also write the step's inputs
+  [x, h's, c's] (``cells._saved_inputs``, in the tape's dtype) to rows [slot x
+  n, (slot + 1) x n) of ``tape``, in place, and return the tape last: the
+  residual of a loop's step written where the backward pass reads it
+  (``residuals.taped_scan``), rather than stacked by the loop after the call.
   """
   pl, plt = _pallas()
   if log_and_sign_k is None:
@@ -224,27 +254,46 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
     raise ValueError(f"lstm_kernel.stack_forward: with log_and_sign_k, x is a gradient "
                      f"[rows], got {x.shape}")
   sizes = tuple(h.shape[-1] for h in hs)
+  taped = tape is not None
+  if taped:
+    _check_tape("stack_forward", tape, slot, n, sizes, n_in)
   dtype = jnp.float32
   # h and c are read and written in their own dtype (a bfloat16 state stays narrow in
   # memory), computed on in float32
   out_shape = ([jax.ShapeDtypeStruct((n, n_out), dtype)]
                + [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*hs, *cs)]
-               + [jax.ShapeDtypeStruct((n, 4 * s), dtype) for s in sizes if with_gates])
+               + [jax.ShapeDtypeStruct((n, 4 * s), dtype) for s in sizes if with_gates]
+               + ([jax.ShapeDtypeStruct(tape.shape, tape.dtype)] if taped else []))
   kernel = functools.partial(_kernel, num_layers=len(sizes), sizes=sizes, n_in=n_in,
                              n_out=n_out, with_gates=with_gates, log_and_sign_k=log_and_sign_k,
-                             tanh=_tanh(interpret))
+                             tanh=_tanh(interpret), taped=taped)
+  num = len(sizes)
+  operands = [x, *hs, *cs, *padded.wx, *padded.wh, *padded.b, padded.w_out, padded.b_out]
+  # Each program reads its rows' h and c before it writes them: updating them in
+  # place saves a loop carrying the state a copy of it per step. (Differentiated,
+  # XLA stacks the old state for the backward pass before the call: no copy either.)
+  aliases = {i: i for i in range(1, 2 * num + 1)}
+  if taped:
+    aliases[len(operands) + 1] = len(out_shape) - 1
+    operands += [slot, tape]
   out, *new = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(pl.cdiv(n, BLOCK_ROWS * BLOCKS_PER_PROGRAM),),
       compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
-      # Each program reads its rows' h and c before it writes them: updating them in
-      # place saves a loop carrying the state a copy of it per step. (Differentiated,
-      # XLA stacks the old state for the backward pass before the call: no copy either.)
-      input_output_aliases={i: i for i in range(1, 2 * len(sizes) + 1)},
-      interpret=interpret, name="lstm_stack_forward",
-  )(x, *hs, *cs, *padded.wx, *padded.wh, *padded.b, padded.w_out, padded.b_out)
-  num = len(sizes)
-  gates = (tuple(new[2 * num:]),) if with_gates else ()
-  return (out, tuple(new[:num]), tuple(new[num:2 * num])) + gates
+      input_output_aliases=aliases, interpret=interpret, name="lstm_stack_forward",
+  )(*operands)
+  gates = (tuple(new[2 * num:3 * num]),) if with_gates else ()
+  return (out, tuple(new[:num]), tuple(new[num:2 * num])) + gates + ((new[-1],) if taped else ())
+
+
+def _check_tape(owner: str, tape: chex.Array, slot: chex.Array, n: int,
+                sizes: Tuple[int, ...], n_in: int) -> None:
+  width = (2 if jnp.finfo(tape.dtype).bits < 32 else 1) * n_in + 2 * sum(sizes)
+  if tape.ndim != 2 or tape.shape[0] % n or tape.shape[1] != width:
+    raise ValueError(f"lstm_kernel.{owner}: tape {tape.shape} must be [steps x {n} rows, "
+                     f"{width}] ([x, h's, c's] of a {tape.dtype} tape)")
+  if slot is None or slot.shape != (1,) or slot.dtype != jnp.int32:
+    raise ValueError(f"lstm_kernel.{owner}: with a tape, slot must be int32 [1], got "
+                     f"{None if slot is None else (slot.shape, slot.dtype)}")
 
 
 # The backward kernel's rows and warps per program. It writes each layer's gate
@@ -327,15 +376,17 @@ def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
-                     split_x: bool, tanh=jnp.tanh):
-  # refs: saved, d_out, dh_0.., dc_0.., wx_0.., wh_0.., b_0.., w_out
+                     split_x: bool, tanh=jnp.tanh, taped: bool = False):
+  # refs: saved, d_out, dh_0.., dc_0.., wx_0.., wh_0.., b_0.., w_out [, slot]
   #       | dx, dh'_0.., dc'_0.., dz_0.., out_0..
   num = len(sizes)
   saved_ref, d_out_ref, refs = refs[0], refs[1], refs[2:]
   dh_in, dc_in, refs = refs[:num], refs[num:2 * num], refs[2 * num:]
   wx_refs, wh_refs, b_refs, refs = (refs[:num], refs[num:2 * num], refs[2 * num:3 * num],
                                     refs[3 * num:])
-  w_out_ref, dx_ref, refs = refs[0], refs[1], refs[2:]
+  w_out_ref, refs = refs[0], refs[1:]
+  slot_ref, refs = (refs[0], refs[1:]) if taped else (None, refs)
+  dx_ref, refs = refs[0], refs[1:]
   dh_out, dc_out, dz_refs, out_refs = (refs[:num], refs[num:2 * num], refs[2 * num:3 * num],
                                        refs[3 * num:])
   pl, plt = _pallas()
@@ -354,6 +405,8 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
     first = (program * BACKWARD_BLOCKS_PER_PROGRAM + j) * BACKWARD_BLOCK_ROWS
     rows = first + jnp.arange(BACKWARD_BLOCK_ROWS)
     row_ok = (rows < n)[:, None]
+    # the saved inputs' rows: in a tape, those of its slot
+    saved_rows = rows if slot_ref is None else slot_ref[0] * n + rows
 
     def cols(width, offset=0):
       c = jnp.arange(_padded(width))
@@ -361,7 +414,8 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
 
     def load(ref, width, offset=0):
       mask, c = cols(width, offset)
-      return plt.load(ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
+      at = saved_rows if ref is saved_ref else rows
+      return plt.load(ref.at[at[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
 
     def lanes(width, shift, outside=0):
       """(mask, columns) of lanes [shift, shift + width) of a first-layer tile; the
@@ -373,9 +427,10 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
 
     def load_x_beside_h():  # [0 (h's lanes), x, 0]
       mask, c = lanes(n_in, sizes[0])
-      x = plt.load(saved_ref.at[rows[:, None], c], mask=mask, other=0.0).astype(jnp.float32)
+      x = plt.load(saved_ref.at[saved_rows[:, None], c], mask=mask,
+                   other=0.0).astype(jnp.float32)
       if split_x:
-        x += plt.load(saved_ref.at[rows[:, None], n_in + c], mask=mask,
+        x += plt.load(saved_ref.at[saved_rows[:, None], n_in + c], mask=mask,
                       other=0.0).astype(jnp.float32)
       return x
 
@@ -447,7 +502,7 @@ def _saved_layout(saved: chex.Array, sizes: Tuple[int, ...]) -> Tuple[int, bool]
 
 def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
                    dh_news: Sequence[chex.Array], dc_news: Sequence[chex.Array],
-                   interpret: bool = False) -> Tuple:
+                   interpret: bool = False, slot: Optional[chex.Array] = None) -> Tuple:
   """The stack's backward pass through its cells, from its saved inputs, in one kernel.
 
   ``saved``: [n, n_in + 2 x sum(hidden)], the step's inputs [x, h's, c's] (the
@@ -460,18 +515,23 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
   cotangents dz [n, 4 x hidden] (columns i, j, f, o) and output h' [n, hidden]
   (the operands of ``weights_gradient``); dh's and dc's in the dtypes of
   ``dh_news`` and ``dc_news``, the rest in float32.
+  ``slot`` (int32 [1]): ``saved`` is a tape [steps x n, width] (``stack_forward``'s)
+  and the step's inputs are its rows [slot x n, (slot + 1) x n), read in place.
   """
   pl, plt = _pallas()
   n, n_out = d_out.shape
   sizes = tuple(d.shape[-1] for d in dh_news)
   n_in, split_x = _saved_layout(saved, sizes)
+  taped = slot is not None
+  if taped:
+    _check_tape("stack_backward", saved, slot, n, sizes, n_in)
   dtype = jnp.float32
   out_shape = ([jax.ShapeDtypeStruct((n, n_in), dtype)]
                + [jax.ShapeDtypeStruct(d.shape, d.dtype) for d in (*dh_news, *dc_news)]
                + [jax.ShapeDtypeStruct((n, 4 * s), dtype) for s in sizes]
                + [jax.ShapeDtypeStruct((n, s), dtype) for s in sizes])
   kernel = functools.partial(_backward_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
-                             split_x=split_x, tanh=_tanh(interpret))
+                             split_x=split_x, tanh=_tanh(interpret), taped=taped)
   num = len(sizes)
   dx, *rest = pl.pallas_call(
       kernel, out_shape=out_shape,
@@ -482,7 +542,7 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
       input_output_aliases={2 + i: 1 + i for i in range(2 * num)},
       interpret=interpret, name="lstm_stack_backward",
   )(saved, d_out.astype(dtype), *dh_news, *dc_news, *padded.wx, *padded.wh, *padded.b,
-    padded.w_out)
+    padded.w_out, *([slot] if taped else []))
   return (dx, tuple(rest[:num]), tuple(rest[num:2 * num]), tuple(rest[2 * num:3 * num]),
           tuple(rest[3 * num:]))
 
@@ -497,13 +557,15 @@ def gradient_offsets(n_in: int, sizes: Tuple[int, ...], n_out: int) -> Tuple[int
 
 
 def _gradient_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
-                     chunks: int, split_x: bool):
-  # refs: saved, out_0.., dz_0.., d_out | d_grad
+                     chunks: int, split_x: bool, taped: bool = False):
+  # refs: saved, out_0.., dz_0.., d_out [, slot] | d_grad
   num = len(sizes)
   saved_ref, refs = refs[0], refs[1:]
   out_refs, dz_refs, d_out_ref, d_grad_ref = refs[:num], refs[num:2 * num], refs[2 * num], refs[-1]
   pl, plt = _pallas()
   program = pl.program_id(0)
+  # the saved inputs' first row: in a tape, its slot's
+  saved_first = refs[2 * num + 1][0] * n if taped else None
   per = -(-n // chunks)  # rows of each program: one partial sum
   first, end = program * per, jnp.minimum(program * per + per, n)
   x_width = 2 * n_in if split_x else n_in
@@ -534,7 +596,8 @@ def _gradient_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
       a = jnp.where(row_ok & (lane == fan_in), 1.0, 0.0)
       for ref, offset, spans in loads:
         inside = functools.reduce(jnp.logical_or, [(lane >= lo) & (lane < hi) for lo, hi in spans])
-        a += plt.load(ref.at[rows[:, None], offset + lane], mask=row_ok & inside,
+        at = rows if ref is not saved_ref or saved_first is None else saved_first + rows
+        a += plt.load(ref.at[at[:, None], offset + lane], mask=row_ok & inside,
                       other=0.0).astype(jnp.float32)
       c = jnp.arange(d_lanes)[None, :]
       d = plt.load(d_ref.at[rows[:, None], c], mask=row_ok & (c < d_width),
@@ -562,24 +625,29 @@ def _gradient_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
 
 
 def weights_gradient(saved: chex.Array, outs: Sequence[chex.Array], dzs: Sequence[chex.Array],
-                     d_out: chex.Array, chunks: int, interpret: bool = False) -> chex.Array:
+                     d_out: chex.Array, chunks: int, interpret: bool = False,
+                     slot: Optional[chex.Array] = None) -> chex.Array:
   """The weights' gradient [chunks, size] in the flat layout of ``cells.LSTMStack.grad``
   from ``stack_backward``'s operands, in one kernel: each layer's [x, h, 1]^T dz (x the
   saved input or the layer below's output, h the saved state) and the read-out's
   [h'_top, 1]^T d_out, each of the ``chunks`` rows a partial sum over a contiguous
   share of the rows, written once by the program that owns them (no atomics: the same
   sums on every run). A block's product is accumulated in registers, one product at a
-  time, where XLA's split-K products copied both operands to pad them."""
+  time, where XLA's split-K products copied both operands to pad them. ``slot``: as
+  ``stack_backward``'s."""
   pl, plt = _pallas()
   n, n_out = d_out.shape
   sizes = tuple(o.shape[-1] for o in outs)
   n_in, split_x = _saved_layout(saved, sizes)
+  taped = slot is not None
+  if taped:
+    _check_tape("weights_gradient", saved, slot, n, sizes, n_in)
   size = gradient_offsets(n_in, sizes, n_out)[-1]
   kernel = functools.partial(_gradient_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
-                             chunks=chunks, split_x=split_x)
+                             chunks=chunks, split_x=split_x, taped=taped)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((chunks, size), jnp.float32), grid=(chunks,),
       compiler_params=plt.CompilerParams(num_warps=GRADIENT_NUM_WARPS,
                                          num_stages=GRADIENT_NUM_STAGES),
       interpret=interpret, name="lstm_stack_weights_gradient",
-  )(saved, *outs, *dzs, d_out.astype(jnp.float32))
+  )(saved, *outs, *dzs, d_out.astype(jnp.float32), *([slot] if taped else []))

@@ -85,3 +85,117 @@ def _flat_gradient_bwd(_, cotangent):
 
 
 flat_gradient.defvjp(_flat_gradient_fwd, _flat_gradient_bwd)
+
+
+# A loop's residual tape.
+#
+# Backprop through ``lax.scan`` stacks what each step keeps for the backward
+# pass: on a GPU a kernel writes the step's residual to memory, the loop then
+# copies it into the stacked array, and the backward loop copies slot t out
+# again before the kernel that reads it (a custom call gets its operands as
+# buffers of their own). ``taped_scan`` gives a kernel that keeps a residual
+# a tape instead: one buffer for all the steps, which the forward kernel
+# writes its slot of in place and the backward kernel reads its slot of in
+# place. The tape reaches the backward pass as the cotangent of the loop's
+# carry: ``_release`` makes the tape the cotangent of the final tape, and
+# each step's VJP passes its cotangent on unchanged, so the backward loop
+# carries the same buffer back, step by step, like any other carry. The
+# values and gradients are those of ``lax.scan``.
+
+
+class _Recording:
+  """The tapes of one step of a ``taped_scan`` (``tapes`` None: finding them)."""
+
+  def __init__(self, steps: int, tapes=None, slot=None):
+    self.steps, self.tapes, self.slot = steps, tapes, slot
+    self.requests: List[jax.ShapeDtypeStruct] = []
+    self.calls = 0
+
+
+_RECORDING: List[_Recording] = []
+
+
+def record(rows: int, width: int, dtype, write: Callable):
+  """``write(tape, slot) -> (result, new tape)`` inside a step of ``taped_scan``
+  (``tape`` [steps x rows, width] of ``dtype``, ``slot`` int32 [1]: the step's
+  index; the step's rows of the tape are its residual), and its ``result``;
+  None anywhere else (the caller then keeps its residual as usual).
+
+  ``write`` is called at most once per call of ``record``, and each step must
+  call ``record`` in the same order with the same shapes.
+  """
+  if not _RECORDING:
+    return None
+  rec = _RECORDING[-1]
+  i, rec.calls = rec.calls, rec.calls + 1
+  shape = jax.ShapeDtypeStruct((rec.steps * rows, width), jnp.dtype(dtype))
+  if rec.tapes is None:  # finding the tapes: shapes only
+    rec.requests.append(shape)
+    return write(jnp.zeros(shape.shape, shape.dtype), jnp.zeros((1,), jnp.int32))[0]
+  tape = rec.tapes[i]
+  if (tape.shape, tape.dtype) != (shape.shape, shape.dtype):
+    raise ValueError(f"residuals.record: call {i} of the step asks for a tape "
+                     f"{shape.shape} {shape.dtype}; the step first asked for "
+                     f"{tape.shape} {tape.dtype}")
+  result, rec.tapes[i] = write(tape, rec.slot)
+  return result
+
+
+@jax.custom_vjp
+def _release(tapes, outputs):
+  """``outputs``, whose backward pass starts the tapes back: their cotangent is
+  the tapes themselves (``taped_scan``)."""
+  del tapes
+  return outputs
+
+
+def _release_fwd(tapes, outputs):
+  return outputs, tapes
+
+
+def _release_bwd(tapes, cotangent):
+  return tapes, cotangent
+
+
+_release.defvjp(_release_fwd, _release_bwd)
+
+
+def taped_scan(body: Callable, carry, xs, unroll: int = 1):
+  """``jax.lax.scan(body, carry, xs, unroll=unroll)``, where every ``record`` in
+  ``body`` keeps its residual on a tape of the loop's (see above).
+
+  ``body`` must call no ``record`` inside a transformation of its own that
+  retraces it (``jax.checkpoint``, a nested ``jit``); with no ``record`` in
+  ``body`` this is ``lax.scan``. Differentiate it in reverse mode only
+  (forward mode gets no tape).
+  """
+  steps = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  finding = _Recording(steps)
+  _RECORDING.append(finding)
+  try:
+    jax.eval_shape(body, carry, jax.tree_util.tree_map(lambda a: a[0], xs))
+  finally:
+    _RECORDING.pop()
+  if not finding.requests:
+    return jax.lax.scan(body, carry, xs, unroll=unroll)
+
+  def step(c, x_slot):
+    inner, tapes = c
+    x, slot = x_slot
+    rec = _Recording(steps, list(tapes), slot)
+    _RECORDING.append(rec)
+    try:
+      inner, y = body(inner, x)
+    finally:
+      _RECORDING.pop()
+    if rec.calls != len(tapes):
+      raise ValueError(f"residuals.taped_scan: the step recorded {rec.calls} residuals, "
+                       f"its first trace {len(tapes)}")
+    return (inner, tuple(rec.tapes)), y
+
+  tapes = tuple(jnp.zeros(r.shape, r.dtype) for r in finding.requests)
+  # the slots as a loop input: the backward loop reads them there (a counter in the
+  # carry would be a residual stacked by the loop)
+  slots = jnp.arange(steps, dtype=jnp.int32)[:, None]
+  (carry, tapes), ys = jax.lax.scan(step, (carry, tapes), (xs, slots), unroll=unroll)
+  return _release(tapes, (carry, ys))
