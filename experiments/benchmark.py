@@ -107,6 +107,10 @@ _KERNEL_CONSTANTS = flags.DEFINE_multi_string(
     "l2ojax.products read when a kernel is traced "
     "(e.g. lstm_kernel.BLOCK_ROWS=128, mlp_kernel.CHUNKS_PER_PROGRAM=2), set before anything "
     "is traced. Repeatable.")
+_RESIDUAL_TAPE = flags.DEFINE_bool(
+    "residual_tape", False, "W1: the fused LSTM kernels keep each step's saved inputs in one "
+    "buffer for the segment, written and read in place (make_meta_step's residual_tape; "
+    "with --lstm_kernel=pallas, remat off).")
 _SHARD = flags.DEFINE_bool("shard", False, "Shard the meta-batch over all devices.")
 _WORKLOADS = flags.DEFINE_list("workloads", ["w1", "w2"], "Which workloads to run.")
 _W2_STEPS = flags.DEFINE_integer("w2_steps", 10_000, "W2 optimizee steps.")
@@ -327,11 +331,27 @@ def _fusion_bytes(comps, name: str) -> int:
 _GATHERING_KERNELS = {"mlp_value_and_grad": ((0, 1), 2), "mlp_hidden_products": ((0,), 1)}
 
 
+# Fused kernels that, given a slot (an int32 [1] operand), read or write only that
+# slot's rows of a residual tape (``residuals.taped_scan``): kernel name -> (the tape
+# operand, whether it is written in place rather than read, an operand of the slot's rows).
+_TAPING_KERNELS = {"lstm_stack_forward": (-1, True, 1), "lstm_stack_backward": (0, False, 1),
+                   "lstm_stack_weights_gradient": (0, False, 1)}
+
+
 def _custom_call_bytes(line: str, shape: str, args: List[str], shapes: Dict[str, str]) -> int:
   """Operands and output in full, but of a table that a gathering kernel reads
-  (``_GATHERING_KERNELS``) only the rows it gathers (one per int32 index)."""
+  (``_GATHERING_KERNELS``) only the rows it gathers (one per int32 index), and of a
+  residual tape (``_TAPING_KERNELS``) only the slot's rows read or written."""
   sizes = [_bytes(shapes.get(a, "")) for a in args]
   named = re.search(r'name = "(\w+)"', line)
+  taping = _TAPING_KERNELS.get(named.group(1) if named else "")
+  if taping and any(re.search(r"s32\[(\d+,)*1\]", shapes.get(a, "")) for a in args):
+    tape, written, like = taping
+    dims = lambda a: [int(d) for d in re.search(r"\[([\d,]*)\]", shapes[a]).group(1).split(",")]
+    slot_bytes = sizes[tape] * dims(args[like])[-2] // dims(args[tape])[-2]
+    out = _bytes(shape) - (sizes[tape] - slot_bytes if written else 0)
+    sizes[tape] = 0 if written else slot_bytes
+    return out + sum(sizes)
   tables, index = _GATHERING_KERNELS.get(named.group(1) if named else "", ((), None))
   if index is not None and index < len(args):
     gathered = sizes[index] // 4
@@ -415,7 +435,8 @@ def learned_optimizer(model: str, gradient_chunks: int | None = None):
 def remat_chunk_for(batch_size: int) -> int:
   choice = _REMAT_CHUNK.value
   if choice == "auto":  # the recurrent states of every step are what B = 256 cannot hold
-    return 4 if batch_size >= 256 else 0
+    # (a residual tape is not recomputed in chunks: it holds every step's)
+    return 4 if batch_size >= 256 and not _RESIDUAL_TAPE.value else 0
   try:
     return int(choice)
   except ValueError:
@@ -476,7 +497,7 @@ class W1Run:
 
   def __init__(self, model: str, batch_size: int, optimizee, *, segment: int,
                remat: Optional[str], shard: bool, seed: int, remat_chunk: int = 0,
-               unroll: int = 1):
+               unroll: int = 1, residual_tape: bool = False):
     lopt = learned_optimizer(model)
     outer = optax.adam(1e-3)
     k_theta, k_init, self._key = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -485,7 +506,8 @@ class W1Run:
     init_states = step_lib.make_init_states(lopt, batch_size)
     mesh = sharding_lib.make_mesh() if shard else None
     meta_step = step_lib.make_meta_step(lopt, outer, segment, meta_loss="mean", remat=remat,
-                                        remat_chunk=remat_chunk, scan_unroll=unroll, mesh=mesh)
+                                        remat_chunk=remat_chunk, scan_unroll=unroll, mesh=mesh,
+                                        residual_tape=residual_tape)
     if shard:
       init_states = sharding_lib.sharded_init_states(init_states, mesh)
       theta, outer_state, optimizee = sharding_lib.replicate((theta, outer_state, optimizee), mesh)
@@ -570,6 +592,7 @@ def run_w1(names: List[str], optimizee, with_torch: bool, rows: List[Dict[str, A
       remat, chunk = remat_for(b), remat_chunk_for(b)
       row: Dict[str, Any] = {"workload": "W1", "model": model, "B": b, "T": _SEGMENT.value,
                              "remat": remat, "remat_chunk": chunk, "unroll": _UNROLL.value,
+                             "residual_tape": _RESIDUAL_TAPE.value,
                              "shard": _SHARD.value, "runs": []}
       torch_seconds: List[float] = []
       w1 = None
@@ -577,7 +600,7 @@ def run_w1(names: List[str], optimizee, with_torch: bool, rows: List[Dict[str, A
         try:  # compiled once; each round times a fresh set of iterations
           w1 = w1 or W1Run(model, b, optimizee, segment=_SEGMENT.value, remat=remat,
                            shard=_SHARD.value, seed=_SEED.value, remat_chunk=chunk,
-                           unroll=_UNROLL.value)
+                           unroll=_UNROLL.value, residual_tape=_RESIDUAL_TAPE.value)
           run = w1.time(_ITERS.value, _WARMUP.value)
         except Exception as e:  # an out-of-memory is a result; anything else is a bug
           if not is_out_of_memory(e):

@@ -167,7 +167,8 @@ def main(argv):
   print(f"jax {jax.__version__}, target {H100.split('device_description_str: ')[1].strip()}, "
         f"lstm_kernel={benchmark._LSTM_KERNEL.value}, gradient_chunks="
         f"{benchmark._GRADIENT_CHUNKS.value or 'auto'}, unroll={unroll}, "
-        f"optimizee_kernel={benchmark._OPTIMIZEE_KERNEL.value}", flush=True)
+        f"optimizee_kernel={benchmark._OPTIMIZEE_KERNEL.value}"
+        + (", residual_tape" if benchmark._RESIDUAL_TAPE.value else ""), flush=True)
   if "w1" in _WORKLOADS.value:
     for model in names:
       for b in [int(x) for x in benchmark._BATCH_SIZES.value]:
@@ -179,7 +180,8 @@ def main(argv):
         meta_step = step_lib.make_meta_step(lopt, outer, benchmark._SEGMENT.value,
                                             meta_loss="mean", remat=remat,
                                             remat_chunk=benchmark.remat_chunk_for(b),
-                                            scan_unroll=unroll)
+                                            scan_unroll=unroll,
+                                            residual_tape=benchmark._RESIDUAL_TAPE.value)
         program = compile_program(meta_step, theta, outer.init(theta), states,
                                   jax.random.PRNGKey(2), optimizee)
         label = f"W1 {model} B={b}" + (f" ({lopt.gradient_chunks} partial sums)"

@@ -37,6 +37,10 @@ runs, in order and within ``--minutes``:
   dm_bias_product*  W1 of L2O-DM, B = 1, 8, and W2 with the MNIST MLP's biases' gradients
                  taken from the weights' products (mlp.BIAS_IN_PRODUCT; XLA's MLP),
                  profiled: against dm_bwd_128 (W1) and w2_flat (W2)
+  tape*          W1 of L2O-DM, B = 1, 8, 64, with each step's saved inputs on a residual
+                 tape (--residual_tape: written and read in place, not stacked by the
+                 loop and copied out again), profiled: against dm_bwd_128
+  tape_rnnprop*  the same for RNNProp, B = 8: against chunks
   dm_loads*      dm_pallas again (W1 B = 1, 8, 64 and W2, profiled) since the fused
                  kernels' loads became contiguous: the baseline of the stages below
   dm_bwd_128*    W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 128 rows per
@@ -251,6 +255,13 @@ STAGES = (
     _bench("dm_bias_product", 1.5, "--models=dm", "--batch_sizes=1,8", *_PALLAS,
            "--kernel_constant=mlp.BIAS_IN_PRODUCT=1", "--profile_dir={out}/profile",
            needs=("check",)),
+    # the fused LSTM kernels keeping each step's saved inputs on a residual tape
+    # (make_meta_step's residual_tape): as compiled for an H100, L2O-DM's step moves 650 ->
+    # 525 MB at B = 8 (5,123 -> 4,125 at B = 64), RNNProp's 852 -> 700, the same kernels
+    _bench("tape", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1", *_PALLAS,
+           "--residual_tape", "--profile_dir={out}/profile", needs=("check",)),
+    _bench("tape_rnnprop", 0.7, "--models=rnnprop", "--batch_sizes=8", "--workloads=w1",
+           *_PALLAS, "--residual_tape", needs=("check",)),
     # dm_pallas again since the kernels' loads became contiguous (59c2871): the weights'
     # gradient and forward kernels' times against dm_pallas's, and the baseline of the
     # stages after it

@@ -386,6 +386,30 @@ def test_fused_kernel_on_gpu(name, options, atol, approx_tanh, tiny_image_npz, m
   assert "__gpu$xla.gpu.triton" in lowered.as_text()
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernels: needs a GPU")
+@pytest.mark.parametrize("name,options", [("dm", {}), ("rnnprop", {}),
+                                          ("dm", {"state_dtype": "bfloat16"})],
+                         ids=["dm", "rnnprop", "dm_bf16_state"])
+def test_residual_tape_on_gpu(name, options, tiny_image_npz):
+  """Compiled on a GPU: a meta-step whose fused kernels write and read each step's
+  saved inputs in a tape (residuals.taped_scan) gives the meta-step of the stacked
+  residuals (the same kernels' arithmetic: to float rounding)."""
+  from l2ojax.meta import step as step_lib
+  mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
+  lopt = models.get(name, lstm_kernel="pallas", **options)
+  theta = lopt.init(jax.random.PRNGKey(0))
+  outs = []
+  for tape in (False, True):
+    states = step_lib.make_init_states(lopt, 3)(theta, jax.random.PRNGKey(1), mlp)
+    meta_step = step_lib.make_meta_step(lopt, optax.sgd(1.0), 10, remat=None,
+                                        residual_tape=tape)
+    new_theta, _, states, metrics = meta_step(theta, optax.sgd(1.0).init(theta), states,
+                                              jax.random.PRNGKey(2), mlp)
+    outs.append((jax.tree_util.tree_map(jnp.subtract, new_theta, theta), states.params,
+                 metrics["meta_loss"]))
+  chex.assert_trees_all_close(outs[1], outs[0], atol=1e-6, rtol=1e-4)
+
+
 def test_meta_step_with_the_kernels_and_remat():
   """The interpreted kernels inside a meta-step recomputed by jax.checkpoint in
   chunks of steps: the same meta-loss and meta-gradient (an SGD step of 1) as
