@@ -223,6 +223,44 @@ def test_loop_bytes_of_a_kernel_that_gathers_rows_of_a_table():
       10000 * (784 + 4) + rest + dot_bytes]
 
 
+_TAPE_LOOP = """
+%body (p: (f32[2,8], f32[2,8,20], s32[1], f32[2,40,82])) -> (f32[2,8], f32[2,8,20], s32[1], f32[2,40,82]) {
+  %p = (f32[2,8]{1,0}, f32[2,8,20]{2,1,0}, s32[1]{0}, f32[2,40,82]{2,1,0}) parameter(0)
+  %g = f32[2,8]{1,0} get-tuple-element(%p), index=0
+  %h = f32[2,8,20]{2,1,0} get-tuple-element(%p), index=1
+  %slot = s32[1]{0} get-tuple-element(%p), index=2
+  %tape = f32[2,40,82]{2,1,0} get-tuple-element(%p), index=3
+  %fwd = (f32[2,8,1]{2,1,0}, f32[2,8,20]{2,1,0}, f32[2,40,82]{2,1,0}) custom-call(%g, %h, %slot, %tape), custom_call_target="__gpu$xla.gpu.triton", backend_config={grid_x = 1 : i32, ir = "...", name = "lstm_stack_forward", num_warps = 4 : i32}
+  %out = f32[2,8,1]{2,1,0} get-tuple-element(%fwd), index=0
+  %bwd = f32[2,8,2]{2,1,0} custom-call(%tape, %out, %slot), custom_call_target="__gpu$xla.gpu.triton", backend_config={grid_x = 1 : i32, ir = "...", name = "lstm_stack_backward", num_warps = 8 : i32}
+  %dot = f32[8,8]{1,0} dot(%g, %g), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  ROOT %tuple = (f32[2,8]{1,0}, f32[2,8,20]{2,1,0}, s32[1]{0}, f32[2,40,82]{2,1,0}) tuple(%g, %h, %slot, %tape)
+}
+
+ENTRY %main (a: (f32[2,8], f32[2,8,20], s32[1], f32[2,40,82])) -> (f32[2,8], f32[2,8,20], s32[1], f32[2,40,82]) {
+  %a = (f32[2,8]{1,0}, f32[2,8,20]{2,1,0}, s32[1]{0}, f32[2,40,82]{2,1,0}) parameter(0)
+  ROOT %while = (f32[2,8]{1,0}, f32[2,8,20]{2,1,0}, s32[1]{0}, f32[2,40,82]{2,1,0}) while(%a), condition=%cond, body=%body
+}
+"""
+
+
+def test_loop_bytes_of_kernels_that_write_and_read_a_slot_of_a_tape():
+  """With a slot operand, the fused LSTM kernels move only the slot's rows of the
+  residual tape (8 rows of 5 x 8 per optimizee): the forward kernel writes them
+  (nothing read), the backward kernel reads them. Without a slot (no int32 [1]
+  operand), a tape-shaped operand counts in full."""
+  from experiments import benchmark
+  slot_rows, tape = 2 * 8 * 82 * 4, 2 * 40 * 82 * 4
+  forward = (2 * 8 + 2 * 8 * 20 + 1) * 4 + (2 * 8 + 2 * 8 * 20) * 4 + slot_rows
+  backward = slot_rows + (2 * 8 + 1) * 4 + 2 * 8 * 2 * 4
+  dot_bytes = 2 * 2 * 8 * 4 + 8 * 8 * 4
+  assert benchmark.loop_bytes(_TAPE_LOOP) == [forward + backward + dot_bytes]
+  untaped = _TAPE_LOOP.replace("s32[1]", "s32[3]")
+  # the tape read and written in full by the forward kernel, read in full by the backward
+  assert benchmark.loop_bytes(untaped) == [forward + backward + dot_bytes
+                                           + 3 * tape - 2 * slot_rows + 2 * 2 * 4]
+
+
 def test_device_kernel_times_sums_each_kernel_on_the_gpu_streams_only():
   from experiments import benchmark
   plane = '''planes {{ id: {id} name: "{name}"
