@@ -96,3 +96,22 @@ def test_sharded_training_on_one_device_gives_the_unsharded_theta(tmp_path):
   leaves = lambda t: __import__("jax").tree_util.tree_leaves(t)
   for a, b in zip(leaves(thetas[0]), leaves(thetas[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_training_with_a_residual_tape_gives_the_same_theta(tmp_path):
+  """meta.residual_tape with the fused kernels' option (off a GPU XLA's ops write and
+  read the tape), sharded too: the theta of the stacked residuals."""
+  thetas = []
+  for tape, shard in ((False, False), (True, False), (True, True)):
+    c = _small_quadratic(episodes=6)
+    c.model.options = {"lstm_kernel": "pallas"}
+    c.meta.remat = ""
+    c.meta.residual_tape = tape
+    c.meta.shard = shard
+    workdir = tmp_path / f"{tape}_{shard}"
+    trainer.train(c, str(workdir), progress=False)
+    thetas.append(checkpoints.load_theta(str(workdir / "theta.msgpack"))[1])
+  leaves = lambda t: __import__("jax").tree_util.tree_leaves(t)
+  for other in thetas[1:]:
+    for a, b in zip(leaves(thetas[0]), leaves(other)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -50,6 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
       "remat": "auto",
       "remat_chunk": 0,          # > 0: keep the recurrent state every k steps, recompute the rest
       "scan_unroll": 1,          # optimizee steps per iteration of the compiled loop
+      # the fused LSTM kernels keep each step's saved inputs on one tape for the segment,
+      # written and read in place (lstm_kernel="pallas"; remat off: "" or "auto" on a GPU)
+      "residual_tape": False,
       "shard": False,            # split the optimizee batch over all devices (jax.sharding)
   })
   c.validation = ml_collections.ConfigDict(
@@ -182,6 +185,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(get("meta", "remat") in ("", remat_lib.AUTO) + tuple(remat_lib.POLICIES),
        f"meta.remat={get('meta', 'remat')!r}; allowed: "
        f"{['', remat_lib.AUTO] + sorted(remat_lib.POLICIES)}")
+  if get("meta", "residual_tape"):
+    need(not (remat_lib.resolve(get("meta", "remat") or None) or get("meta", "remat_chunk")),
+         f"meta.residual_tape with meta.remat={get('meta', 'remat')!r} (here "
+         f"{remat_lib.resolve(get('meta', 'remat') or None)!r}) and meta.remat_chunk="
+         f"{get('meta', 'remat_chunk')}: a recomputed update would write its tape again; "
+         "set meta.remat='' and meta.remat_chunk=0")
   if get("meta", "shard"):
     import jax
     n = jax.device_count()

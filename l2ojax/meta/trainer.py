@@ -212,7 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
                                       meta.second_order, meta.get("divergence_bound", 1e3),
                                       meta.get("remat", None) or None,
                                       meta.get("remat_chunk", 0), meta.get("scan_unroll", 1),
-                                      mesh=mesh)
+                                      mesh=mesh, residual_tape=meta.get("residual_tape", False))
   validate = step_lib.make_validate(lopt, val.num_optimizees)
   if imitation is not None:
     init_il_states = imitation_lib.make_init_imitation_states(lopt, imitation.teacher,
