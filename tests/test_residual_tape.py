@@ -43,18 +43,19 @@ def _meta_step(name, kernel, residual_tape, state_dtype="", steps=4, batch=2):
 ])
 def test_meta_step_with_a_residual_tape_is_the_meta_step(name, kernel, state_dtype, monkeypatch):
   """One SGD step of 1 on the meta-gradient: the same theta, states and meta-loss as
-  XLA's ops with stacked residuals; and the tape was used, once per step."""
+  XLA's ops with stacked residuals; and the tape was used, with the weights'
+  gradient summed in the loop's carry."""
   recorded = []
   record = residuals.record
 
-  def spy(*args):
-    result = record(*args)
-    recorded.append(result is not None)
+  def spy(*args, **kwargs):
+    result = record(*args, **kwargs)
+    recorded.append((result is not None, kwargs.get("accumulator") is not None))
     return result
 
   monkeypatch.setattr(residuals, "record", spy)
   got = _meta_step(name, kernel, True, state_dtype)
-  assert any(recorded)
+  assert (True, True) in recorded  # a tape, and the weights' gradient summed in the carry
   want = _meta_step(name, "xla", False, state_dtype)
   chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
 
@@ -96,7 +97,8 @@ def test_the_tape_replaces_the_stacked_residual_when_lowered_for_cuda():
 def test_kernels_write_and_read_their_slot_of_a_tape(state_dtype):
   """Interpreted: the forward kernel writes the step's saved inputs (as
   cells._saved_inputs) into its slot's rows and no other; the backward kernels read
-  from a tape's slot what they read from those inputs alone."""
+  from a tape's slot what they read from those inputs alone; the weights' gradient
+  adds itself to a running sum."""
   n, sizes = 70, (20, 20)
   keys = jax.random.split(jax.random.PRNGKey(3), 8)
   layers = [cells.lstm_init(keys[i], i and 20 or 2, 20) for i in range(2)]
@@ -129,6 +131,15 @@ def test_kernels_write_and_read_their_slot_of_a_tape(state_dtype):
       saved, want[4], want[3], d_out, 2, interpret=True, slot=slot)
   chex.assert_trees_all_close(gradient(new_tape, slot), gradient(new_tape[n:2 * n], None),
                               atol=0, rtol=0)
+  # a loop's running sum of the gradient, added to in place
+  running = jax.random.normal(keys[2], gradient(new_tape, slot).shape)
+  chex.assert_trees_all_close(
+      lstm_kernel.weights_gradient(new_tape, want[4], want[3], d_out, 2, interpret=True,
+                                   slot=slot, add_to=running),
+      running + gradient(new_tape, slot), atol=1e-6, rtol=1e-6)
+  with pytest.raises(ValueError, match="add_to"):
+    lstm_kernel.weights_gradient(new_tape, want[4], want[3], d_out, 2, interpret=True,
+                                 slot=slot, add_to=running[:1])
 
 
 def test_a_tape_of_the_wrong_shape_is_named():

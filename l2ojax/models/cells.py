@@ -299,34 +299,43 @@ def _stack_core_bwd(kernel, log_sign_k, res, cotangents):
   return with_dg(*_recomputing_backward(kernel, layouts, k, saved[0], *cotangents))
 
 
-def _recomputing_backward(kernel, layouts, k, inputs, d_out, dh_news, dc_news, slot=None):
+def _recomputing_backward(kernel, layouts, k, inputs, d_out, dh_news, dc_news, slot=None,
+                          add_to=None):
   """(d_grad, dx, dh's, dc's) of the stack from its saved inputs, the gates recomputed:
   the fused kernels or XLA's ops (``gpu.on_gpu``). ``slot``: ``inputs`` is a tape
-  [steps x rows, width] and the step's are its rows [slot x rows, (slot + 1) x rows)."""
+  [steps x rows, width] and the step's are its rows [slot x rows, (slot + 1) x rows).
+  ``add_to``: d_grad is ``add_to`` plus the step's (the fused kernel adds in place)."""
   lead = d_out.shape[:-1]
   rows = int(np.prod(lead))
 
-  def xla(layouts, inputs, slot, d_out, dh_news, dc_news):
+  def xla(layouts, inputs, slot, d_out, dh_news, dc_news, add_to):
     if slot is not None:
       inputs = jax.lax.dynamic_slice_in_dim(inputs, slot[0] * rows, rows)
       inputs = inputs.reshape(lead + inputs.shape[-1:])
     ts = _xla_stack(layouts, *_split_inputs(layouts, inputs))[1]
-    return _xla_stack_backward(layouts, k, inputs, jnp.concatenate(ts, axis=-1), d_out,
-                               dh_news, dc_news)
+    d_grad, *rest = _xla_stack_backward(layouts, k, inputs, jnp.concatenate(ts, axis=-1),
+                                        d_out, dh_news, dc_news)
+    return (d_grad if add_to is None else add_to + d_grad, *rest)
 
-  def fused(layouts, inputs, slot, d_out, dh_news, dc_news):
+  def fused(layouts, inputs, slot, d_out, dh_news, dc_news, add_to):
     # the cells' backward pass in one kernel, the weights' gradient from its outputs in another
     interpret = kernel == "pallas_interpret"
     dx, dhs, dcs, dzs, outs = lstm_kernel.stack_backward(
         layouts.padded, _flat(inputs), _flat(d_out), [_flat(d) for d in dh_news],
         [_flat(d) for d in dc_news], interpret=interpret, slot=slot)
     unflat = lambda a, like: a.reshape(lead + a.shape[-1:]).astype(like.dtype)
+    adds = add_to is not None and add_to.dtype == jnp.float32
     d_grad = lstm_kernel.weights_gradient(_flat(inputs), outs, dzs, _flat(d_out), k,
-                                          interpret=interpret, slot=slot)
-    return (d_grad.astype(layouts.w_out.dtype), unflat(dx, layouts.ws[0]),
-            tuple(map(unflat, dhs, dh_news)), tuple(map(unflat, dcs, dc_news)))
+                                          interpret=interpret, slot=slot,
+                                          add_to=add_to if adds else None)
+    d_grad = d_grad.astype(layouts.w_out.dtype)
+    if add_to is not None and not adds:
+      d_grad = add_to + d_grad
+    return (d_grad, unflat(dx, layouts.ws[0]), tuple(map(unflat, dhs, dh_news)),
+            tuple(map(unflat, dcs, dc_news)))
 
-  return gpu.on_gpu(kernel, fused, xla, layouts, inputs, slot, d_out, dh_news, dc_news)
+  return gpu.on_gpu(kernel, fused, xla, layouts, inputs, slot, d_out, dh_news, dc_news,
+                    add_to)
 
 
 def _xla_stack_backward(layouts, k, inputs, gates, d_out, dh_news, dc_news):
@@ -354,16 +363,20 @@ def _xla_stack_backward(layouts, k, inputs, gates, d_out, dh_news, dc_news):
 _stack_core.defvjp(_stack_core_fwd, _stack_core_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _taped_stack_core(kernel, log_sign_k, layouts, grad, x, g, hs, cs, tape, slot):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _taped_stack_core(kernel, log_sign_k, accumulates, layouts, grad, x, g, hs, cs, tape, slot):
   """``_stack_core`` (kernel "pallas" or "pallas_interpret") that keeps its saved
-  inputs on ``tape`` (``residuals.record``): ((out, h's, c's), new tape). Its
-  backward pass reads them from the cotangent of the new tape, which
-  ``residuals.taped_scan`` makes the tape itself, and passes that on."""
-  return _taped_stack_core_fwd(kernel, log_sign_k, layouts, grad, x, g, hs, cs, tape, slot)[0]
+  inputs on ``tape`` (``residuals.record``): ((out, h's, c's), new tape, ``grad``
+  if ``accumulates`` else None). Its backward pass reads them from the cotangent
+  of the new tape, which ``residuals.taped_scan`` makes the tape itself, and
+  passes that on; if ``accumulates``, the cotangent of ``grad`` is the one of
+  the ``grad`` it returns (the loop's running sum) plus the step's."""
+  return _taped_stack_core_fwd(kernel, log_sign_k, accumulates, layouts, grad, x, g, hs, cs,
+                               tape, slot)[0]
 
 
-def _taped_stack_core_fwd(kernel, log_sign_k, layouts, grad, x, g, hs, cs, tape, slot):
+def _taped_stack_core_fwd(kernel, log_sign_k, accumulates, layouts, grad, x, g, hs, cs, tape,
+                          slot):
   lead = x.shape[:-1]
   rows = int(np.prod(lead))
 
@@ -384,14 +397,14 @@ def _taped_stack_core_fwd(kernel, log_sign_k, layouts, grad, x, g, hs, cs, tape,
             jax.lax.dynamic_update_slice_in_dim(tape, saved, slot[0] * rows, 0))
 
   outs, tape = gpu.on_gpu(kernel, fused, xla, layouts, x, g, hs, cs, tape, slot)
-  return (outs, tape), (layouts, grad.shape[0], slot)
+  return (outs, tape, grad if accumulates else None), (layouts, grad.shape[0], slot)
 
 
-def _taped_stack_core_bwd(kernel, log_sign_k, res, cotangents):
+def _taped_stack_core_bwd(kernel, log_sign_k, accumulates, res, cotangents):
   layouts, k, slot = res
-  (d_out, dh_news, dc_news), tape = cotangents
+  (d_out, dh_news, dc_news), tape, d_sum = cotangents
   d_grad, dx, dhs, dcs = _recomputing_backward(kernel, layouts, k, tape, d_out, dh_news,
-                                               dc_news, slot)
+                                               dc_news, slot, d_sum if accumulates else None)
   return (jax.tree_util.tree_map(jnp.zeros_like, layouts), d_grad, dx,
           None if log_sign_k is None else jnp.zeros_like(dx[..., 0]), dhs, dcs, tape, None)
 
@@ -517,10 +530,19 @@ def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState],
           tuple(as_computed(s.c) for s in states))
   taped = None
   if stack.kernel in ("pallas", "pallas_interpret"):
-    # in a residuals.taped_scan, the saved inputs go on its tape
+    # In a residuals.taped_scan the saved inputs go on its tape, and the loop carries the
+    # weights' gradient's running sum, which the fused kernel adds each step's to.
     saved = jax.eval_shape(_saved_inputs, *args[4:5], *args[6:])
+    accumulates = stack.grad.dtype == dtype
+
+    def write(tape, slot, grad):
+      outs, tape, grad = _taped_stack_core(*args[:2], accumulates, *args[2:3],
+                                           grad if accumulates else args[3], *args[4:],
+                                           tape, slot)
+      return outs, tape, grad
+
     taped = residuals.record(int(np.prod(saved.shape[:-1])), saved.shape[-1], saved.dtype,
-                             lambda tape, slot: _taped_stack_core(*args, tape, slot))
+                             write, accumulator=stack.grad if accumulates else None)
   out, hs, cs = _stack_core(*args) if taped is None else taped
   return out, tuple(LSTMState(h.astype(s.h.dtype), c.astype(s.c.dtype))
                     for h, c, s in zip(hs, cs, states))

@@ -557,8 +557,8 @@ def gradient_offsets(n_in: int, sizes: Tuple[int, ...], n_out: int) -> Tuple[int
 
 
 def _gradient_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
-                     chunks: int, split_x: bool, taped: bool = False):
-  # refs: saved, out_0.., dz_0.., d_out [, slot] | d_grad
+                     chunks: int, split_x: bool, taped: bool = False, adds: bool = False):
+  # refs: saved, out_0.., dz_0.., d_out [, slot] [, d_grad in (aliased)] | d_grad
   num = len(sizes)
   saved_ref, refs = refs[0], refs[1:]
   out_refs, dz_refs, d_out_ref, d_grad_ref = refs[:num], refs[num:2 * num], refs[2 * num], refs[-1]
@@ -610,6 +610,8 @@ def _gradient_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
     mask = (r <= fan_in) & (c < d_width)
     # masked entries out of bounds: an interpreted store writes them too
     at = jnp.where(mask, start + r * d_width + c, d_grad_ref.shape[-1])
+    if adds:  # into the sum so far, in place: this program alone reads and writes its row
+      acc += plt.load(d_grad_ref.at[program, at], mask=mask, other=0.0)
     plt.store(d_grad_ref.at[program, at], acc, mask=mask)
 
   starts = gradient_offsets(n_in, sizes, n_out)
@@ -626,7 +628,8 @@ def _gradient_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
 
 def weights_gradient(saved: chex.Array, outs: Sequence[chex.Array], dzs: Sequence[chex.Array],
                      d_out: chex.Array, chunks: int, interpret: bool = False,
-                     slot: Optional[chex.Array] = None) -> chex.Array:
+                     slot: Optional[chex.Array] = None,
+                     add_to: Optional[chex.Array] = None) -> chex.Array:
   """The weights' gradient [chunks, size] in the flat layout of ``cells.LSTMStack.grad``
   from ``stack_backward``'s operands, in one kernel: each layer's [x, h, 1]^T dz (x the
   saved input or the layer below's output, h the saved state) and the read-out's
@@ -634,7 +637,8 @@ def weights_gradient(saved: chex.Array, outs: Sequence[chex.Array], dzs: Sequenc
   share of the rows, written once by the program that owns them (no atomics: the same
   sums on every run). A block's product is accumulated in registers, one product at a
   time, where XLA's split-K products copied both operands to pad them. ``slot``: as
-  ``stack_backward``'s."""
+  ``stack_backward``'s. ``add_to`` [chunks, size] float32: the result is ``add_to``
+  plus the gradient, added in place (a loop's running sum: no kernel of its own)."""
   pl, plt = _pallas()
   n, n_out = d_out.shape
   sizes = tuple(o.shape[-1] for o in outs)
@@ -643,11 +647,18 @@ def weights_gradient(saved: chex.Array, outs: Sequence[chex.Array], dzs: Sequenc
   if taped:
     _check_tape("weights_gradient", saved, slot, n, sizes, n_in)
   size = gradient_offsets(n_in, sizes, n_out)[-1]
+  out_shape = jax.ShapeDtypeStruct((chunks, size), jnp.float32)
+  adds = add_to is not None
+  if adds and (add_to.shape, add_to.dtype) != (out_shape.shape, out_shape.dtype):
+    raise ValueError(f"lstm_kernel.weights_gradient: add_to {add_to.shape} {add_to.dtype} "
+                     f"must be {out_shape.shape} float32")
   kernel = functools.partial(_gradient_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
-                             chunks=chunks, split_x=split_x, taped=taped)
+                             chunks=chunks, split_x=split_x, taped=taped, adds=adds)
+  operands = [saved, *outs, *dzs, d_out.astype(jnp.float32), *([slot] if taped else [])]
   return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((chunks, size), jnp.float32), grid=(chunks,),
+      kernel, out_shape=out_shape, grid=(chunks,),
       compiler_params=plt.CompilerParams(num_warps=GRADIENT_NUM_WARPS,
                                          num_stages=GRADIENT_NUM_STAGES),
+      input_output_aliases={len(operands): 0} if adds else {},
       interpret=interpret, name="lstm_stack_weights_gradient",
-  )(saved, *outs, *dzs, d_out.astype(jnp.float32), *([slot] if taped else []))
+  )(*operands, *([add_to] if adds else []))

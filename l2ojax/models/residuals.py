@@ -99,27 +99,41 @@ flat_gradient.defvjp(_flat_gradient_fwd, _flat_gradient_bwd)
 # place. The tape reaches the backward pass as the cotangent of the loop's
 # carry: ``_release`` makes the tape the cotangent of the final tape, and
 # each step's VJP passes its cotangent on unchanged, so the backward loop
-# carries the same buffer back, step by step, like any other carry. The
-# values and gradients are those of ``lax.scan``.
+# carries the same buffer back, step by step, like any other carry.
+#
+# Likewise a loop-invariant value whose gradient every step adds to (a
+# learned optimizer's weights) can be an accumulator: the loop carries it
+# unchanged, so that its cotangent is a carry of the backward loop, which
+# each step's VJP adds its share to (a kernel can add in place) instead of
+# the loop adding each step's gradient into a sum of its own in another
+# kernel. The values and gradients are those of ``lax.scan``.
 
 
 class _Recording:
-  """The tapes of one step of a ``taped_scan`` (``tapes`` None: finding them)."""
+  """The tapes (and accumulators) of one step of a ``taped_scan`` (``tapes`` None:
+  finding them)."""
 
-  def __init__(self, steps: int, tapes=None, slot=None):
-    self.steps, self.tapes, self.slot = steps, tapes, slot
+  def __init__(self, steps: int, tapes=None, accumulators=None, slot=None):
+    self.steps, self.tapes, self.accumulators, self.slot = steps, tapes, accumulators, slot
     self.requests: List[jax.ShapeDtypeStruct] = []
+    self.given: List = []  # the accumulators' values as the step's code passed them
     self.calls = 0
 
 
 _RECORDING: List[_Recording] = []
 
 
-def record(rows: int, width: int, dtype, write: Callable):
-  """``write(tape, slot) -> (result, new tape)`` inside a step of ``taped_scan``
-  (``tape`` [steps x rows, width] of ``dtype``, ``slot`` int32 [1]: the step's
-  index; the step's rows of the tape are its residual), and its ``result``;
-  None anywhere else (the caller then keeps its residual as usual).
+def record(rows: int, width: int, dtype, write: Callable, accumulator=None):
+  """``write(tape, slot, accumulator) -> (result, new tape, new accumulator)`` inside
+  a step of ``taped_scan`` (``tape`` [steps x rows, width] of ``dtype``, ``slot``
+  int32 [1]: the step's index; the step's rows of the tape are its residual),
+  and its ``result``; None anywhere else (the caller then keeps its residual as
+  usual).
+
+  ``accumulator``: None, or a value from outside the loop (the same object in
+  every step) that ``write`` gets carried by the loop, returns unchanged, and
+  whose cotangent its VJP adds its gradient to (``write`` then gets no other
+  gradient to that value: it must not also close over it).
 
   ``write`` is called at most once per call of ``record``, and each step must
   call ``record`` in the same order with the same shapes.
@@ -129,15 +143,17 @@ def record(rows: int, width: int, dtype, write: Callable):
   rec = _RECORDING[-1]
   i, rec.calls = rec.calls, rec.calls + 1
   shape = jax.ShapeDtypeStruct((rec.steps * rows, width), jnp.dtype(dtype))
+  rec.given.append(accumulator)
   if rec.tapes is None:  # finding the tapes: shapes only
     rec.requests.append(shape)
-    return write(jnp.zeros(shape.shape, shape.dtype), jnp.zeros((1,), jnp.int32))[0]
+    return write(jnp.zeros(shape.shape, shape.dtype), jnp.zeros((1,), jnp.int32),
+                 accumulator)[0]
   tape = rec.tapes[i]
   if (tape.shape, tape.dtype) != (shape.shape, shape.dtype):
     raise ValueError(f"residuals.record: call {i} of the step asks for a tape "
                      f"{shape.shape} {shape.dtype}; the step first asked for "
                      f"{tape.shape} {tape.dtype}")
-  result, rec.tapes[i] = write(tape, rec.slot)
+  result, rec.tapes[i], rec.accumulators[i] = write(tape, rec.slot, rec.accumulators[i])
   return result
 
 
@@ -160,9 +176,20 @@ def _release_bwd(tapes, cotangent):
 _release.defvjp(_release_fwd, _release_bwd)
 
 
+def _find(body: Callable, carry, x, steps: int) -> _Recording:
+  finding = _Recording(steps)
+  _RECORDING.append(finding)
+  try:
+    jax.eval_shape(body, carry, x)
+  finally:
+    _RECORDING.pop()
+  return finding
+
+
 def taped_scan(body: Callable, carry, xs, unroll: int = 1):
   """``jax.lax.scan(body, carry, xs, unroll=unroll)``, where every ``record`` in
-  ``body`` keeps its residual on a tape of the loop's (see above).
+  ``body`` keeps its residual on a tape of the loop's, and its accumulator in
+  the loop's carry (see above).
 
   ``body`` must call no ``record`` inside a transformation of its own that
   retraces it (``jax.checkpoint``, a nested ``jit``); with no ``record`` in
@@ -170,19 +197,22 @@ def taped_scan(body: Callable, carry, xs, unroll: int = 1):
   (forward mode gets no tape).
   """
   steps = jax.tree_util.tree_leaves(xs)[0].shape[0]
-  finding = _Recording(steps)
-  _RECORDING.append(finding)
-  try:
-    jax.eval_shape(body, carry, jax.tree_util.tree_map(lambda a: a[0], xs))
-  finally:
-    _RECORDING.pop()
+  x0 = jax.tree_util.tree_map(lambda a: a[0], xs)
+  finding = _find(body, carry, x0, steps)
   if not finding.requests:
     return jax.lax.scan(body, carry, xs, unroll=unroll)
+  # an accumulator must come from outside the loop: the same object in every trace
+  again = _find(body, carry, x0, steps).given
+  for i, (a, b) in enumerate(zip(finding.given, again)):
+    if a is not b:
+      raise ValueError(f"residuals.taped_scan: the accumulator of record call {i} is "
+                       "computed inside the loop's step; pass one from outside the loop "
+                       "(e.g. a learned optimizer's prepared weights), or None")
 
   def step(c, x_slot):
-    inner, tapes = c
+    inner, tapes, accumulators = c
     x, slot = x_slot
-    rec = _Recording(steps, list(tapes), slot)
+    rec = _Recording(steps, list(tapes), list(accumulators), slot)
     _RECORDING.append(rec)
     try:
       inner, y = body(inner, x)
@@ -191,11 +221,12 @@ def taped_scan(body: Callable, carry, xs, unroll: int = 1):
     if rec.calls != len(tapes):
       raise ValueError(f"residuals.taped_scan: the step recorded {rec.calls} residuals, "
                        f"its first trace {len(tapes)}")
-    return (inner, tuple(rec.tapes)), y
+    return (inner, tuple(rec.tapes), tuple(rec.accumulators)), y
 
   tapes = tuple(jnp.zeros(r.shape, r.dtype) for r in finding.requests)
   # the slots as a loop input: the backward loop reads them there (a counter in the
   # carry would be a residual stacked by the loop)
   slots = jnp.arange(steps, dtype=jnp.int32)[:, None]
-  (carry, tapes), ys = jax.lax.scan(step, (carry, tapes), (xs, slots), unroll=unroll)
+  (carry, tapes, _), ys = jax.lax.scan(step, (carry, tapes, tuple(finding.given)),
+                                       (xs, slots), unroll=unroll)
   return _release(tapes, (carry, ys))
