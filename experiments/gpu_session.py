@@ -53,6 +53,8 @@ runs, in order and within ``--minutes``:
                  the backward kernel on 128 rows (the default now), a bfloat16 state
   dm_best_mlp*+# the same with the fused MLP kernel and dm_grad_2x's weights' gradient
                  kernel too, W1 at B = 1, 8
+  tape_best*+#   dm_best_mlp's levers with the residual tape too, W1 at B = 1, 8, 64,
+                 profiled: against dm_best_mlp and tape
   dm_best_unroll*+#  dm_best_mlp's levers with the segment's loop unrolled 20 steps, W1
                  at B = 1, 8 (profiled) and W2 (Adam on the fused MLP, unrolled alike)
   dm_tanh#       W1 of L2O-DM, B = 1, 8, 64, and W2 with the fused LSTM kernels taking
@@ -256,8 +258,9 @@ STAGES = (
            "--kernel_constant=mlp.BIAS_IN_PRODUCT=1", "--profile_dir={out}/profile",
            needs=("check",)),
     # the fused LSTM kernels keeping each step's saved inputs on a residual tape
-    # (make_meta_step's residual_tape): as compiled for an H100, L2O-DM's step moves 650 ->
-    # 525 MB at B = 8 (5,123 -> 4,125 at B = 64), RNNProp's 852 -> 700, the same kernels
+    # (make_meta_step's residual_tape) and the loop's running sum of the weights' gradient:
+    # as compiled for an H100, L2O-DM's step 28 -> 27 kernels and 650 -> 520 MB at B = 8
+    # (5,123 -> 4,119 at B = 64), RNNProp's 42 -> 41 and 852 -> 693
     _bench("tape", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1", *_PALLAS,
            "--residual_tape", "--profile_dir={out}/profile", needs=("check",)),
     _bench("tape_rnnprop", 0.7, "--models=rnnprop", "--batch_sizes=8", "--workloads=w1",
@@ -292,6 +295,14 @@ STAGES = (
            "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
            "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",
            needs=("check", "check_mlp", "check_tanh")),
+    # every lever and the residual tape with its running sum: as compiled for an H100, 17 -> 15
+    # kernels and 450 -> 374 MB per step at B = 8 (16 -> 15 and 74 -> 56 MB at B = 1)
+    _bench("tape_best", 1.5, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1", *_PALLAS,
+           "--residual_tape", "--kernel_constant=lstm_kernel.APPROX_TANH=1",
+           "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
+           "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
+           "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",
+           "--profile_dir={out}/profile", needs=("check", "check_mlp", "check_tanh")),
     # every lever with the segment's loop unrolled 20 steps too (each loop iteration has
     # kernels of its own: the counter, the condition): W1 at B = 1, 8 and W2, Adam on the
     # fused MLP unrolled alike; the closest to issue 7's B = 1 and W2 targets
