@@ -60,6 +60,26 @@ def test_meta_step_with_a_residual_tape_is_the_meta_step(name, kernel, state_dty
   chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def test_imitation_step_with_a_residual_tape_is_the_imitation_step():
+  """The learner's steps of an imitation segment on a tape (interpreted kernels):
+  the theta and imitation loss of XLA's ops with stacked residuals."""
+  from l2ojax.meta import imitation
+  q = optimizees.get("quadratic", dim=6, num_instances=4)
+  teacher = imitation.make_teacher("adam", 0.01)
+  outs = []
+  for kernel, tape in (("xla", False), ("pallas_interpret", True)):
+    lopt = models.dm(lstm_kernel=kernel)
+    theta = lopt.init(jax.random.PRNGKey(0))
+    states = imitation.make_init_imitation_states(lopt, teacher, 2)(
+        theta, jax.random.PRNGKey(1), q)
+    il_step = imitation.make_imitation_step(lopt, teacher, optax.sgd(1.0), 4,
+                                            residual_tape=tape)
+    theta, _, _, metrics = il_step(theta, optax.sgd(1.0).init(theta), states,
+                                   jax.random.PRNGKey(2), q)
+    outs.append((theta, metrics["imitation_loss"]))
+  chex.assert_trees_all_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
+
+
 def test_the_backward_pass_reads_the_tape():
   """The tape reaches the backward pass as its cotangent: starting the backward loop
   with a zero tape instead changes the meta-gradient (nothing else holds the steps'

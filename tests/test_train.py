@@ -100,10 +100,13 @@ def test_sharded_training_on_one_device_gives_the_unsharded_theta(tmp_path):
 
 def test_training_with_a_residual_tape_gives_the_same_theta(tmp_path):
   """meta.residual_tape with the fused kernels' option (off a GPU XLA's ops write and
-  read the tape), sharded too: the theta of the stacked residuals."""
+  read the tape), in meta-steps and imitation steps, sharded too: the theta of the
+  stacked residuals."""
   thetas = []
   for tape, shard in ((False, False), (True, False), (True, True)):
     c = _small_quadratic(episodes=6)
+    c.imitation.enabled = True
+    c.imitation.ratio = 0.5
     c.model.options = {"lstm_kernel": "pallas"}
     c.meta.remat = ""
     c.meta.residual_tape = tape
@@ -111,6 +114,8 @@ def test_training_with_a_residual_tape_gives_the_same_theta(tmp_path):
     workdir = tmp_path / f"{tape}_{shard}"
     trainer.train(c, str(workdir), progress=False)
     thetas.append(checkpoints.load_theta(str(workdir / "theta.msgpack"))[1])
+    rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+    assert {r["mode"] for r in rows} == {"meta", "imitation"}
   leaves = lambda t: __import__("jax").tree_util.tree_leaves(t)
   for other in thetas[1:]:
     for a, b in zip(leaves(thetas[0]), leaves(other)):

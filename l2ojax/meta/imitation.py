@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from l2ojax.meta import unroll as unroll_lib
+from l2ojax.models import residuals
 from l2ojax.meta.step import guarded_update, per_optimizee_grads, tree_all_finite
 from l2ojax.optimizees.base import Optimizee
 
@@ -70,7 +71,7 @@ def _call_update(tx, grads, opt_state, params, loss):
 
 def imitation_unroll(teacher: optax.GradientTransformation, learner: optax.GradientTransformation,
                      optimizee: Optimizee, state: ImitationState, key: chex.PRNGKey,
-                     num_steps: int, k: int = 1
+                     num_steps: int, k: int = 1, residual_tape: bool = False
                      ) -> Tuple[ImitationState, chex.Array, chex.Array]:
   """``num_steps`` learner steps, each labelled by ``k`` teacher steps.
 
@@ -82,6 +83,8 @@ def imitation_unroll(teacher: optax.GradientTransformation, learner: optax.Gradi
   Returns (state, imitation losses [num_steps], optimizee losses
   [num_steps * k + 1]). With ``k = 1`` the same key draws the same minibatches
   as ``unroll.unroll``, so the params follow ``unroll(teacher, ...)`` exactly.
+  ``residual_tape``: the learner steps' loop is a ``residuals.taped_scan``
+  (``unroll.scan_steps``'s option of that name).
   """
   if k < 1:
     raise ValueError(f"imitation.k must be >= 1, got {k}")
@@ -106,7 +109,8 @@ def imitation_unroll(teacher: optax.GradientTransformation, learner: optax.Gradi
     return (new_params, t_state, l_state), (imitation_loss(label, learner_updates), losses)
 
   step_xs = jax.tree_util.tree_map(lambda a: a.reshape((num_steps, k) + a.shape[1:]), xs)
-  (params, t_state, l_state), (il, losses) = jax.lax.scan(
+  loop = residuals.taped_scan if residual_tape else jax.lax.scan
+  (params, t_state, l_state), (il, losses) = loop(
       body, (state.params, state.teacher_state, state.learner_state), step_xs)
   final_loss = optimizee.loss(params, state.instance, keys[-1])
   losses = jnp.concatenate([losses.reshape(-1), final_loss[None]])
@@ -129,14 +133,15 @@ def make_init_imitation_states(lopt: Any, teacher: optax.GradientTransformation,
 
 def make_imitation_step(lopt: Any, teacher: optax.GradientTransformation,
                         outer_tx: optax.GradientTransformation, segment_length: int,
-                        k: int = 1, mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+                        k: int = 1, mesh: Optional[jax.sharding.Mesh] = None,
+                        residual_tape: bool = False) -> Callable:
   """Returns jit(imitation_step)(theta, outer_state, states, key, optimizee).
 
   One meta-update per segment: the imitation loss summed over the segment,
   averaged over the vmapped batch of optimizees, differentiated w.r.t. theta;
   a non-finite loss or gradient leaves theta and the outer state untouched.
   ``segment_length`` counts teacher steps, so it must be a multiple of ``k``.
-  ``mesh``: as ``step.make_meta_step``'s.
+  ``mesh``, ``residual_tape``: as ``step.make_meta_step``'s.
   """
   if segment_length % k:
     raise ValueError(f"meta.segment_length={segment_length} must be a multiple of "
@@ -145,7 +150,8 @@ def make_imitation_step(lopt: Any, teacher: optax.GradientTransformation,
 
   def one(lopt, theta, state, kk, optimizee):
     learner = lopt.transform(theta)
-    state, il, fs = imitation_unroll(teacher, learner, optimizee, state, kk, num_labels, k)
+    state, il, fs = imitation_unroll(teacher, learner, optimizee, state, kk, num_labels, k,
+                                     residual_tape)
     return jnp.sum(il), (state, fs)
 
   def imitation_step(theta, outer_state, states: ImitationState, key, optimizee

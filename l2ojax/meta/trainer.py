@@ -218,7 +218,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     init_il_states = imitation_lib.make_init_imitation_states(lopt, imitation.teacher,
                                                                meta.batch_size)
     il_step = imitation_lib.make_imitation_step(lopt, imitation.teacher, outer_tx,
-                                                meta.segment_length, imitation.k, mesh=mesh)
+                                                meta.segment_length, imitation.k, mesh=mesh,
+                                                residual_tape=meta.get("residual_tape", False))
 
   def val_steps(stage: int) -> int:
     if curriculum.min_num_eval is None and val.steps:
