@@ -40,7 +40,9 @@ runs, in order and within ``--minutes``:
   tape*          W1 of L2O-DM, B = 1, 8, 64, with each step's saved inputs on a residual
                  tape (--residual_tape: written and read in place, not stacked by the
                  loop and copied out again), profiled: against dm_bwd_128
-  tape_rnnprop*  the same for RNNProp, B = 8: against chunks
+  tape_narrow*   tape's W1 at B = 8, 64 with the weights' gradient's operands in bfloat16
+                 (lstm_kernel.NARROW_COTANGENTS), profiled: against tape
+  tape_rnnprop*  tape's for RNNProp, B = 8: against chunks
   dm_loads*      dm_pallas again (W1 B = 1, 8, 64 and W2, profiled) since the fused
                  kernels' loads became contiguous: the baseline of the stages below
   dm_bwd_128*    W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 128 rows per
@@ -53,8 +55,8 @@ runs, in order and within ``--minutes``:
                  the backward kernel on 128 rows (the default now), a bfloat16 state
   dm_best_mlp*+# the same with the fused MLP kernel and dm_grad_2x's weights' gradient
                  kernel too, W1 at B = 1, 8
-  tape_best*+#   dm_best_mlp's levers with the residual tape too, W1 at B = 1, 8, 64,
-                 profiled: against dm_best_mlp and tape
+  tape_best*+#   dm_best_mlp's levers with the residual tape and narrow cotangents too,
+                 W1 at B = 1, 8, 64, profiled: against dm_best_mlp and tape_narrow
   dm_best_unroll*+#  dm_best_mlp's levers with the segment's loop unrolled 20 steps, W1
                  at B = 1, 8 (profiled) and W2 (Adam on the fused MLP, unrolled alike)
   dm_tanh#       W1 of L2O-DM, B = 1, 8, 64, and W2 with the fused LSTM kernels taking
@@ -263,6 +265,12 @@ STAGES = (
     # (5,123 -> 4,119 at B = 64), RNNProp's 42 -> 41 and 852 -> 693
     _bench("tape", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1", *_PALLAS,
            "--residual_tape", "--profile_dir={out}/profile", needs=("check",)),
+    # ... and the weights' gradient's operands (gate cotangents, outputs) in bfloat16, written
+    # and read back once per step: as compiled, 520 -> 418 MB per step at B = 8, 4,119 -> 3,305
+    # at B = 64 (with a bfloat16 state 2,979 -> 2,164)
+    _bench("tape_narrow", 1.5, "--models=dm", "--batch_sizes=8,64", "--workloads=w1", *_PALLAS,
+           "--residual_tape", "--kernel_constant=lstm_kernel.NARROW_COTANGENTS=1",
+           "--profile_dir={out}/profile", needs=("check",)),
     _bench("tape_rnnprop", 0.7, "--models=rnnprop", "--batch_sizes=8", "--workloads=w1",
            *_PALLAS, "--residual_tape", needs=("check",)),
     # dm_pallas again since the kernels' loads became contiguous (59c2871): the weights'
@@ -295,10 +303,12 @@ STAGES = (
            "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
            "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",
            needs=("check", "check_mlp", "check_tanh")),
-    # every lever and the residual tape with its running sum: as compiled for an H100, 17 -> 15
-    # kernels and 450 -> 374 MB per step at B = 8 (16 -> 15 and 74 -> 56 MB at B = 1)
+    # every lever, the residual tape with its running sum and narrow cotangents: as compiled
+    # for an H100, 17 -> 15 kernels and 450 -> 272 MB per step at B = 8 (16 -> 15 and 74 -> 43
+    # MB at B = 1)
     _bench("tape_best", 1.5, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1", *_PALLAS,
-           "--residual_tape", "--kernel_constant=lstm_kernel.APPROX_TANH=1",
+           "--residual_tape", "--kernel_constant=lstm_kernel.NARROW_COTANGENTS=1",
+           "--kernel_constant=lstm_kernel.APPROX_TANH=1",
            "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
            "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
            "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",

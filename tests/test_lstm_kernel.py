@@ -386,20 +386,57 @@ def test_fused_kernel_on_gpu(name, options, atol, approx_tanh, tiny_image_npz, m
   assert "__gpu$xla.gpu.triton" in lowered.as_text()
 
 
+def test_narrow_cotangents_round_only_the_weights_gradients_operands(monkeypatch):
+  """Interpreted, lstm_kernel.NARROW_COTANGENTS: the weights' gradient from bfloat16
+  gate cotangents and outputs is XLA's to bfloat16's rounding, averaged over the
+  rows (a relative error of ~3e-4 of the largest entry here, not 0: they are
+  rounded); the cotangents that flow on are float32's (the input's gradient as
+  without it), and so is the read-out bias's gradient (the sum of d_out)."""
+  layers, readout, x, states = _stack(jax.random.PRNGKey(5), 2, (20, 20), lead=(3, 50))
+
+  def loss(layers, readout, x, kernel):
+    stack = cells.lstm_stack_prepare(layers, readout, kernel=kernel, gradient_chunks=4)
+
+    def step(states, i):
+      out, states = jax.vmap(lambda x, s: cells.lstm_stack_run(stack, x, s))(
+          x * jnp.cos(i), states)
+      return states, jnp.sum(jnp.sin(out))
+
+    states_t, outs = jax.lax.scan(step, states, jnp.arange(3.0))
+    return jnp.sum(outs) + sum(jnp.sum(s.c ** 2) for s in states_t)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+  want = grad(layers, readout, x, "xla")
+  exact = grad(layers, readout, x, "pallas_interpret")
+  monkeypatch.setattr(lstm_kernel, "NARROW_COTANGENTS", 1)
+  got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(layers, readout, x,
+                                                                      "pallas_interpret")
+  error = lambda g, w: float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+  layers_errors = jax.tree_util.tree_leaves(jax.tree_util.tree_map(error, got[0], want[0]))
+  assert 1e-5 < min(layers_errors) and max(layers_errors) < 2e-3, layers_errors
+  assert error(got[1]["w"], want[1]["w"]) < 2e-3
+  # the read-out's bias from d_out alone (float32): as without
+  chex.assert_trees_all_close(got[1]["b"], exact[1]["b"], atol=0, rtol=0)
+  chex.assert_trees_all_close(got[2], exact[2], atol=0, rtol=0)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernels: needs a GPU")
-@pytest.mark.parametrize("name,options", [("dm", {}), ("rnnprop", {}),
-                                          ("dm", {"state_dtype": "bfloat16"})],
-                         ids=["dm", "rnnprop", "dm_bf16_state"])
-def test_residual_tape_on_gpu(name, options, tiny_image_npz):
+@pytest.mark.parametrize("name,options,narrow,rtol", [
+    ("dm", {}, 0, 1e-4), ("rnnprop", {}, 0, 1e-4), ("dm", {"state_dtype": "bfloat16"}, 0, 1e-4),
+    # the weights' gradient's operands in bfloat16: their rounding, averaged over the rows
+    ("dm", {}, 1, 2e-2)], ids=["dm", "rnnprop", "dm_bf16_state", "dm_narrow_cotangents"])
+def test_residual_tape_on_gpu(name, options, narrow, rtol, tiny_image_npz, monkeypatch):
   """Compiled on a GPU: a meta-step whose fused kernels write and read each step's
   saved inputs in a tape (residuals.taped_scan) gives the meta-step of the stacked
-  residuals (the same kernels' arithmetic: to float rounding)."""
+  residuals (the same kernels' arithmetic: to float rounding); with
+  NARROW_COTANGENTS too, to bfloat16's rounding of the weights' gradient's operands."""
   from l2ojax.meta import step as step_lib
   mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
   lopt = models.get(name, lstm_kernel="pallas", **options)
   theta = lopt.init(jax.random.PRNGKey(0))
   outs = []
   for tape in (False, True):
+    monkeypatch.setattr(lstm_kernel, "NARROW_COTANGENTS", narrow if tape else 0)
     states = step_lib.make_init_states(lopt, 3)(theta, jax.random.PRNGKey(1), mlp)
     meta_step = step_lib.make_meta_step(lopt, optax.sgd(1.0), 10, remat=None,
                                         residual_tape=tape)
@@ -407,7 +444,7 @@ def test_residual_tape_on_gpu(name, options, tiny_image_npz):
                                               jax.random.PRNGKey(2), mlp)
     outs.append((jax.tree_util.tree_map(jnp.subtract, new_theta, theta), states.params,
                  metrics["meta_loss"]))
-  chex.assert_trees_all_close(outs[1], outs[0], atol=1e-6, rtol=1e-4)
+  chex.assert_trees_all_close(outs[1], outs[0], atol=1e-6, rtol=rtol)
 
 
 def test_meta_step_with_the_kernels_and_remat():

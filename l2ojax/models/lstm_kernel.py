@@ -324,6 +324,14 @@ BACKWARD_NUM_STAGES = 1
 # Whether the layers below the top keep their recomputed gates for their backward
 # pass instead of computing them a second time there. Not yet timed on a GPU.
 KEEP_LOWER_GATES = False
+# Whether the backward kernel writes the weights' gradient's operands (each layer's
+# gate cotangents dz and output) in bfloat16 rather than float32: they are written
+# and read back once per step (1,600 of the ~4,000 bytes per row and step of L2O-DM at
+# B = 64 as compiled, with a residual tape), and read only by the products of the
+# weights' gradient, which take their operands at TF32's precision anyway (10-bit
+# mantissa; bfloat16 keeps 8). The cotangents that flow on (dx, dh, dc) stay float32.
+# An int, for the benchmark's --kernel_constant. Not yet timed.
+NARROW_COTANGENTS = 0
 
 # Rows per block, warps and software-pipeline stages of ``weights_gradient``'s
 # programs: with 3 stages each block's loads are issued asynchronously (cp.async)
@@ -514,7 +522,8 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
   cotangents of x and of the old states, each layer's gate pre-activation
   cotangents dz [n, 4 x hidden] (columns i, j, f, o) and output h' [n, hidden]
   (the operands of ``weights_gradient``); dh's and dc's in the dtypes of
-  ``dh_news`` and ``dc_news``, the rest in float32.
+  ``dh_news`` and ``dc_news``, dz's and outs in bfloat16 if ``NARROW_COTANGENTS``,
+  the rest in float32.
   ``slot`` (int32 [1]): ``saved`` is a tape [steps x n, width] (``stack_forward``'s)
   and the step's inputs are its rows [slot x n, (slot + 1) x n), read in place.
   """
@@ -526,10 +535,11 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
   if taped:
     _check_tape("stack_backward", saved, slot, n, sizes, n_in)
   dtype = jnp.float32
+  operands = jnp.bfloat16 if NARROW_COTANGENTS else dtype  # the weights' gradient's
   out_shape = ([jax.ShapeDtypeStruct((n, n_in), dtype)]
                + [jax.ShapeDtypeStruct(d.shape, d.dtype) for d in (*dh_news, *dc_news)]
-               + [jax.ShapeDtypeStruct((n, 4 * s), dtype) for s in sizes]
-               + [jax.ShapeDtypeStruct((n, s), dtype) for s in sizes])
+               + [jax.ShapeDtypeStruct((n, 4 * s), operands) for s in sizes]
+               + [jax.ShapeDtypeStruct((n, s), operands) for s in sizes])
   kernel = functools.partial(_backward_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
                              split_x=split_x, tanh=_tanh(interpret), taped=taped)
   num = len(sizes)
