@@ -21,14 +21,14 @@ preprocess = importlib.import_module("l2ojax.models.preprocess")
 residuals = importlib.import_module("l2ojax.models.residuals")
 
 
-def _meta_step(name, kernel, residual_tape, state_dtype="", steps=4, batch=2):
+def _meta_step(name, kernel, residual_tape, state_dtype="", steps=4, batch=2, **step_options):
   options = {"state_dtype": state_dtype} if state_dtype else {}
   lopt = models.get(name, lstm_kernel=kernel, **options)
   q = optimizees.get("quadratic", dim=6, num_instances=4)
   theta = lopt.init(jax.random.PRNGKey(0))
   states = step_lib.make_init_states(lopt, batch)(theta, jax.random.PRNGKey(1), q)
   meta_step = step_lib.make_meta_step(lopt, optax.sgd(1.0), steps, remat=None,
-                                      residual_tape=residual_tape)
+                                      residual_tape=residual_tape, **step_options)
   theta, _, states, metrics = meta_step(theta, optax.sgd(1.0).init(theta), states,
                                         jax.random.PRNGKey(2), q)
   return theta, states, metrics["meta_loss"]
@@ -58,6 +58,14 @@ def test_meta_step_with_a_residual_tape_is_the_meta_step(name, kernel, state_dty
   assert (True, True) in recorded  # a tape, and the weights' gradient summed in the carry
   want = _meta_step(name, "xla", False, state_dtype)
   chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{"scan_unroll": 3}, {"second_order": True}])
+def test_a_residual_tape_in_an_unrolled_loop_and_second_order(options):
+  """3 steps per loop iteration over 4 steps (a remainder), and a second-order
+  meta-gradient: the stacked residuals' meta-step."""
+  chex.assert_trees_all_close(_meta_step("dm", "pallas", True, **options),
+                              _meta_step("dm", "xla", False, **options), atol=1e-6, rtol=1e-5)
 
 
 def test_imitation_step_with_a_residual_tape_is_the_imitation_step():
