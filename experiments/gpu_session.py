@@ -202,7 +202,8 @@ def _gpu_tests(name: str, minutes: float, test_file: str, select: str = "gpu",
 
 
 _PALLAS = ("--lstm_kernel=pallas", "--torch=off")
-_LSTM_KERNELS = ("l2ojax/models/lstm_kernel.py", "l2ojax/models/cells.py", "l2ojax/gpu.py")
+_LSTM_KERNELS = ("l2ojax/models/lstm_kernel.py", "l2ojax/models/cells.py", "l2ojax/gpu.py",
+                 "l2ojax/models/residuals.py")
 STAGES = (
     # (tanh.approx's test is check_tanh's: its failure keeps out only what needs it)
     _gpu_tests("check", 2.5, "tests/test_lstm_kernel.py", "gpu and not approx_tanh",
