@@ -190,3 +190,27 @@ def test_a_tape_with_recomputation_is_refused(options, field):
     step_lib.make_meta_step(models.dm(lstm_kernel="pallas"), optax.sgd(1.0), 4,
                             residual_tape=True, **options)
 
+
+
+def _recording_body(accumulator=None):
+  def body(c, x):
+    w = jnp.ones(3) * 2.0 if accumulator == "inside" else accumulator
+    write = lambda tape, slot, acc: (c + x, tape, acc)
+    recorded = residuals.record(3, 2, jnp.float32, write, accumulator=w)
+    return (c + x if recorded is None else recorded), c
+  return body
+
+
+def test_every_call_of_a_taped_scan_finds_its_tapes():
+  """The same body twice (a trace cached from the first call must not hide its
+  records from the second): both loops keep their tape."""
+  body = _recording_body()
+  for _ in range(2):
+    jaxpr = str(jax.make_jaxpr(lambda xs: residuals.taped_scan(body, jnp.zeros(3), xs))(
+        jnp.ones((4, 3))))
+    assert "f32[12,2]" in jaxpr  # the tape: 4 steps x 3 rows, 2 wide
+
+
+def test_an_accumulator_made_inside_the_step_is_named():
+  with pytest.raises(ValueError, match="accumulator of record call 0 is computed inside"):
+    residuals.taped_scan(_recording_body("inside"), jnp.zeros(3), jnp.ones((4, 3)))

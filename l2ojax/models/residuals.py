@@ -177,10 +177,12 @@ _release.defvjp(_release_fwd, _release_bwd)
 
 
 def _find(body: Callable, carry, x, steps: int) -> _Recording:
+  """What one step of ``body`` records, from a trace of its own."""
   finding = _Recording(steps)
   _RECORDING.append(finding)
   try:
-    jax.eval_shape(body, carry, x)
+    # a new function each time: a trace that eval_shape had cached would not run body
+    jax.eval_shape(lambda c, x: body(c, x), carry, x)
   finally:
     _RECORDING.pop()
   return finding
@@ -202,7 +204,9 @@ def taped_scan(body: Callable, carry, xs, unroll: int = 1):
   if not finding.requests:
     return jax.lax.scan(body, carry, xs, unroll=unroll)
   # an accumulator must come from outside the loop: the same object in every trace
-  again = _find(body, carry, x0, steps).given
+  again = (_find(body, carry, x0, steps).given
+           if any(a is not None for a in finding.given) else finding.given)
+  assert len(again) == len(finding.given)
   for i, (a, b) in enumerate(zip(finding.given, again)):
     if a is not b:
       raise ValueError(f"residuals.taped_scan: the accumulator of record call {i} is "
