@@ -37,11 +37,13 @@ runs, in order and within ``--minutes``:
   dm_bias_product*  W1 of L2O-DM, B = 1, 8, and W2 with the MNIST MLP's biases' gradients
                  taken from the weights' products (mlp.BIAS_IN_PRODUCT; XLA's MLP),
                  profiled: against dm_bwd_128 (W1) and w2_flat (W2)
+  tape_base*     W1 of L2O-DM, B = 8, 64, the fused LSTM kernels as they are by default:
+                 the same session's baseline of the tape stages
   tape*          W1 of L2O-DM, B = 1, 8, 64, with each step's saved inputs on a residual
                  tape (--residual_tape: written and read in place, not stacked by the
-                 loop and copied out again), profiled: against dm_bwd_128
+                 loop and copied out again), profiled: against tape_base
   tape_narrow*   tape's W1 at B = 8, 64 with the weights' gradient's operands in bfloat16
-                 (lstm_kernel.NARROW_COTANGENTS), profiled: against tape
+                 (lstm_kernel.NARROW_COTANGENTS), profiled: against tape_base, tape
   tape_rnnprop*  tape's for RNNProp, B = 8: against chunks
   dm_loads*      dm_pallas again (W1 B = 1, 8, 64 and W2, profiled) since the fused
                  kernels' loads became contiguous: the baseline of the stages below
@@ -264,6 +266,8 @@ STAGES = (
     # (make_meta_step's residual_tape) and the loop's running sum of the weights' gradient:
     # as compiled for an H100, L2O-DM's step 28 -> 27 kernels and 650 -> 520 MB at B = 8
     # (5,123 -> 4,119 at B = 64), RNNProp's 42 -> 41 and 852 -> 693
+    _bench("tape_base", 1.2, "--models=dm", "--batch_sizes=8,64", "--workloads=w1", *_PALLAS,
+           needs=("check",)),
     _bench("tape", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1", *_PALLAS,
            "--residual_tape", "--profile_dir={out}/profile", needs=("check",)),
     # ... and the weights' gradient's operands (gate cotangents, outputs) in bfloat16, written
