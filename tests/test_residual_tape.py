@@ -214,3 +214,22 @@ def test_every_call_of_a_taped_scan_finds_its_tapes():
 def test_an_accumulator_made_inside_the_step_is_named():
   with pytest.raises(ValueError, match="accumulator of record call 0 is computed inside"):
     residuals.taped_scan(_recording_body("inside"), jnp.zeros(3), jnp.ones((4, 3)))
+
+
+@pytest.mark.parametrize("name,options", [("scale", {}), ("dm", {"lstm_kernel": "xla"})])
+def test_a_residual_tape_without_a_recording_kernel_is_the_plain_loop(name, options):
+  """residual_tape with a learned optimizer that records nothing (L2O-Scale; L2O-DM on
+  XLA's ops): the step traces once more to find that out, then runs the plain loop,
+  with the same meta-step bit for bit."""
+  lopt = models.get(name, **options)
+  q = optimizees.get("quadratic", dim=6, num_instances=4)
+  theta = lopt.init(jax.random.PRNGKey(0))
+  outs = []
+  for tape in (False, True):
+    states = step_lib.make_init_states(lopt, 2)(theta, jax.random.PRNGKey(1), q)
+    meta_step = step_lib.make_meta_step(lopt, optax.sgd(1e-3), 4, remat=None,
+                                        meta_loss="log_ratio", residual_tape=tape)
+    new_theta, _, _, metrics = meta_step(theta, optax.sgd(1e-3).init(theta), states,
+                                         jax.random.PRNGKey(2), q)
+    outs.append((new_theta, metrics["meta_loss"]))
+  chex.assert_trees_all_equal(outs[0], outs[1])
