@@ -1,11 +1,13 @@
-"""A function's backward-pass residuals packed into one array per dtype.
+"""Where a loop's steps keep their backward-pass residuals.
 
 In a loop of steps, backprop stacks every array a step keeps for the backward
 pass in a kernel of its own (a dynamic-update-slice per array and step on a
 GPU). A learned optimizer whose step keeps dozens of small arrays (L2O-Scale:
 momenta, features, gates of three recurrent levels) spends as many kernels
 per step on that alone; ``packed`` keeps the same values as one flat array
-per dtype, stacked in one kernel.
+per dtype, stacked in one kernel. A kernel that writes its own residual can
+instead keep it on a tape of the loop's (``taped_scan``, below), written and
+read in place.
 """
 from __future__ import annotations
 
