@@ -410,15 +410,17 @@ def test_narrow_cotangents_round_only_the_weights_gradients_operands(monkeypatch
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernels: needs a GPU")
-@pytest.mark.parametrize("name,options,narrow,rtol", [
+@pytest.mark.parametrize("name,options,narrow,tol", [
     ("dm", {}, 0, 1e-4), ("rnnprop", {}, 0, 1e-4), ("dm", {"state_dtype": "bfloat16"}, 0, 1e-4),
     # the weights' gradient's operands in bfloat16: their rounding, averaged over the rows
-    ("dm", {}, 1, 2e-2)], ids=["dm", "rnnprop", "dm_bf16_state", "dm_narrow_cotangents"])
-def test_residual_tape_on_gpu(name, options, narrow, rtol, tiny_image_npz, monkeypatch):
+    ("dm", {}, 1, 3e-3)], ids=["dm", "rnnprop", "dm_bf16_state", "dm_narrow_cotangents"])
+def test_residual_tape_on_gpu(name, options, narrow, tol, tiny_image_npz, monkeypatch):
   """Compiled on a GPU: a meta-step whose fused kernels write and read each step's
   saved inputs in a tape (residuals.taped_scan) gives the meta-step of the stacked
-  residuals (the same kernels' arithmetic: to float rounding); with
-  NARROW_COTANGENTS too, to bfloat16's rounding of the weights' gradient's operands."""
+  residuals: the same optimizee trajectories and meta-loss (the same forward
+  arithmetic) and meta-gradient (to float rounding: within ``tol`` of each
+  matrix's largest entry; with NARROW_COTANGENTS, to bfloat16's rounding of the
+  weights' gradient's operands)."""
   from l2ojax.meta import step as step_lib
   mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
   lopt = models.get(name, lstm_kernel="pallas", **options)
@@ -433,7 +435,11 @@ def test_residual_tape_on_gpu(name, options, narrow, rtol, tiny_image_npz, monke
                                               jax.random.PRNGKey(2), mlp)
     outs.append((jax.tree_util.tree_map(jnp.subtract, new_theta, theta), states.params,
                  metrics["meta_loss"]))
-  chex.assert_trees_all_close(outs[1], outs[0], atol=1e-6, rtol=rtol)
+  chex.assert_trees_all_close(outs[1][1:], outs[0][1:], atol=1e-6, rtol=1e-5)
+  for got, want in zip(jax.tree_util.tree_leaves(outs[1][0]),
+                       jax.tree_util.tree_leaves(outs[0][0])):
+    np.testing.assert_allclose(got, want, rtol=0,
+                               atol=tol * float(jnp.max(jnp.abs(want))) + 1e-7)
 
 
 def test_meta_step_with_the_kernels_and_remat():
