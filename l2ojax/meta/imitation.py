@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from l2ojax.meta import unroll as unroll_lib
-from l2ojax.models import residuals
 from l2ojax.meta.step import guarded_update, per_optimizee_grads, tree_all_finite
+from l2ojax.models import residuals
 from l2ojax.optimizees.base import Optimizee
 
 TEACHERS: Dict[str, Callable[[float], optax.GradientTransformation]] = {
