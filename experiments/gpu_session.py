@@ -9,6 +9,9 @@ runs, in order and within ``--minutes``:
                  with a bfloat16 state); the stages marked * need it to pass
   check_mlp      the GPU test of tests/test_mlp_kernel.py: the fused MNIST-MLP loss and
                  gradient kernels give XLA's values and Adam curves; + needs it too
+  check_tape     the GPU tests of the residual tape (tests/test_lstm_kernel.py): the
+                 meta-step of the stacked residuals (L2O-DM, RNNProp, a bfloat16 state,
+                 narrow cotangents); the stages marked ^ need it too
   dm_pallas*     W1 of L2O-DM with the fused LSTM kernels, B = 1, 8, 64, and W2, with a
                  profile of each B (the GPU's kernels by time)
   dm_fused_mlp*+ W1 of L2O-DM with both fused kernels (the LSTM stack's and the
@@ -39,12 +42,12 @@ runs, in order and within ``--minutes``:
                  profiled: against dm_bwd_128 (W1) and w2_flat (W2)
   tape_base*     W1 of L2O-DM, B = 8, 64, the fused LSTM kernels as they are by default:
                  the same session's baseline of the tape stages
-  tape*          W1 of L2O-DM, B = 1, 8, 64, with each step's saved inputs on a residual
+  tape*^         W1 of L2O-DM, B = 1, 8, 64, with each step's saved inputs on a residual
                  tape (--residual_tape: written and read in place, not stacked by the
                  loop and copied out again), profiled: against tape_base
-  tape_narrow*   tape's W1 at B = 8, 64 with the weights' gradient's operands in bfloat16
+  tape_narrow*^  tape's W1 at B = 8, 64 with the weights' gradient's operands in bfloat16
                  (lstm_kernel.NARROW_COTANGENTS), profiled: against tape_base, tape
-  tape_rnnprop*  tape's for RNNProp, B = 8: against chunks
+  tape_rnnprop*^ tape's for RNNProp, B = 8: against chunks
   dm_loads*      dm_pallas again (W1 B = 1, 8, 64 and W2, profiled) since the fused
                  kernels' loads became contiguous: the baseline of the stages below
   dm_bwd_128*    W1 of L2O-DM, B = 1, 8, 64, the cells' backward kernel on 128 rows per
@@ -57,7 +60,7 @@ runs, in order and within ``--minutes``:
                  the backward kernel on 128 rows (the default now), a bfloat16 state
   dm_best_mlp*+# the same with the fused MLP kernel and dm_grad_2x's weights' gradient
                  kernel too, W1 at B = 1, 8
-  tape_best*+#   dm_best_mlp's levers with the residual tape and narrow cotangents too,
+  tape_best*+#^  dm_best_mlp's levers with the residual tape and narrow cotangents too,
                  W1 at B = 1, 8, 64, profiled: against dm_best_mlp and tape_narrow
   dm_best_unroll*+#  dm_best_mlp's levers with the segment's loop unrolled 20 steps, W1
                  at B = 1, 8 (profiled) and W2 (Adam on the fused MLP, unrolled alike)
@@ -208,10 +211,13 @@ _LSTM_KERNELS = ("l2ojax/models/lstm_kernel.py", "l2ojax/models/cells.py", "l2oj
                  "l2ojax/models/residuals.py")
 STAGES = (
     # (tanh.approx's test is check_tanh's: its failure keeps out only what needs it)
-    _gpu_tests("check", 2.5, "tests/test_lstm_kernel.py", "gpu and not approx_tanh",
-               sources=_LSTM_KERNELS),
+    _gpu_tests("check", 2.5, "tests/test_lstm_kernel.py",
+               "gpu and not approx_tanh and not residual_tape", sources=_LSTM_KERNELS),
     _gpu_tests("check_mlp", 1.0, "tests/test_mlp_kernel.py",
                sources=("l2ojax/optimizees/mlp_kernel.py", "l2ojax/gpu.py")),
+    # apart from check: a failure here keeps out only the stages of the tape
+    _gpu_tests("check_tape", 1.5, "tests/test_lstm_kernel.py", "residual_tape_on_gpu",
+               sources=_LSTM_KERNELS + ("l2ojax/meta/unroll.py", "l2ojax/meta/step.py")),
     # the fused LSTM kernels against XLA's ops (and the PyTorch peer), each B; the
     # profile lists the GPU's kernels by time (in the log and the JSON)
     _bench("dm_pallas", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS,
@@ -269,15 +275,15 @@ STAGES = (
     _bench("tape_base", 1.2, "--models=dm", "--batch_sizes=8,64", "--workloads=w1", *_PALLAS,
            needs=("check",)),
     _bench("tape", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1", *_PALLAS,
-           "--residual_tape", "--profile_dir={out}/profile", needs=("check",)),
+           "--residual_tape", "--profile_dir={out}/profile", needs=("check", "check_tape")),
     # ... and the weights' gradient's operands (gate cotangents, outputs) in bfloat16, written
     # and read back once per step: as compiled, 520 -> 418 MB per step at B = 8, 4,119 -> 3,305
     # at B = 64 (with a bfloat16 state 2,979 -> 2,164)
     _bench("tape_narrow", 1.5, "--models=dm", "--batch_sizes=8,64", "--workloads=w1", *_PALLAS,
            "--residual_tape", "--kernel_constant=lstm_kernel.NARROW_COTANGENTS=1",
-           "--profile_dir={out}/profile", needs=("check",)),
+           "--profile_dir={out}/profile", needs=("check", "check_tape")),
     _bench("tape_rnnprop", 0.7, "--models=rnnprop", "--batch_sizes=8", "--workloads=w1",
-           *_PALLAS, "--residual_tape", needs=("check",)),
+           *_PALLAS, "--residual_tape", needs=("check", "check_tape")),
     # dm_pallas again since the kernels' loads became contiguous (59c2871): the weights'
     # gradient and forward kernels' times against dm_pallas's, and the baseline of the
     # stages after it
@@ -317,7 +323,8 @@ STAGES = (
            "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
            "--kernel_constant=lstm_kernel.GRADIENT_PROGRAMS_PER_CORE=2",
            "--optimizee_kernel=pallas", "--dm_state_dtype=bfloat16",
-           "--profile_dir={out}/profile", needs=("check", "check_mlp", "check_tanh")),
+           "--profile_dir={out}/profile",
+           needs=("check", "check_mlp", "check_tanh", "check_tape")),
     # every lever with the segment's loop unrolled 20 steps too (each loop iteration has
     # kernels of its own: the counter, the condition): W1 at B = 1, 8 and W2, Adam on the
     # fused MLP unrolled alike; the closest to issue 7's B = 1 and W2 targets
