@@ -229,7 +229,9 @@ def taped_scan(body: Callable, carry, xs, unroll: int = 1):
                        f"its first trace {len(tapes)}")
     return (inner, tuple(rec.tapes), tuple(rec.accumulators)), y
 
-  tapes = tuple(jnp.zeros(r.shape, r.dtype) for r in finding.requests)
+  # uninitialized where the backend allows (every slot is written before it is read): a
+  # GPU then spends no pass over the whole tape on zeros, as it does for lax.scan's stack
+  tapes = tuple(jax.lax.empty(r.shape, r.dtype) for r in finding.requests)
   # the slots as a loop input: the backward loop reads them there (a counter in the
   # carry would be a residual stacked by the loop)
   slots = jnp.arange(steps, dtype=jnp.int32)[:, None]
