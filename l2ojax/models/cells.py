@@ -525,25 +525,25 @@ def lstm_stack_run(stack: LSTMStack, x: chex.Array, states: Sequence[LSTMState],
   if g is not None and (g.shape != x.shape[:-1] or x.shape[-1] != 2):
     raise ValueError(f"lstm_stack_run: log_and_sign_of's gradient {g.shape} does not match "
                      f"x {x.shape} (its two features per row)")
-  args = (stack.kernel, None if k is None else float(k), layouts, cast(stack.grad), cast(x),
-          None if g is None else cast(g), tuple(as_computed(s.h) for s in states),
-          tuple(as_computed(s.c) for s in states))
+  k = None if k is None else float(k)
+  x, g, grad = cast(x), None if g is None else cast(g), cast(stack.grad)
+  hs = tuple(as_computed(s.h) for s in states)
+  cs = tuple(as_computed(s.c) for s in states)
   taped = None
   if stack.kernel in ("pallas", "pallas_interpret"):
     # In a residuals.taped_scan the saved inputs go on its tape, and the loop carries the
     # weights' gradient's running sum, which the fused kernel adds each step's to.
-    saved = jax.eval_shape(_saved_inputs, *args[4:5], *args[6:])
+    saved = jax.eval_shape(_saved_inputs, x, hs, cs)
     accumulates = stack.grad.dtype == dtype
 
-    def write(tape, slot, grad):
-      outs, tape, grad = _taped_stack_core(*args[:2], accumulates, *args[2:3],
-                                           grad if accumulates else args[3], *args[4:],
-                                           tape, slot)
-      return outs, tape, grad
+    def write(tape, slot, running_sum):
+      return _taped_stack_core(stack.kernel, k, accumulates, layouts,
+                               running_sum if accumulates else grad, x, g, hs, cs, tape, slot)
 
     taped = residuals.record(int(np.prod(saved.shape[:-1])), saved.shape[-1], saved.dtype,
                              write, accumulator=stack.grad if accumulates else None)
-  out, hs, cs = _stack_core(*args) if taped is None else taped
+  out, hs, cs = (_stack_core(stack.kernel, k, layouts, grad, x, g, hs, cs) if taped is None
+                 else taped)
   return out, tuple(LSTMState(h.astype(s.h.dtype), c.astype(s.c.dtype))
                     for h, c, s in zip(hs, cs, states))
 
