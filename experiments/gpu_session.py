@@ -12,6 +12,9 @@ runs, in order and within ``--minutes``:
   check_tape     the GPU tests of the residual tape (tests/test_lstm_kernel.py): the
                  meta-step of the stacked residuals (L2O-DM, RNNProp, a bfloat16 state,
                  narrow cotangents); the stages marked ^ need it too
+  check_exp2     the GPU tests of EXP2_TANH (tests/test_lstm_kernel.py): its tanh on a
+                 grid, and the kernels' curves and meta-gradients to the accurate
+                 tolerance; the stages marked % need it too
   dm_pallas*     W1 of L2O-DM with the fused LSTM kernels, B = 1, 8, 64, and W2, with a
                  profile of each B (the GPU's kernels by time)
   dm_fused_mlp*+ W1 of L2O-DM with both fused kernels (the LSTM stack's and the
@@ -42,6 +45,10 @@ runs, in order and within ``--minutes``:
                  profiled: against dm_bwd_128 (W1) and w2_flat (W2)
   tape_base*     W1 of L2O-DM, B = 8, 64, the fused LSTM kernels as they are by default:
                  the same session's baseline of the tape stages
+  exp2_tanh*%    W1 of L2O-DM, B = 8, 64, and W2 with the fused LSTM kernels taking tanh
+                 as 1 - 2 / (1 + 2^(2 log2(e) z)) from ex2.approx and rcp.approx
+                 (lstm_kernel.EXP2_TANH: float32's accuracy, a third fewer instructions),
+                 profiled: against tape_base and w2_flat
   tape*^         W1 of L2O-DM, B = 1, 8, 64, with each step's saved inputs on a residual
                  tape (--residual_tape: written and read in place, not stacked by the
                  loop and copied out again), profiled: against tape_base
@@ -212,12 +219,18 @@ _LSTM_KERNELS = ("l2ojax/models/lstm_kernel.py", "l2ojax/models/cells.py", "l2oj
 STAGES = (
     # (tanh.approx's test is check_tanh's: its failure keeps out only what needs it)
     _gpu_tests("check", 2.5, "tests/test_lstm_kernel.py",
-               "gpu and not approx_tanh and not residual_tape", sources=_LSTM_KERNELS),
+               "gpu and not approx_tanh and not exp2_tanh and not residual_tape",
+               sources=_LSTM_KERNELS),
     _gpu_tests("check_mlp", 1.0, "tests/test_mlp_kernel.py",
                sources=("l2ojax/optimizees/mlp_kernel.py", "l2ojax/gpu.py")),
     # apart from check: a failure here keeps out only the stages of the tape
     _gpu_tests("check_tape", 1.5, "tests/test_lstm_kernel.py", "residual_tape_on_gpu",
                sources=_LSTM_KERNELS + ("l2ojax/meta/unroll.py", "l2ojax/meta/step.py")),
+    # tanh from ex2.approx and rcp.approx (lstm_kernel.EXP2_TANH): its accuracy on the GPU and
+    # the kernels' curves and meta-gradients to the accurate tolerance; apart from check, so
+    # that a failure keeps out only exp2_tanh
+    _gpu_tests("check_exp2", 1.0, "tests/test_lstm_kernel.py", "gpu and exp2_tanh",
+               sources=_LSTM_KERNELS),
     # the fused LSTM kernels against XLA's ops (and the PyTorch peer), each B; the
     # profile lists the GPU's kernels by time (in the log and the JSON)
     _bench("dm_pallas", 2.0, "--models=dm", "--batch_sizes=1,8,64", *_PALLAS,
@@ -274,6 +287,13 @@ STAGES = (
     # (5,123 -> 4,119 at B = 64), RNNProp's 42 -> 41 and 852 -> 693
     _bench("tape_base", 1.2, "--models=dm", "--batch_sizes=8,64", "--workloads=w1", *_PALLAS,
            needs=("check",)),
+    # both LSTM kernels taking tanh from ex2.approx and rcp.approx (EXP2_TANH: float32's
+    # accuracy, unlike tanh.approx): as compiled for an H100, the forward kernel 9,340 -> 6,470
+    # SASS instructions per row, the backward 16,232 -> 11,906; W1 at B = 8, 64 against
+    # tape_base, W2 against Adam in the same loop (w2_flat: the accurate tanh)
+    _bench("exp2_tanh", 1.5, "--models=dm", "--batch_sizes=8,64", *_PALLAS,
+           "--kernel_constant=lstm_kernel.EXP2_TANH=1", "--profile_dir={out}/profile",
+           needs=("check", "check_exp2")),
     _bench("tape", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1", *_PALLAS,
            "--residual_tape", "--profile_dir={out}/profile", needs=("check", "check_tape")),
     # ... and the weights' gradient's operands (gate cotangents, outputs) in bfloat16, written

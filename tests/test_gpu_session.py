@@ -419,8 +419,9 @@ def test_the_plan_names_what_is_done_and_how_far_each_training_got(tmp_path):
 def test_the_checks_select_the_gpu_tests_of_their_kernels(tmp_path):
   """Each check's pytest selection, collected here (the GPU tests are skipped, not left
   out, without a GPU): check has every compiled-kernel test of the LSTM kernels but the
-  tanh.approx one, which check_tanh has alone, so that its failure keeps out only what
-  needs it; check_mlp has the MLP kernel's."""
+  tanh.approx one, which check_tanh has alone, and EXP2_TANH's two, which check_exp2 has
+  alone, so that their failure keeps out only what needs them; check_mlp has the MLP
+  kernel's."""
   def collected(name):
     stage = next(st for st in gpu_session.STAGES if st.name == name)
     select, path = re.search(r"'-k', '([^']*)',\s*'([^']*)'", stage.argv[1]).groups()
@@ -430,7 +431,10 @@ def test_the_checks_select_the_gpu_tests_of_their_kernels(tmp_path):
     return [l.split("::", 1)[1] for l in proc.stdout.splitlines() if "::" in l]
 
   check, tanh, mlp = collected("check"), collected("check_tanh"), collected("check_mlp")
+  exp2 = collected("check_exp2")
   assert "test_fused_kernel_on_gpu[dm_approx_tanh]" in tanh and len(tanh) == 1
+  assert set(exp2) == {"test_fused_kernel_on_gpu[dm_exp2_tanh]",
+                       "test_exp2_tanh_on_gpu_is_tanh_to_1e6"}
   assert "test_fused_kernel_on_gpu[dm]" in check and "test_kernel_lowers_for_gpu" in check
-  assert not set(check) & set(tanh)
+  assert not set(check) & set(tanh) and not set(check) & set(exp2)
   assert mlp and all("gpu" in t for t in mlp)

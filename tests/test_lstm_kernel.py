@@ -358,15 +358,19 @@ def test_backward_kernel_under_vmap_and_scan(state_dtype, rtol):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernel: needs a GPU")
-@pytest.mark.parametrize("name,options,atol,approx_tanh", [
-    ("dm", {}, 2e-2, 0), ("rnnprop", {}, 2e-2, 0),
+@pytest.mark.parametrize("name,options,atol,tanh", [
+    ("dm", {}, 2e-2, None), ("rnnprop", {}, 2e-2, None),
     # both store the state rounded to bfloat16, in different orders of operations
-    ("dm", {"state_dtype": "bfloat16"}, 5e-2, 0),
+    ("dm", {"state_dtype": "bfloat16"}, 5e-2, None),
     # tanh.approx.f32 (relative error ~2^-11) in both kernels
-    ("dm", {}, 5e-2, 1)], ids=["dm", "rnnprop", "dm_bf16_state", "dm_approx_tanh"])
-def test_fused_kernel_on_gpu(name, options, atol, approx_tanh, tiny_image_npz, monkeypatch):
+    ("dm", {}, 5e-2, "APPROX_TANH"),
+    # tanh from ex2.approx and rcp.approx (absolute error < 1e-6): the accurate tolerance
+    ("dm", {}, 2e-2, "EXP2_TANH")],
+    ids=["dm", "rnnprop", "dm_bf16_state", "dm_approx_tanh", "dm_exp2_tanh"])
+def test_fused_kernel_on_gpu(name, options, atol, tanh, tiny_image_npz, monkeypatch):
   """Compiled on a GPU: the same loss curves as XLA's ops (both use TF32 products)."""
-  monkeypatch.setattr(lstm_kernel, "APPROX_TANH", approx_tanh)
+  if tanh:
+    monkeypatch.setattr(lstm_kernel, tanh, 1)
   theta = models.get(name).init(jax.random.PRNGKey(0))
   mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
   keys = jax.random.split(jax.random.PRNGKey(1), 4)
@@ -485,6 +489,89 @@ def test_approx_tanh_where_the_backend_lacks_it_is_named(monkeypatch):
     lstm_kernel._tanh(interpret=False)
   monkeypatch.setattr(lstm_kernel, "APPROX_TANH", 0)
   assert lstm_kernel._tanh(interpret=False) is jnp.tanh
+
+
+def test_exp2_tanh_is_tanh_to_float32s_rounding():
+  """lstm_kernel.exp2_tanh (EXP2_TANH's formula, 1 - 2 / (1 + 2^(2 log2(e) z))) in
+  float32: tanh to an absolute error below 3e-7 on a fine grid of [-50, 50] and at tiny
+  arguments (where 1 - 2 r cancels: an absolute, not a relative, bound), exactly -1 and
+  1 at -inf and inf (2^u = inf: r = 0), NaN at NaN."""
+  z = np.concatenate([np.linspace(-50.0, 50.0, 400_001), np.geomspace(1e-30, 1.0, 2_000),
+                      -np.geomspace(1e-30, 1.0, 2_000)]).astype(np.float32)
+  t = np.asarray(jax.jit(lstm_kernel.exp2_tanh)(z))
+  error = np.abs(t.astype(np.float64) - np.tanh(z.astype(np.float64)))
+  assert error.max() < 3e-7, (error.max(), z[error.argmax()])
+  assert error.max() > 0  # not jnp.tanh itself
+  edges = np.asarray(lstm_kernel.exp2_tanh(jnp.array([-np.inf, np.inf, np.nan], jnp.float32)))
+  np.testing.assert_array_equal(edges[:2], [-1.0, 1.0])
+  assert np.isnan(edges[2])
+
+
+def test_exp2_tanh_interpreted_kernels_give_xlas_meta_gradient(monkeypatch):
+  """Interpreted with lstm_kernel.EXP2_TANH: both kernels take tanh from exp2_tanh, and
+  the meta-gradient of a loop of steps is XLA's to float32's rounding (as with jnp.tanh),
+  but not bit for bit the one of jnp.tanh (the formula is in use)."""
+  layers, readout, x, states = _stack(jax.random.PRNGKey(5), 2, (20, 20), lead=(3, 50))
+  grad = lambda kernel: jax.jit(jax.grad(_loop_loss, argnums=(0, 1)), static_argnums=4)(
+      layers, readout, x, states, kernel)
+  want, accurate = grad("xla"), grad("pallas_interpret")
+  monkeypatch.setattr(lstm_kernel, "EXP2_TANH", 1)
+  got = grad("pallas_interpret")  # a new jit: traced with the constant set
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  assert any(not np.array_equal(g, a) for g, a in zip(jax.tree_util.tree_leaves(got),
+                                                      jax.tree_util.tree_leaves(accurate)))
+
+
+def test_exp2_tanh_lowered_for_cuda_carries_its_ptx(monkeypatch):
+  """Lowered for CUDA with lstm_kernel.EXP2_TANH: the forward and backward kernels carry
+  the ex2.approx / rcp.approx assembly; without it, neither does. Both set at once: an
+  error naming them."""
+  lopt = models.dm(lstm_kernel="pallas")
+  q = optimizees.get("quadratic", dim=8, num_instances=4)
+  theta = lopt.init(jax.random.PRNGKey(0))
+  keys = jax.random.split(jax.random.PRNGKey(1), 2)
+  text = {}
+  for on in (0, 1):
+    monkeypatch.setattr(lstm_kernel, "EXP2_TANH", on)
+    meta_grad = jax.jit(jax.grad(lambda th: jnp.sum(jnp.log(batch_rollout(  # traced anew
+        lopt.transform(th), q, keys, 3)))))
+    text[on] = lower_for_cuda(meta_grad, theta).as_text()
+  assert "ex2.approx.ftz.f32" in text[1] and "rcp.approx.ftz.f32" in text[1]
+  assert "ex2.approx" not in text[0] and "rcp.approx" not in text[0]
+  monkeypatch.setattr(lstm_kernel, "APPROX_TANH", 1)
+  with pytest.raises(ValueError, match="APPROX_TANH and EXP2_TANH are both set"):
+    lstm_kernel._tanh(interpret=False)
+
+
+def test_exp2_tanh_where_the_backend_lacks_inline_assembly_is_named(monkeypatch):
+  """lstm_kernel.EXP2_TANH on a Pallas Triton backend without elementwise_inline_asm:
+  an error naming the setting when the kernel is built; interpreted kernels never need
+  it."""
+  from jax.experimental.pallas import triton as plt
+  monkeypatch.setattr(lstm_kernel, "EXP2_TANH", 1)
+  assert lstm_kernel._tanh(interpret=True) is lstm_kernel.exp2_tanh
+  monkeypatch.delattr(plt, "elementwise_inline_asm")
+  with pytest.raises(ImportError, match=r"no elementwise_inline_asm; set lstm_kernel.EXP2_TANH = 0"):
+    lstm_kernel._tanh(interpret=False)(jnp.zeros((16, 16)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernel: needs a GPU")
+def test_exp2_tanh_on_gpu_is_tanh_to_1e6():
+  """Compiled on a GPU: EXP2_TANH's assembly (ex2.approx, rcp.approx) in a Pallas kernel
+  is tanh to an absolute error below 1e-6 on a fine grid of [-20, 20]."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plt
+  z = jnp.linspace(-20.0, 20.0, 1 << 20, dtype=jnp.float32).reshape(1 << 10, 1 << 10)
+
+  def kernel(z_ref, t_ref):
+    t_ref[...] = lstm_kernel._exp2_tanh_ptx(z_ref[...])
+
+  block = pl.BlockSpec((64, 1 << 10), lambda i: (i, 0))
+  t = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(z.shape, jnp.float32),
+                     grid=(z.shape[0] // 64,), in_specs=[block], out_specs=block,
+                     compiler_params=plt.CompilerParams(num_warps=4))(z)  # Triton's
+  error = np.abs(np.asarray(t, np.float64) - np.tanh(np.asarray(z, np.float64)))
+  assert error.max() < 1e-6, error.max()
 
 
 def _block_times(batch, rows, cores, chunks):

@@ -33,6 +33,7 @@ XLA's ops remain the default path on every backend.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import chex
@@ -60,10 +61,45 @@ NUM_STAGES = 1
 # MUFU operations and a dozen others per tanh). An int, so that the benchmark's
 # --kernel_constant sets it; interpreted kernels keep jnp.tanh. Not yet timed.
 APPROX_TANH = 0
+# Whether they take it as 1 - 2 / (1 + 2^(2 log2(e) z)) from ex2.approx and rcp.approx
+# instead: the same two MUFU operations as the accurate sequence but four others, not
+# its range checks and selects (SASS: ~30% fewer instructions per row in both kernels);
+# an absolute error below 5e-7 (the accurate one's ~1.2e-7; tanh.approx's up to ~5e-4).
+# Interpreted kernels evaluate the same formula with jnp's exp2 and division. Not yet
+# timed.
+EXP2_TANH = 0
+
+# r = 1 / (1 + 2^(2 log2(e) z)) (2 log2(e) = 0x4038AA3B, 1 = 0x3F800000); flushing to zero
+# only takes 2^u < 2^-126, where 1 + 2^u rounds to 1 anyway, and 2^u = inf gives r = 0.
+# tanh = 1 - 2 r outside the assembly: with that FMA inside it, ptxas gives the forward
+# kernel 182 registers rather than 166 (two programs per multiprocessor, not three).
+_EXP2_TANH_PTX = ("{ .reg .f32 e; mul.f32 e, $1, 0f4038AA3B; ex2.approx.ftz.f32 e, e; "
+                  "add.f32 e, e, 0f3F800000; rcp.approx.ftz.f32 $0, e; }")
+
+
+def exp2_tanh(z: jax.Array) -> jax.Array:
+  """tanh(z) as 1 - 2 / (1 + 2^(2 log2(e) z)), evaluated by jnp (what ``EXP2_TANH``'s
+  interpreted kernels use, and the formula its PTX evaluates)."""
+  return 1.0 - 2.0 / (1.0 + jnp.exp2(jnp.float32(2.0 * math.log2(math.e)) * z))
+
+
+def _exp2_tanh_ptx(z: jax.Array) -> jax.Array:
+  inline_asm = getattr(_pallas()[1], "elementwise_inline_asm", None)
+  if inline_asm is None:
+    raise ImportError(f"lstm_kernel.EXP2_TANH: jax {jax.__version__}'s Pallas Triton "
+                      "backend has no elementwise_inline_asm; set lstm_kernel.EXP2_TANH = 0")
+  [r] = inline_asm(_EXP2_TANH_PTX, args=[z], constraints="=f,f", pack=1,
+                   result_shape_dtypes=[jax.ShapeDtypeStruct(z.shape, jnp.float32)])
+  return 1.0 - 2.0 * r
 
 
 def _tanh(interpret: bool):
-  """The kernels' tanh: ``APPROX_TANH``'s on a GPU, else jnp.tanh."""
+  """The kernels' tanh: ``APPROX_TANH``'s or ``EXP2_TANH``'s on a GPU, else jnp.tanh
+  (``exp2_tanh`` interpreted with ``EXP2_TANH``)."""
+  if APPROX_TANH and EXP2_TANH:
+    raise ValueError("lstm_kernel: APPROX_TANH and EXP2_TANH are both set; set one")
+  if EXP2_TANH:
+    return exp2_tanh if interpret else _exp2_tanh_ptx
   if not APPROX_TANH or interpret:
     return jnp.tanh
   approx = getattr(_pallas()[1], "approx_tanh", None)
