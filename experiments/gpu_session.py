@@ -47,8 +47,8 @@ runs, in order and within ``--minutes``:
                  the same session's baseline of the tape stages
   exp2_tanh*%    W1 of L2O-DM, B = 8, 64, and W2 with the fused LSTM kernels taking tanh
                  as 1 - 2 / (1 + 2^(2 log2(e) z)) from ex2.approx and rcp.approx
-                 (lstm_kernel.EXP2_TANH: float32's accuracy, a third fewer instructions),
-                 profiled: against tape_base and w2_flat
+                 (lstm_kernel.EXP2_TANH: float32's accuracy, a third to 43% fewer
+                 instructions), profiled: against tape_base and w2_flat
   tape*^         W1 of L2O-DM, B = 1, 8, 64, with each step's saved inputs on a residual
                  tape (--residual_tape: written and read in place, not stacked by the
                  loop and copied out again), profiled: against tape_base
@@ -288,8 +288,8 @@ STAGES = (
     _bench("tape_base", 1.2, "--models=dm", "--batch_sizes=8,64", "--workloads=w1", *_PALLAS,
            needs=("check",)),
     # both LSTM kernels taking tanh from ex2.approx and rcp.approx (EXP2_TANH: float32's
-    # accuracy, unlike tanh.approx): as compiled for an H100, the forward kernel 9,340 -> 6,470
-    # SASS instructions per row, the backward 16,232 -> 11,906; W1 at B = 8, 64 against
+    # accuracy, unlike tanh.approx): as compiled for an H100, the forward kernel 8,598 -> 4,874
+    # SASS instructions per row, the backward 16,332 -> 10,928; W1 at B = 8, 64 against
     # tape_base, W2 against Adam in the same loop (w2_flat: the accurate tanh)
     _bench("exp2_tanh", 1.5, "--models=dm", "--batch_sizes=8,64", *_PALLAS,
            "--kernel_constant=lstm_kernel.EXP2_TANH=1", "--profile_dir={out}/profile",

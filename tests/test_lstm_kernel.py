@@ -492,19 +492,27 @@ def test_approx_tanh_where_the_backend_lacks_it_is_named(monkeypatch):
 
 
 def test_exp2_tanh_is_tanh_to_float32s_rounding():
-  """lstm_kernel.exp2_tanh (EXP2_TANH's formula, 1 - 2 / (1 + 2^(2 log2(e) z))) in
-  float32: tanh to an absolute error below 3e-7 on a fine grid of [-50, 50] and at tiny
+  """EXP2_TANH's formulas in float32: lstm_kernel.exp2_tanh, 1 - 2 / (1 + 2^(2 log2(e)
+  z)), is tanh to an absolute error below 3e-7 on a fine grid of [-50, 50] and at tiny
   arguments (where 1 - 2 r cancels: an absolute, not a relative, bound), exactly -1 and
-  1 at -inf and inf (2^u = inf: r = 0), NaN at NaN."""
+  1 at -inf and inf (2^u = inf: r = 0), NaN at NaN; lstm_kernel.exp2_gate, 1 / (1 +
+  2^(-2 log2(e) z)), is (1 + tanh(z)) / 2 to 2e-7, and to 1e-6 of itself where it is
+  small (no cancellation: a closed gate stays accurate)."""
   z = np.concatenate([np.linspace(-50.0, 50.0, 400_001), np.geomspace(1e-30, 1.0, 2_000),
                       -np.geomspace(1e-30, 1.0, 2_000)]).astype(np.float32)
+  exact = np.tanh(z.astype(np.float64))
   t = np.asarray(jax.jit(lstm_kernel.exp2_tanh)(z))
-  error = np.abs(t.astype(np.float64) - np.tanh(z.astype(np.float64)))
+  error = np.abs(t.astype(np.float64) - exact)
   assert error.max() < 3e-7, (error.max(), z[error.argmax()])
   assert error.max() > 0  # not jnp.tanh itself
   edges = np.asarray(lstm_kernel.exp2_tanh(jnp.array([-np.inf, np.inf, np.nan], jnp.float32)))
   np.testing.assert_array_equal(edges[:2], [-1.0, 1.0])
   assert np.isnan(edges[2])
+  s = np.asarray(jax.jit(lstm_kernel.exp2_gate)(z)).astype(np.float64)
+  exact_s = 1.0 / (1.0 + np.exp(-2.0 * z.astype(np.float64)))  # (1 + tanh(z)) / 2
+  assert np.abs(s - exact_s).max() < 2e-7
+  small = (exact_s < 1e-3) & (exact_s > 1e-30)
+  assert small.sum() > 1000 and np.max(np.abs(s[small] / exact_s[small] - 1.0)) < 1e-6
 
 
 def test_exp2_tanh_interpreted_kernels_give_xlas_meta_gradient(monkeypatch):
@@ -537,6 +545,8 @@ def test_exp2_tanh_lowered_for_cuda_carries_its_ptx(monkeypatch):
         lopt.transform(th), q, keys, 3)))))
     text[on] = lower_for_cuda(meta_grad, theta).as_text()
   assert "ex2.approx.ftz.f32" in text[1] and "rcp.approx.ftz.f32" in text[1]
+  # tanh's 2 log2(e) and the gates' -2 log2(e)
+  assert "0f4038AA3B" in text[1] and "0fC038AA3B" in text[1]
   assert "ex2.approx" not in text[0] and "rcp.approx" not in text[0]
   monkeypatch.setattr(lstm_kernel, "APPROX_TANH", 1)
   with pytest.raises(ValueError, match="APPROX_TANH and EXP2_TANH are both set"):
@@ -558,20 +568,25 @@ def test_exp2_tanh_where_the_backend_lacks_inline_assembly_is_named(monkeypatch)
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernel: needs a GPU")
 def test_exp2_tanh_on_gpu_is_tanh_to_1e6():
   """Compiled on a GPU: EXP2_TANH's assembly (ex2.approx, rcp.approx) in a Pallas kernel
-  is tanh to an absolute error below 1e-6 on a fine grid of [-20, 20]."""
+  is tanh, and its gate (1 + tanh) / 2, to an absolute error below 1e-6 on a fine grid
+  of [-20, 20]."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plt
   z = jnp.linspace(-20.0, 20.0, 1 << 20, dtype=jnp.float32).reshape(1 << 10, 1 << 10)
 
-  def kernel(z_ref, t_ref):
-    t_ref[...] = lstm_kernel._exp2_tanh_ptx(z_ref[...])
+  def kernel(z_ref, t_ref, s_ref):
+    t_ref[...] = lstm_kernel._tanh(interpret=False)(z_ref[...])
+    s_ref[...] = lstm_kernel._gate(interpret=False)(z_ref[...])
 
   block = pl.BlockSpec((64, 1 << 10), lambda i: (i, 0))
-  t = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(z.shape, jnp.float32),
-                     grid=(z.shape[0] // 64,), in_specs=[block], out_specs=block,
-                     compiler_params=plt.CompilerParams(num_warps=4))(z)  # Triton's
-  error = np.abs(np.asarray(t, np.float64) - np.tanh(np.asarray(z, np.float64)))
-  assert error.max() < 1e-6, error.max()
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(lstm_kernel, "EXP2_TANH", 1)
+    t, s = pl.pallas_call(kernel, out_shape=[jax.ShapeDtypeStruct(z.shape, jnp.float32)] * 2,
+                          grid=(z.shape[0] // 64,), in_specs=[block], out_specs=[block] * 2,
+                          compiler_params=plt.CompilerParams(num_warps=4))(z)  # Triton's
+  exact = np.tanh(np.asarray(z, np.float64))
+  assert np.abs(np.asarray(t, np.float64) - exact).max() < 1e-6
+  assert np.abs(np.asarray(s, np.float64) - (1.0 + exact) / 2).max() < 1e-6
 
 
 def _block_times(batch, rows, cores, chunks):

@@ -62,10 +62,11 @@ NUM_STAGES = 1
 # --kernel_constant sets it; interpreted kernels keep jnp.tanh. Not yet timed.
 APPROX_TANH = 0
 # Whether they take it as 1 - 2 / (1 + 2^(2 log2(e) z)) from ex2.approx and rcp.approx
-# instead: the same two MUFU operations as the accurate sequence but four others, not
-# its range checks and selects (SASS: ~30% fewer instructions per row in both kernels);
+# instead, and each sigmoid gate as 1 / (1 + 2^(-2 log2(e) z)): the same two MUFU
+# operations as the accurate sequence but a few others, not its range checks and selects
+# (SASS: 43% fewer instructions per row in the forward kernel, a third in the backward);
 # an absolute error below 5e-7 (the accurate one's ~1.2e-7; tanh.approx's up to ~5e-4).
-# Interpreted kernels evaluate the same formula with jnp's exp2 and division. Not yet
+# Interpreted kernels evaluate the same formulas with jnp's exp2 and division. Not yet
 # timed.
 EXP2_TANH = 0
 
@@ -84,13 +85,38 @@ def exp2_tanh(z: jax.Array) -> jax.Array:
 
 
 def _exp2_tanh_ptx(z: jax.Array) -> jax.Array:
+  return 1.0 - 2.0 * _exp2_ptx(_EXP2_TANH_PTX, z)
+
+
+# s = 1 / (1 + 2^(-2 log2(e) z)) = sigmoid(2 z) = (1 + tanh(z)) / 2, a sigmoid gate of its
+# pre-scaled pre-activation z (-2 log2(e) = 0xC038AA3B): no 1 - 2 r and (1 + t) / 2 after
+_EXP2_GATE_PTX = ("{ .reg .f32 e; mul.f32 e, $1, 0fC038AA3B; ex2.approx.ftz.f32 e, e; "
+                  "add.f32 e, e, 0f3F800000; rcp.approx.ftz.f32 $0, e; }")
+
+
+def exp2_gate(z: jax.Array) -> jax.Array:
+  """(1 + tanh(z)) / 2 as 1 / (1 + 2^(-2 log2(e) z)), evaluated by jnp (``EXP2_TANH``'s
+  interpreted sigmoid gates)."""
+  return 1.0 / (1.0 + jnp.exp2(jnp.float32(-2.0 * math.log2(math.e)) * z))
+
+
+def _exp2_ptx(text: str, z: jax.Array) -> jax.Array:
   inline_asm = getattr(_pallas()[1], "elementwise_inline_asm", None)
   if inline_asm is None:
     raise ImportError(f"lstm_kernel.EXP2_TANH: jax {jax.__version__}'s Pallas Triton "
                       "backend has no elementwise_inline_asm; set lstm_kernel.EXP2_TANH = 0")
-  [r] = inline_asm(_EXP2_TANH_PTX, args=[z], constraints="=f,f", pack=1,
+  [r] = inline_asm(text, args=[z], constraints="=f,f", pack=1,
                    result_shape_dtypes=[jax.ShapeDtypeStruct(z.shape, jnp.float32)])
-  return 1.0 - 2.0 * r
+  return r
+
+
+def _gate(interpret: bool):
+  """The kernels' sigmoid gate of a pre-scaled pre-activation z, (1 + tanh(z)) / 2: with
+  ``EXP2_TANH`` in one reciprocal, else from ``_tanh``'s."""
+  if EXP2_TANH and not APPROX_TANH:
+    return exp2_gate if interpret else functools.partial(_exp2_ptx, _EXP2_GATE_PTX)
+  tanh = _tanh(interpret)
+  return lambda z: 0.5 * tanh(z) + 0.5
 
 
 def _tanh(interpret: bool):
@@ -160,7 +186,7 @@ def pad_stack(ws: Sequence[chex.Array], bs: Sequence[chex.Array], w_out: chex.Ar
 
 def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: int,
             with_gates: bool, log_and_sign_k: Optional[float], tanh=jnp.tanh,
-            taped: bool = False):
+            gate=lambda z: 0.5 * jnp.tanh(z) + 0.5, taped: bool = False):
   # refs: x, h_0.., c_0.., wx_0.., wh_0.., b_0.., w_out, b_out [, slot, tape]
   #       | out, h'_0.., c'_0.. [, t_0..] [, tape']
   x_ref, refs = refs[0], refs[1:]
@@ -237,18 +263,18 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
         keep(c, hidden, x_width + sum(sizes) + sum(sizes[:l]))
       if l == 0 and packed:  # [h, x, 0] in one tile
         h = h + inputs(_padded(hidden), hidden)
-      # one tanh per gate: i, f, o = (1 + t) / 2 and j = t (weights pre-scaled)
-      t = [tanh((jnp.dot(h, wh_refs[l][g]) if x is None
-                     else jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g]))
-                    + b_refs[l][g][None, :])
+      # gates i, j, f, o of pre-scaled weights: j = tanh(z), the others (1 + tanh(z)) / 2
+      z = [(jnp.dot(h, wh_refs[l][g]) if x is None
+            else jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g])) + b_refs[l][g][None, :]
            for g in range(4)]
-      c = (0.5 * t[2] + 0.5) * c + (0.5 * t[0] + 0.5) * t[1]
-      x = (0.5 * t[3] + 0.5) * tanh(c)
+      a = [tanh(z[g]) if g == 1 else gate(z[g]) for g in range(4)]
+      c = a[2] * c + a[0] * a[1]
+      x = a[3] * tanh(c)
       store(h_out_refs[l], x, hidden)
       store(c_out_refs[l], c, hidden)
-      if with_gates:  # what the backward pass keeps (cells._stack_core_fwd)
+      if with_gates:  # the gates' tanh, what the backward pass keeps (cells._stack_core_fwd)
         for g in range(4):
-          store(t_refs[l], t[g], hidden, offset=g * hidden)
+          store(t_refs[l], a[g] if g == 1 else 2.0 * a[g] - 1.0, hidden, offset=g * hidden)
     store(out_ref, jnp.dot(x, w_out_ref[...]) + b_out_ref[...][None, :], n_out)
 
     return carry
@@ -302,7 +328,7 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
                + ([jax.ShapeDtypeStruct(tape.shape, tape.dtype)] if taped else []))
   kernel = functools.partial(_kernel, num_layers=len(sizes), sizes=sizes, n_in=n_in,
                              n_out=n_out, with_gates=with_gates, log_and_sign_k=log_and_sign_k,
-                             tanh=_tanh(interpret), taped=taped)
+                             tanh=_tanh(interpret), gate=_gate(interpret), taped=taped)
   num = len(sizes)
   operands = [x, *hs, *cs, *padded.wx, *padded.wh, *padded.b, padded.w_out, padded.b_out]
   # Each program reads its rows' h and c before it writes them: updating them in
@@ -420,7 +446,8 @@ def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
-                     split_x: bool, tanh=jnp.tanh, taped: bool = False):
+                     split_x: bool, tanh=jnp.tanh, gate=lambda z: 0.5 * jnp.tanh(z) + 0.5,
+                     taped: bool = False):
   # refs: saved, d_out, dh_0.., dc_0.., wx_0.., wh_0.., b_0.., w_out [, slot]
   #       | dx, dh'_0.., dc'_0.., dz_0.., out_0..
   num = len(sizes)
@@ -482,14 +509,15 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
       mask, c = cols(width, offset)
       plt.store(ref.at[rows[:, None], c], value.astype(ref.dtype), mask=mask)
 
-    def gates(l, x):  # (the product's h operand, the gates' tanh)
+    def gates(l, x):  # (the product's h operand, the gates i, j, f, o)
       h = load(saved_ref, sizes[l], h_at[l])
       if l == 0 and packed:
         h += load_x_beside_h()
-        return h, [tanh(jnp.dot(h, wh_refs[l][g]) + b_refs[l][g][None, :])
-                   for g in range(4)]
-      return h, [tanh(jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g])
-                          + b_refs[l][g][None, :]) for g in range(4)]
+        z = [jnp.dot(h, wh_refs[l][g]) + b_refs[l][g][None, :] for g in range(4)]
+      else:
+        z = [jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g]) + b_refs[l][g][None, :]
+             for g in range(4)]
+      return h, [tanh(z[g]) if g == 1 else gate(z[g]) for g in range(4)]
 
     # The forward pass again, keeping each layer's input and writing each layer's
     # output (the next layer's input, the read-out's: operands of the weights'
@@ -500,25 +528,28 @@ def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: in
           else load(saved_ref, n_in)]
     kept = [None] * num
     for l in range(num):
-      h, t = gates(l, xs[l])
+      h, a = gates(l, xs[l])
       c = load(saved_ref, sizes[l], c_at[l])
-      xs.append((0.5 * t[3] + 0.5) * tanh((0.5 * t[2] + 0.5) * c + (0.5 * t[0] + 0.5) * t[1]))
+      xs.append(a[3] * tanh(a[2] * c + a[0] * a[1]))
       store(out_refs[l], xs[-1], sizes[l])
       if KEEP_LOWER_GATES or l == num - 1:
-        kept[l] = (h, t, c)
+        kept[l] = (h, a, c)
     dx = _dot_t(load(d_out_ref, n_out), w_out_ref[...])
     for l in reversed(range(num)):
       if kept[l] is not None:
-        h, t, c = kept[l]
+        h, a, c = kept[l]
       else:
-        h, t = gates(l, xs[l])
+        h, a = gates(l, xs[l])
         c = load(saved_ref, sizes[l], c_at[l])
-      i, f, o = 0.5 * t[0] + 0.5, 0.5 * t[2] + 0.5, 0.5 * t[3] + 0.5
-      tc = tanh(f * c + i * t[1])
+      i, cand, f, o = a
+      tc = tanh(f * c + i * cand)
       dh = load(dh_in[l], sizes[l]) + dx
       dc = load(dc_in[l], sizes[l]) + dh * o * (1.0 - tc * tc)
-      dt = [0.5 * dc * t[1], dc * i, 0.5 * dc * c, 0.5 * dh * tc]
-      dz = [d * (1.0 - g * g) for d, g in zip(dt, t)]
+      # d/dz of the candidate tanh(z) is 1 - tanh(z)^2; of a gate s = (1 + tanh(z)) / 2,
+      # 2 s (1 - s)
+      da = [dc * cand, dc * i, dc * c, dh * tc]
+      dz = [d * (1.0 - cand * cand) if g == 1 else (d + d) * s * (1.0 - s)
+            for g, (d, s) in enumerate(zip(da, a))]
       for g in range(4):  # gate columns i, j, f, o of the layer's [rows, 4 x hidden]
         store(dz_refs[l], dz[g], sizes[l], offset=g * sizes[l])
       dh = sum(_dot_t(dz[g], wh_refs[l][g]) for g in range(4))
@@ -577,7 +608,8 @@ def stack_backward(padded: PaddedStack, saved: chex.Array, d_out: chex.Array,
                + [jax.ShapeDtypeStruct((n, 4 * s), operands) for s in sizes]
                + [jax.ShapeDtypeStruct((n, s), operands) for s in sizes])
   kernel = functools.partial(_backward_kernel, sizes=sizes, n_in=n_in, n_out=n_out, n=n,
-                             split_x=split_x, tanh=_tanh(interpret), taped=taped)
+                             split_x=split_x, tanh=_tanh(interpret), gate=_gate(interpret),
+                             taped=taped)
   num = len(sizes)
   dx, *rest = pl.pallas_call(
       kernel, out_shape=out_shape,
