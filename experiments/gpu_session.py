@@ -51,6 +51,8 @@ runs, in order and within ``--minutes``:
                  instructions), profiled: against tape_base and w2_flat
   exp2_keep*%    exp2_tanh's W1 at B = 8, 64 with the backward kernel keeping the lower
                  layer's recomputed gates (lstm_kernel.KEEP_LOWER_GATES): against exp2_tanh
+  w2_exp2_bf16*+% W2 of L2O-DM with EXP2_TANH and a bfloat16 state on the fused MLP (issue
+                 7's W2 criterion): against w2_flat_bf16
   tape*^         W1 of L2O-DM, B = 1, 8, 64, with each step's saved inputs on a residual
                  tape (--residual_tape: written and read in place, not stacked by the
                  loop and copied out again), profiled: against tape_base
@@ -302,6 +304,12 @@ STAGES = (
     _bench("exp2_keep", 0.8, "--models=dm", "--batch_sizes=8,64", "--workloads=w1", *_PALLAS,
            "--kernel_constant=lstm_kernel.EXP2_TANH=1",
            "--kernel_constant=lstm_kernel.KEEP_LOWER_GATES=true", needs=("check", "check_exp2")),
+    # W2 with EXP2_TANH and a bfloat16 state, on the fused MLP as w2_flat_bf16 (the forward
+    # kernel 8,820 -> 5,132 instructions per row as compiled; scaled from dm_bf16's 4.05x Adam,
+    # ~2.8x): against w2_flat_bf16
+    _bench("w2_exp2_bf16", 0.7, "--models=dm", "--workloads=w2", "--optimizee_kernel=pallas",
+           "--dm_state_dtype=bfloat16", *_PALLAS, "--kernel_constant=lstm_kernel.EXP2_TANH=1",
+           needs=("check", "check_mlp", "check_exp2")),
     _bench("tape", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1", *_PALLAS,
            "--residual_tape", "--profile_dir={out}/profile", needs=("check", "check_tape")),
     # ... and the weights' gradient's operands (gate cotangents, outputs) in bfloat16, written
