@@ -72,7 +72,7 @@ EXP2_TANH = 0
 
 # r = 1 / (1 + 2^(2 log2(e) z)) (2 log2(e) = 0x4038AA3B, 1 = 0x3F800000); flushing to zero
 # only takes 2^u < 2^-126, where 1 + 2^u rounds to 1 anyway, and 2^u = inf gives r = 0.
-# tanh = 1 - 2 r outside the assembly: with that FMA inside it, ptxas gives the forward
+# tanh = 1 - 2 r outside the assembly: with that FMA inside it, ptxas gave the forward
 # kernel 182 registers rather than 166 (two programs per multiprocessor, not three).
 _EXP2_TANH_PTX = ("{ .reg .f32 e; mul.f32 e, $1, 0f4038AA3B; ex2.approx.ftz.f32 e, e; "
                   "add.f32 e, e, 0f3F800000; rcp.approx.ftz.f32 $0, e; }")
