@@ -227,13 +227,16 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
       mask = row_ok & (cols < width)[None, :]
       plt.store(ref.at[rows[:, None], offset + cols[None, :]], value.astype(ref.dtype), mask=mask)
 
+    if log_and_sign_k is not None:
+      # x_ref is the gradient g [n]: x = preprocess.log_and_sign(g, k), computed here once
+      # (a tape's x and the packed tile's are the same parts)
+      g = plt.load(x_ref.at[rows], mask=rows < n, other=0.0).astype(jnp.float32)[:, None]
+      log, sign = preprocess.log_and_sign_parts(g, log_and_sign_k)
+
     def inputs(lanes, shift=0):
       """x in lanes [shift, shift + n_in) of a [rows, lanes] tile, the rest 0."""
       if log_and_sign_k is None:
         return load(x_ref, n_in, lanes, shift).astype(jnp.float32)
-      # x_ref is the gradient g [n]: x = preprocess.log_and_sign(g, k), computed here
-      g = plt.load(x_ref.at[rows], mask=rows < n, other=0.0).astype(jnp.float32)[:, None]
-      log, sign = preprocess.log_and_sign_parts(g, log_and_sign_k)
       lane = jnp.arange(lanes)[None, :]
       return jnp.where(lane == shift, log, jnp.where(lane == shift + 1, sign, 0.0))
 
