@@ -14,7 +14,7 @@ runs, in order and within ``--minutes``:
                  narrow cotangents); the stages marked ^ need it too
   check_exp2     the GPU tests of EXP2_TANH (tests/test_lstm_kernel.py): its tanh on a
                  grid, and the kernels' curves and meta-gradients to the accurate
-                 tolerance; the stages marked % need it too
+                 tolerance (also with KEEP_LOWER_GATES); the stages marked % need it too
   dm_pallas*     W1 of L2O-DM with the fused LSTM kernels, B = 1, 8, 64, and W2, with a
                  profile of each B (the GPU's kernels by time)
   dm_fused_mlp*+ W1 of L2O-DM with both fused kernels (the LSTM stack's and the
@@ -231,8 +231,9 @@ STAGES = (
     _gpu_tests("check_tape", 1.5, "tests/test_lstm_kernel.py", "residual_tape_on_gpu",
                sources=_LSTM_KERNELS + ("l2ojax/meta/unroll.py", "l2ojax/meta/step.py")),
     # tanh from ex2.approx and rcp.approx (lstm_kernel.EXP2_TANH): its accuracy on the GPU and
-    # the kernels' curves and meta-gradients to the accurate tolerance; apart from check, so
-    # that a failure keeps out only exp2_tanh
+    # the kernels' curves and meta-gradients to the accurate tolerance (also with the backward
+    # kernel keeping the lower layer's gates); apart from check, so that a failure keeps out
+    # only the stages of EXP2_TANH
     _gpu_tests("check_exp2", 1.0, "tests/test_lstm_kernel.py", "gpu and exp2_tanh",
                sources=_LSTM_KERNELS),
     # the fused LSTM kernels against XLA's ops (and the PyTorch peer), each B; the

@@ -419,7 +419,7 @@ def test_the_plan_names_what_is_done_and_how_far_each_training_got(tmp_path):
 def test_the_checks_select_the_gpu_tests_of_their_kernels(tmp_path):
   """Each check's pytest selection, collected here (the GPU tests are skipped, not left
   out, without a GPU): check has every compiled-kernel test of the LSTM kernels but the
-  tanh.approx one, which check_tanh has alone, and EXP2_TANH's two, which check_exp2 has
+  tanh.approx one, which check_tanh has alone, and EXP2_TANH's three, which check_exp2 has
   alone, so that their failure keeps out only what needs them; check_mlp has the MLP
   kernel's."""
   def collected(name):
@@ -434,6 +434,7 @@ def test_the_checks_select_the_gpu_tests_of_their_kernels(tmp_path):
   exp2 = collected("check_exp2")
   assert "test_fused_kernel_on_gpu[dm_approx_tanh]" in tanh and len(tanh) == 1
   assert set(exp2) == {"test_fused_kernel_on_gpu[dm_exp2_tanh]",
+                       "test_fused_kernel_on_gpu[dm_exp2_tanh_keep_lower_gates]",
                        "test_exp2_tanh_on_gpu_is_tanh_to_1e6"}
   assert "test_fused_kernel_on_gpu[dm]" in check and "test_kernel_lowers_for_gpu" in check
   assert not set(check) & set(tanh) and not set(check) & set(exp2)

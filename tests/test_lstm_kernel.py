@@ -358,19 +358,22 @@ def test_backward_kernel_under_vmap_and_scan(state_dtype, rtol):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernel: needs a GPU")
-@pytest.mark.parametrize("name,options,atol,tanh", [
-    ("dm", {}, 2e-2, None), ("rnnprop", {}, 2e-2, None),
+@pytest.mark.parametrize("name,options,atol,constants", [
+    ("dm", {}, 2e-2, {}), ("rnnprop", {}, 2e-2, {}),
     # both store the state rounded to bfloat16, in different orders of operations
-    ("dm", {"state_dtype": "bfloat16"}, 5e-2, None),
+    ("dm", {"state_dtype": "bfloat16"}, 5e-2, {}),
     # tanh.approx.f32 (relative error ~2^-11) in both kernels
-    ("dm", {}, 5e-2, "APPROX_TANH"),
-    # tanh from ex2.approx and rcp.approx (absolute error < 1e-6): the accurate tolerance
-    ("dm", {}, 2e-2, "EXP2_TANH")],
-    ids=["dm", "rnnprop", "dm_bf16_state", "dm_approx_tanh", "dm_exp2_tanh"])
-def test_fused_kernel_on_gpu(name, options, atol, tanh, tiny_image_npz, monkeypatch):
+    ("dm", {}, 5e-2, {"APPROX_TANH": 1}),
+    # tanh from ex2.approx and rcp.approx (absolute error < 1e-6): the accurate tolerance;
+    # also with the backward kernel keeping the lower layer's gates
+    ("dm", {}, 2e-2, {"EXP2_TANH": 1}),
+    ("dm", {}, 2e-2, {"EXP2_TANH": 1, "KEEP_LOWER_GATES": True})],
+    ids=["dm", "rnnprop", "dm_bf16_state", "dm_approx_tanh", "dm_exp2_tanh",
+         "dm_exp2_tanh_keep_lower_gates"])
+def test_fused_kernel_on_gpu(name, options, atol, constants, tiny_image_npz, monkeypatch):
   """Compiled on a GPU: the same loss curves as XLA's ops (both use TF32 products)."""
-  if tanh:
-    monkeypatch.setattr(lstm_kernel, tanh, 1)
+  for constant, value in constants.items():
+    monkeypatch.setattr(lstm_kernel, constant, value)
   theta = models.get(name).init(jax.random.PRNGKey(0))
   mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
   keys = jax.random.split(jax.random.PRNGKey(1), 4)
