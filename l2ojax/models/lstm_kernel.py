@@ -185,8 +185,9 @@ def pad_stack(ws: Sequence[chex.Array], bs: Sequence[chex.Array], w_out: chex.Ar
 
 
 def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: int,
-            with_gates: bool, log_and_sign_k: Optional[float], tanh=jnp.tanh,
-            gate=lambda z: 0.5 * jnp.tanh(z) + 0.5, taped: bool = False):
+            with_gates: bool, log_and_sign_k: Optional[float], tanh, gate,
+            taped: bool = False):
+  # tanh, gate: ``_tanh``'s and ``_gate``'s (a gate of its pre-scaled pre-activation)
   # refs: x, h_0.., c_0.., wx_0.., wh_0.., b_0.., w_out, b_out [, slot, tape]
   #       | out, h'_0.., c'_0.. [, t_0..] [, tape']
   x_ref, refs = refs[0], refs[1:]
@@ -449,8 +450,8 @@ def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _backward_kernel(*refs, sizes: Tuple[int, ...], n_in: int, n_out: int, n: int,
-                     split_x: bool, tanh=jnp.tanh, gate=lambda z: 0.5 * jnp.tanh(z) + 0.5,
-                     taped: bool = False):
+                     split_x: bool, tanh, gate, taped: bool = False):
+  # tanh, gate: ``_tanh``'s and ``_gate``'s
   # refs: saved, d_out, dh_0.., dc_0.., wx_0.., wh_0.., b_0.., w_out [, slot]
   #       | dx, dh'_0.., dc'_0.., dz_0.., out_0..
   num = len(sizes)
