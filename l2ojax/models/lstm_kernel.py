@@ -46,8 +46,9 @@ from l2ojax.models import preprocess
 # Rows per block, warps per program, blocks per program (in a loop) and software-
 # pipeline stages of that loop (read when a program is traced). More than one block
 # and stage fetch the next block's state while one is computed (cp.async in the
-# PTX). ptxas (sm_90a), L2O-DM / RNNProp, no spills in any: 164 / 190 registers as
-# here (no loop), 240 / 255 at 2 blocks and 2 stages, 192 / 198 at 4 and 3. Timed on
+# PTX). ptxas (sm_90a), L2O-DM / RNNProp, no spills in any: 166 / 166 registers as
+# here (no loop; B = 1), 240 / 255 at 2 blocks and 2 stages, 192 / 198 at 4 and 3
+# (measured before the gates' products were taken in turn). Timed on
 # an H100 (BENCHMARKS.md), 4 blocks and 3 stages made the kernel 1.9x slower at
 # B = 64: one block, no pipelining.
 BLOCK_ROWS = 64  # at 128 the variant writing the gates spills registers (ptxas, sm_90a)
@@ -268,11 +269,20 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
       if l == 0 and packed:  # [h, x, 0] in one tile
         h = h + inputs(_padded(hidden), hidden)
       # gates i, j, f, o of pre-scaled weights: j = tanh(z), the others (1 + tanh(z)) / 2
-      z = [(jnp.dot(h, wh_refs[l][g]) if x is None
-            else jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g])) + b_refs[l][g][None, :]
-           for g in range(4)]
-      a = [tanh(z[g]) if g == 1 else gate(z[g]) for g in range(4)]
-      c = a[2] * c + a[0] * a[1]
+      def pre(g):  # gate g's pre-activation
+        return ((jnp.dot(h, wh_refs[l][g]) if x is None
+                 else jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g]))
+                + b_refs[l][g][None, :])
+
+      # each gate's products just before its use (f, then i and j, then o): fewer [rows,
+      # lanes] tiles live at once. ptxas (sm_90a) then keeps the kernel at <= 168 registers
+      # (three 4-warp programs per multiprocessor) in all but two of the configurations
+      # BENCHMARKS.md lists, where all four products first took 171-174 in nine (two)
+      a = [None, None, gate(pre(2)), None]
+      c = a[2] * c
+      a[0], a[1] = gate(pre(0)), tanh(pre(1))
+      c = c + a[0] * a[1]
+      a[3] = gate(pre(3))
       x = a[3] * tanh(c)
       store(h_out_refs[l], x, hidden)
       store(c_out_refs[l], c, hidden)
