@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from experiments import hugepages
+from experiments import hugepages, kernel_constants
 from experiments.configs import dm_mnist, rnnprop_mnist, scale_mnist
 from l2ojax import evaluation, plots
 from l2ojax.meta import config as config_lib
@@ -49,7 +49,7 @@ def define_flags() -> None:
   """The command line's flags, defined when run as a program (experiments modules
   share flag names such as workdir: importing several in one process must work)."""
   global _WORKDIR, _FAMILY, _VARIANTS, _MAX_MINUTES, _OVERRIDES, _EVAL_STEPS, _EVAL_N
-  global _LABEL, _STATUS, _PROCESSES, _TABLE
+  global _LABEL, _STATUS, _PROCESSES, _TABLE, _KERNEL_CONSTANTS
   _WORKDIR = flags.DEFINE_string("workdir", "runs/ablation", "Output folder.")
   _FAMILY = flags.DEFINE_enum("family", "dm", list(FAMILIES), "Learned optimizer family.")
   _VARIANTS = flags.DEFINE_list(
@@ -69,6 +69,8 @@ def define_flags() -> None:
       "WORKDIR/<variant>.log. Then this process evaluates and writes the table.")
   _TABLE = flags.DEFINE_bool("table", True, "Write WORKDIR/ablation.{md,json,png} (the processes "
                              "--processes starts leave it to their parent).")
+  _KERNEL_CONSTANTS = flags.DEFINE_multi_string("kernel_constant", [],
+                                                kernel_constants.FLAG_HELP)
 
 
 REPORT_STEPS = (100, 1000, 10000)
@@ -258,6 +260,12 @@ def main(argv):
   os.makedirs(_WORKDIR.value, exist_ok=True)
   if _PROCESSES.value < 1:
     raise app.UsageError(f"--processes must be >= 1, got {_PROCESSES.value}")
+  try:  # this process's (the children get the flag too)
+    constants = kernel_constants.set_kernel_constants(_KERNEL_CONSTANTS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if constants:
+    print(f"kernel constants: {constants}", flush=True)
   module = FAMILIES[_FAMILY.value]
   variants = _VARIANTS.value or list(module.PAPER_LN_LOSS_10K)
   configs = build_configs(_FAMILY.value, variants, _OVERRIDES.value)

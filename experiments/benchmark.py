@@ -68,6 +68,8 @@ import optax
 from absl import app, flags
 
 from experiments import hugepages
+from experiments import kernel_constants
+from experiments.kernel_constants import set_kernel_constants
 from l2ojax import gpu, models, optimizees
 from l2ojax.meta import remat as remat_lib
 from l2ojax.meta import sharding as sharding_lib
@@ -101,12 +103,7 @@ _OPTIMIZEE_KERNEL = flags.DEFINE_enum(
     "optimizee_kernel", "xla", list(gpu.KERNELS), "The MNIST MLP's loss and gradient per "
     "step: XLA's ops, or one fused Pallas kernel on a GPU (W1 and W2, for every optimizer; "
     "see optimizees.mlp_kernel).")
-_KERNEL_CONSTANTS = flags.DEFINE_multi_string(
-    "kernel_constant", [], "MODULE.NAME=VALUE: a fused kernel's tunable, an int constant of "
-    "l2ojax.models.lstm_kernel, l2ojax.optimizees.mlp_kernel, l2ojax.optimizees.mlp or "
-    "l2ojax.products read when a kernel is traced "
-    "(e.g. lstm_kernel.BLOCK_ROWS=128, mlp_kernel.CHUNKS_PER_PROGRAM=2), set before anything "
-    "is traced. Repeatable.")
+_KERNEL_CONSTANTS = flags.DEFINE_multi_string("kernel_constant", [], kernel_constants.FLAG_HELP)
 _RESIDUAL_TAPE = flags.DEFINE_bool(
     "residual_tape", False, "W1: the fused LSTM kernels keep each step's saved inputs in one "
     "buffer for the segment, written and read in place (make_meta_step's residual_tape; "
@@ -132,40 +129,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------- environment
-
-def set_kernel_constants(settings: List[str]) -> Dict[str, int]:
-  """Sets each "MODULE.NAME=VALUE" of ``settings`` (``--kernel_constant``): an existing
-  upper-case int (or bool) constant of ``lstm_kernel``, ``mlp_kernel``, ``mlp`` or
-  ``products``; returns
-  what was set. A bad setting raises ValueError naming it."""
-  from l2ojax import products
-  from l2ojax.models import lstm_kernel
-  from l2ojax.optimizees import mlp_kernel
-  mlp = importlib.import_module("l2ojax.optimizees.mlp")  # the package exports a function mlp
-  modules = {"lstm_kernel": lstm_kernel, "mlp_kernel": mlp_kernel, "mlp": mlp,
-             "products": products}
-  done = {}
-  for setting in settings:
-    m = re.fullmatch(r"(\w+)\.([A-Z][A-Z0-9_]*)=(-?\d+|[Tt]rue|[Ff]alse)", setting.strip())
-    module = modules.get(m.group(1)) if m else None
-    old = getattr(module, m.group(2), None) if module else None
-    if not isinstance(old, int):
-      raise ValueError(f"--kernel_constant={setting!r}: expected MODULE.NAME=INT with MODULE in "
-                       f"{sorted(modules)} and NAME one of its upper-case int constants")
-    value = m.group(3).lower()
-    if isinstance(old, bool):
-      if value not in ("true", "false", "0", "1"):
-        raise ValueError(f"--kernel_constant={setting!r}: {m.group(2)} is a bool")
-      new = value in ("true", "1")
-    elif value in ("true", "false"):
-      raise ValueError(f"--kernel_constant={setting!r}: {m.group(2)} is an int")
-    else:
-      new = int(value)
-      if new < 1:
-        raise ValueError(f"--kernel_constant={setting!r}: must be >= 1")
-    setattr(module, m.group(2), new)
-    done[f"{m.group(1)}.{m.group(2)}"] = new
-  return done
 
 
 def random_mnist_npz(folder: str, n: int = 10_000, seed: int = 0) -> str:

@@ -106,7 +106,10 @@ runs, in order and within ``--minutes``:
                  session's time is up; each pauses with a checkpoint. L2O-DM uses the
                  fused LSTM kernels, every family the fused MLP kernel, only where
                  its check has passed on that GPU and W1 at B = 8 was measured
-                 faster with it than without it there; under CUDA MPS
+                 faster with it than without it there, and with the fused LSTM kernels
+                 each exact lever (EXP2_TANH, the residual tape) only where its check
+                 passed and W1 at B = 8 was measured faster with it than tape_base (see
+                 training_levers); under CUDA MPS
                  where it starts and a JAX client works under it (``--nomps``: not).
                  ``--train_families=scale`` (or ``dm``) trains one family alone: the
                  L2O-Scale pair, two processes, finishes in fewer sessions
@@ -446,11 +449,13 @@ TRAIN_STOP_SECONDS = 60.0
 
 def train_commands(minutes: float, data_path: str, overrides: Sequence[str],
                    lstm_kernel: str = "xla", optimizee_kernel: str = "xla",
-                   families: Optional[Sequence[str]] = None) -> Dict[str, list]:
+                   families: Optional[Sequence[str]] = None,
+                   levers: Sequence[str] = ()) -> Dict[str, list]:
   """One experiments.ablation call per family of ``families`` (default: all of
   TRAIN_FAMILIES), resuming its variants from TRAIN_DIR; ``lstm_kernel`` is L2O-DM's,
   ``optimizee_kernel`` the MNIST MLP's of every family (the same functions either way: a
-  run may change them on resuming)."""
+  run may change them on resuming), ``levers`` L2O-DM's further arguments with
+  lstm_kernel="pallas" (``training_levers``)."""
   families = list(TRAIN_FAMILIES) if families is None else list(families)
   unknown = sorted(set(families) - set(TRAIN_FAMILIES))
   if unknown or not families:
@@ -464,6 +469,8 @@ def train_commands(minutes: float, data_path: str, overrides: Sequence[str],
   own = {family: [f"--override={o}" for o in family_overrides]
          for family, (_, family_overrides) in TRAIN_FAMILIES.items()}
   own["dm"].append(f"--override=model.options.lstm_kernel={lstm_kernel}")
+  if lstm_kernel == "pallas":
+    own["dm"] += list(levers)
   return {family: ["-m", "experiments.ablation", f"--family={family}",
                    f"--workdir={os.path.join(TRAIN_DIR, family)}", f"--processes={n}",
                    f"--max_minutes={minutes:.2f}", *own[family], *extra]
@@ -716,18 +723,24 @@ def w1_speed(bench_dir: str, gpu: str, stage: str, batch: int) -> Optional[float
 FASTER_BY = 1.03
 
 
-def _timed_faster(root: str, gpu: str, check: str, fused: Sequence[str], other: str,
-                  batch: int) -> str:
-  """"pallas" where ``check`` passed on ``gpu`` for the code now under ``root`` and the
-  first of the stages ``fused`` measured there (the newest kernels first) ran W1 at
-  ``batch`` at least ``FASTER_BY`` times as fast as stage ``other``, else "xla"."""
+def _faster(root: str, gpu: str, checks: Sequence[str], fused: Sequence[str], other: str,
+            batch: int) -> bool:
+  """Whether ``checks`` passed on ``gpu`` for the code now under ``root`` and the first of
+  the stages ``fused`` measured there (the newest kernels first) ran W1 at ``batch`` at
+  least ``FASTER_BY`` times as fast as stage ``other``."""
   bench_dir = os.path.join(root, BENCH_DIR)
-  if not check_passed(root, gpu, check):
-    return "xla"
+  if not all(check_passed(root, gpu, check) for check in checks):
+    return False
   stage = next((f for f in fused if os.path.exists(kept_path(root, gpu, f))), None)
   with_kernel = stage and w1_speed(bench_dir, gpu, stage, batch)
   without = w1_speed(bench_dir, gpu, other, batch)
-  return "pallas" if with_kernel and without and with_kernel >= FASTER_BY * without else "xla"
+  return bool(with_kernel and without and with_kernel >= FASTER_BY * without)
+
+
+def _timed_faster(root: str, gpu: str, check: str, fused: Sequence[str], other: str,
+                  batch: int) -> str:
+  """"pallas" where ``_faster``, else "xla"."""
+  return "pallas" if _faster(root, gpu, (check,), fused, other, batch) else "xla"
 
 
 def training_kernel(root: str, gpu: str, batch: int = 8) -> str:
@@ -743,6 +756,22 @@ def training_optimizee_kernel(root: str, gpu: str, batch: int = 8) -> str:
   passed on this GPU and W1 at the trainings' B was measured faster with it there (its
   first version, one program per optimizee, was slower than XLA's ops on an H100)."""
   return _timed_faster(root, gpu, "check_mlp", ("dm_fused_mlp",), "dm_pallas", batch)
+
+
+def training_levers(root: str, gpu: str, batch: int = 8) -> List[str]:
+  """The fused LSTM kernels' levers L2O-DM's trainings take beside lstm_kernel=pallas, as
+  experiments.ablation arguments: each that computes the same function to float32's
+  rounding, once its check passed on this GPU and W1 at the trainings' B was measured at
+  least ``FASTER_BY`` times as fast with it as the same session's baseline (tape_base):
+  tanh from ex2.approx and rcp.approx (EXP2_TANH, stage exp2_tanh), the residual tape
+  (stage tape). Those that change the numerics (tanh.approx, a bfloat16 state, narrow
+  cotangents) are left to a choice made with the loss curves in hand."""
+  levers = []
+  if _faster(root, gpu, ("check", "check_exp2"), ("exp2_tanh",), "tape_base", batch):
+    levers.append("--kernel_constant=lstm_kernel.EXP2_TANH=1")
+  if _faster(root, gpu, ("check", "check_tape"), ("tape",), "tape_base", batch):
+    levers.append("--override=meta.residual_tape=true")
+  return levers
 
 
 def latest_checkpoints(workdir: str) -> Dict[str, int]:
@@ -868,16 +897,19 @@ def main(argv):
       optimizee_kernel = FLAGS.train_optimizee_kernel
       if optimizee_kernel == "auto":
         optimizee_kernel = training_optimizee_kernel(REPO, gpu)
+      levers = training_levers(REPO, gpu) if FLAGS.train_lstm_kernel == "auto" else []
       mps = start_mps(work) if FLAGS.mps else None
       try:
         rows += run_trainings(train_commands(minutes, FLAGS.data_path, FLAGS.train_override,
-                                             kernel, optimizee_kernel, FLAGS.train_families),
+                                             kernel, optimizee_kernel, FLAGS.train_families,
+                                             levers),
                               deadline - 40.0, work, mps)
       finally:
         if mps is not None:
           stop_mps(mps)
       next(r for r in rows if r["stage"].startswith("train_"))["why"] = (
-          f"lstm_kernel={kernel}, optimizee kernel={optimizee_kernel}; "
+          " ".join([f"lstm_kernel={kernel}", *(levers if kernel == "pallas" else [])])
+          + f", optimizee kernel={optimizee_kernel}; "
           f"{'under' if mps else 'without'} CUDA MPS")
     else:
       rows.append({"stage": "train", "status": "skipped", "why": f"{minutes:.1f} min left"})

@@ -28,7 +28,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import hugepages
+from experiments import hugepages, kernel_constants
 from experiments.configs import dm_quadratic
 from l2ojax import evaluation, plots
 from l2ojax.meta import config as config_lib
@@ -38,13 +38,15 @@ from l2ojax.meta import trainer
 def define_flags() -> None:
   """The command line's flags, defined when run as a program (experiments modules
   share flag names such as workdir: importing several in one process must work)."""
-  global _CONFIG, _WORKDIR, _OVERRIDES, _MAX_MINUTES
+  global _CONFIG, _WORKDIR, _OVERRIDES, _MAX_MINUTES, _KERNEL_CONSTANTS
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
   _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.name>).")
   _OVERRIDES = flags.DEFINE_multi_string("override", [], "field=value, applied after the "
                                           "config (l2ojax.meta.config.override).")
   _MAX_MINUTES = flags.DEFINE_float("max_minutes", None,
                                     "Pause (checkpoint, exit 75) after this many minutes.")
+  _KERNEL_CONSTANTS = flags.DEFINE_multi_string("kernel_constant", [],
+                                                kernel_constants.FLAG_HELP)
 
 
 def evaluate_against_adam(config, result) -> dict:
@@ -74,6 +76,12 @@ def evaluate_against_adam(config, result) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  try:
+    constants = kernel_constants.set_kernel_constants(_KERNEL_CONSTANTS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if constants:
+    print(f"kernel constants: {constants}", flush=True)
   config = _CONFIG.value if _CONFIG.value is not None else dm_quadratic.get_config()
   for item in _OVERRIDES.value:
     try:

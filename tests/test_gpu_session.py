@@ -311,6 +311,41 @@ def test_the_trainings_use_a_fused_kernel_only_once_checked_and_timed_faster(tmp
   assert gpu_session.training_optimizee_kernel(str(tmp_path), "h100") == "xla"
 
 
+def test_the_trainings_take_an_exact_lever_only_once_checked_and_timed_faster(tmp_path):
+  kept = tmp_path / gpu_session.BENCH_DIR
+  kept.mkdir()
+
+  def bench(stage, steps_per_s):
+    rows = [{"workload": "W1", "model": "dm", "B": b, "steps_per_s": steps_per_s * b}
+            for b in (8, 64)]
+    (kept / f"h100_{stage}.json").write_text(json.dumps({"rows": rows}))
+
+  exp2, tape = "--kernel_constant=lstm_kernel.EXP2_TANH=1", "--override=meta.residual_tape=true"
+  levers = lambda: gpu_session.training_levers(str(tmp_path), "h100")
+  bench("tape_base", 1000.0)
+  bench("exp2_tanh", 1300.0)
+  bench("tape", 1200.0)
+  assert levers() == []  # no check passed
+  _passed(tmp_path, "h100", "check")
+  assert levers() == []  # nor their own checks
+  _passed(tmp_path, "h100", "check_exp2")
+  assert levers() == [exp2]
+  _passed(tmp_path, "h100", "check_tape")
+  assert levers() == [exp2, tape]
+  bench("tape", 1010.0)  # within the medians' spread: a tie
+  assert levers() == [exp2]
+  bench("exp2_tanh", 900.0)
+  assert levers() == []
+  assert gpu_session.training_levers(str(tmp_path), "h200") == []  # another GPU's records
+
+  # L2O-DM's command takes them with the fused kernels only
+  fused = gpu_session.train_commands(1.0, "", [], lstm_kernel="pallas", levers=[exp2, tape])
+  assert exp2 in fused["dm"] and tape in fused["dm"]
+  assert exp2 not in fused["scale"] and tape not in fused["scale"]
+  xla = gpu_session.train_commands(1.0, "", [], lstm_kernel="xla", levers=[exp2, tape])
+  assert exp2 not in xla["dm"] and tape not in xla["dm"]
+
+
 def test_a_kept_check_runs_again_once_its_code_changed_not_its_comments(tmp_path):
   """A check passed for the kernels' code as it was: after a change to that code its
   record no longer counts (the stages needing it wait for it to pass again); a change to

@@ -93,12 +93,16 @@ def test_ablation_trains_variants_in_parallel_processes_that_pause_and_resume(tm
           f"--override=data.path={tiny_image_npz}", "--override=meta.num_episodes=2",
           "--override=meta.batch_size=2", "--override=meta.episode_steps=20",
           "--override=validation.period=1", "--override=validation.num_optimizees=2",
-          "--override=eval.adam_learning_rates=(0.01,)"]
+          "--override=eval.adam_learning_rates=(0.01,)",
+          # a fused kernel's tunable (unused off a GPU) reaches every process
+          "--kernel_constant=lstm_kernel.EXP2_TANH=1"]
   out = _run([*args, "--max_minutes=0"])
   assert out.returncode == 75, out.stdout[-2000:] + out.stderr[-2000:]
   assert not (tmp_path / "ablation.md").exists()
   for v in ("dm", "dm_il"):
-    assert "paused at episode 1" in (tmp_path / f"{v}.log").read_text()
+    log = (tmp_path / f"{v}.log").read_text()
+    assert "paused at episode 1" in log
+    assert "kernel constants: {'lstm_kernel.EXP2_TANH': 1}" in log
   out = _run(args)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
   table = (tmp_path / "ablation.md").read_text()
@@ -112,3 +116,10 @@ def test_ablation_trains_variants_in_parallel_processes_that_pause_and_resume(tm
   (start_a, end_a), (start_b, end_b) = spans
   overlap = min(end_a, end_b) - max(start_a, start_b)
   assert overlap > 0.5 * min(end_a - start_a, end_b - start_b) > 0, spans
+
+
+@pytest.mark.parametrize("module", ["experiments.train", "experiments.ablation"])
+def test_a_bad_kernel_constant_is_named_before_anything_runs(module, tmp_path):
+  out = _run([module, f"--workdir={tmp_path}", "--kernel_constant=lstm_kernel.NO_SUCH=1"])
+  assert out.returncode != 0 and "lstm_kernel.NO_SUCH=1" in out.stderr, out.stderr[-2000:]
+  assert not any(tmp_path.iterdir())
