@@ -67,9 +67,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from experiments import hugepages
-from experiments import kernel_constants
-from experiments.kernel_constants import set_kernel_constants
+from experiments import hugepages, kernel_constants
 from l2ojax import gpu, models, optimizees
 from l2ojax.meta import remat as remat_lib
 from l2ojax.meta import sharding as sharding_lib
@@ -712,7 +710,7 @@ def markdown(result: Dict[str, Any]) -> str:
 
 def main(argv):
   del argv
-  kernel_constants = set_kernel_constants(_KERNEL_CONSTANTS.value)
+  constants = kernel_constants.set_kernel_constants(_KERNEL_CONSTANTS.value)
   notes = []
   names = []
   for name in _MODELS.value:
@@ -742,8 +740,8 @@ def main(argv):
                        "optimizee_kernel", "profile_dir",
                        "shard", "workloads", "w2_steps", "w2_optimizees", "w2_repeats",
                        "torch_iters")}}
-  if kernel_constants:
-    result["flags"]["kernel_constant"] = kernel_constants
+  if constants:
+    result["flags"]["kernel_constant"] = constants
   for note in notes:
     print(note, file=sys.stderr)
   os.makedirs(_OUT.value, exist_ok=True)

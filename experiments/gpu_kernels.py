@@ -60,7 +60,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import benchmark  # noqa: E402
+from experiments import benchmark, kernel_constants  # noqa: E402
 from l2ojax import optimizees  # noqa: E402
 from l2ojax.models import cells, lstm_kernel  # noqa: E402
 from l2ojax.meta import step as step_lib  # noqa: E402
@@ -149,7 +149,7 @@ def report(label: str, program: Tuple[str, Optional[int], float],
 
 def main(argv):
   del argv
-  constants = benchmark.set_kernel_constants(benchmark._KERNEL_CONSTANTS.value)
+  constants = kernel_constants.set_kernel_constants(benchmark._KERNEL_CONSTANTS.value)
   if constants:
     print(f"kernel constants: {constants}")
   optimizee = optimizees.get("mnist_mlp", path=benchmark.random_mnist_npz("/tmp", n=1000),

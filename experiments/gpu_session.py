@@ -53,10 +53,10 @@ runs, in order and within ``--minutes``:
                  layer's recomputed gates (lstm_kernel.KEEP_LOWER_GATES): against exp2_tanh
   w2_exp2_bf16*+% W2 of L2O-DM with EXP2_TANH and a bfloat16 state on the fused MLP (issue
                  7's W2 criterion): against w2_flat_bf16
-  exp2_best*+%^ W1 of L2O-DM, B = 1, 8, 64, with every lever that keeps float32's
-                 accuracy: EXP2_TANH, the residual tape, narrow cotangents, a bfloat16
-                 state, the fused MLP, the weights' gradient 1 stage x 2 programs per
-                 multiprocessor; profiled: against tape_best (tanh.approx's)
+  exp2_best*+%^ W1 of L2O-DM, B = 1, 8, 64, with tape_best's levers but tanh at float32's
+                 accuracy (EXP2_TANH, not tanh.approx): the residual tape, narrow
+                 cotangents, a bfloat16 state, the fused MLP, the weights' gradient 1
+                 stage x 2 programs per multiprocessor; profiled: against tape_best
   exp2_best_unroll*+%^  the same with the segment's loop unrolled 20 steps, W1 at B = 1,
                  8, and W2 (Adam on the fused MLP, unrolled alike)
   tape*^         W1 of L2O-DM, B = 1, 8, 64, with each step's saved inputs on a residual
@@ -227,7 +227,7 @@ def _gpu_tests(name: str, minutes: float, test_file: str, select: str = "gpu",
 
 
 _PALLAS = ("--lstm_kernel=pallas", "--torch=off")
-# every lever that keeps float32's accuracy (exp2_best's)
+# tape_best's levers with tanh at float32's accuracy (EXP2_TANH, not tanh.approx)
 _EXP2_BEST = ("--residual_tape", "--kernel_constant=lstm_kernel.NARROW_COTANGENTS=1",
               "--kernel_constant=lstm_kernel.EXP2_TANH=1",
               "--kernel_constant=lstm_kernel.GRADIENT_NUM_STAGES=1",
@@ -326,10 +326,9 @@ STAGES = (
     _bench("w2_exp2_bf16", 0.7, "--models=dm", "--workloads=w2", "--optimizee_kernel=pallas",
            "--dm_state_dtype=bfloat16", *_PALLAS, "--kernel_constant=lstm_kernel.EXP2_TANH=1",
            needs=("check", "check_mlp", "check_exp2")),
-    # every lever with float32's accuracy: tape_best's with EXP2_TANH for tanh.approx (the
-    # residual tape, narrow cotangents, a bfloat16 state, the fused MLP, the weights' gradient
-    # 1 stage x 2 programs per multiprocessor): issue 7's B = 1 and best-B figures without
-    # tanh.approx's error
+    # tape_best's levers with EXP2_TANH for tanh.approx (the residual tape, narrow cotangents, a
+    # bfloat16 state, the fused MLP, the weights' gradient 1 stage x 2 programs per
+    # multiprocessor): issue 7's B = 1 and best-B figures without tanh.approx's error
     _bench("exp2_best", 1.5, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1", *_PALLAS,
            *_EXP2_BEST, "--profile_dir={out}/profile",
            needs=("check", "check_mlp", "check_exp2", "check_tape")),

@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from experiments import hugepages
+from experiments import hugepages, kernel_constants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -286,7 +286,6 @@ def test_device_kernel_times_sums_each_kernel_on_the_gpu_streams_only():
 def test_kernel_constants_set_the_fused_kernels_tunables_and_name_bad_ones(monkeypatch):
   """--kernel_constant: an int or bool tunable of lstm_kernel, mlp_kernel, mlp or products, set before
   tracing; anything else is refused with the setting named."""
-  from experiments import benchmark
   from l2ojax import products
   from l2ojax.models import lstm_kernel
   from l2ojax.optimizees import mlp_kernel
@@ -295,7 +294,7 @@ def test_kernel_constants_set_the_fused_kernels_tunables_and_name_bad_ones(monke
                        (mlp_kernel, "CHUNKS_PER_PROGRAM"), (mlp, "BIAS_IN_PRODUCT"),
                        (products, "SMALL_ROWS")):
     monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
-  done = benchmark.set_kernel_constants(
+  done = kernel_constants.set_kernel_constants(
       ["lstm_kernel.BLOCK_ROWS=128", "lstm_kernel.KEEP_LOWER_GATES=true",
        " mlp_kernel.CHUNKS_PER_PROGRAM=2", "mlp.BIAS_IN_PRODUCT=1", "products.SMALL_ROWS=100"])
   assert done == {"lstm_kernel.BLOCK_ROWS": 128, "lstm_kernel.KEEP_LOWER_GATES": True,
@@ -307,7 +306,7 @@ def test_kernel_constants_set_the_fused_kernels_tunables_and_name_bad_ones(monke
               "lstm_kernel.BLOCK_ROWS=0", "lstm_kernel.BLOCK_ROWS=true",
               "lstm_kernel.KEEP_LOWER_GATES=5", "lstm_kernel.BLOCK_ROWS"):
     with pytest.raises(ValueError, match=re.escape(repr(bad))):
-      benchmark.set_kernel_constants([bad])
+      kernel_constants.set_kernel_constants([bad])
   assert lstm_kernel.BLOCK_ROWS == 128
 
 
