@@ -187,8 +187,9 @@ def pad_stack(ws: Sequence[chex.Array], bs: Sequence[chex.Array], w_out: chex.Ar
 
 def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: int,
             with_gates: bool, log_and_sign_k: Optional[float], tanh, gate,
-            taped: bool = False):
-  # tanh, gate: ``_tanh``'s and ``_gate``'s (a gate of its pre-scaled pre-activation)
+            taped: bool = False, o_first: bool = False):
+  # tanh, gate: ``_tanh``'s and ``_gate``'s (a gate of its pre-scaled pre-activation);
+  # o_first: the order of the gates' products (registers, below)
   # refs: x, h_0.., c_0.., wx_0.., wh_0.., b_0.., w_out, b_out [, slot, tape]
   #       | out, h'_0.., c'_0.. [, t_0..] [, tape']
   x_ref, refs = refs[0], refs[1:]
@@ -274,15 +275,20 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
                  else jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g]))
                 + b_refs[l][g][None, :])
 
-      # each gate's products just before its use (f, then i and j, then o): fewer [rows,
-      # lanes] tiles live at once. ptxas (sm_90a) then keeps the kernel at <= 168 registers
-      # (three 4-warp programs per multiprocessor) in all but two of the configurations
-      # BENCHMARKS.md lists, where all four products first took 171-174 in nine (two)
-      a = [None, None, gate(pre(2)), None]
+      # each gate's products just before its use, fewer [rows, lanes] tiles live at once:
+      # f, then i and j, then o; with EXP2_TANH o first. ptxas (sm_90a) then keeps the
+      # kernel at <= 168 registers (three 4-warp programs per multiprocessor) in every
+      # configuration BENCHMARKS.md lists, where all four products at once took 171-174
+      # in nine of them (two programs)
+      a = [None] * 4
+      if o_first:
+        a[3] = gate(pre(3))
+      a[2] = gate(pre(2))
       c = a[2] * c
       a[0], a[1] = gate(pre(0)), tanh(pre(1))
       c = c + a[0] * a[1]
-      a[3] = gate(pre(3))
+      if not o_first:
+        a[3] = gate(pre(3))
       x = a[3] * tanh(c)
       store(h_out_refs[l], x, hidden)
       store(c_out_refs[l], c, hidden)
@@ -342,7 +348,8 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
                + ([jax.ShapeDtypeStruct(tape.shape, tape.dtype)] if taped else []))
   kernel = functools.partial(_kernel, num_layers=len(sizes), sizes=sizes, n_in=n_in,
                              n_out=n_out, with_gates=with_gates, log_and_sign_k=log_and_sign_k,
-                             tanh=_tanh(interpret), gate=_gate(interpret), taped=taped)
+                             tanh=_tanh(interpret), gate=_gate(interpret), taped=taped,
+                             o_first=bool(EXP2_TANH))
   num = len(sizes)
   operands = [x, *hs, *cs, *padded.wx, *padded.wh, *padded.b, padded.w_out, padded.b_out]
   # Each program reads its rows' h and c before it writes them: updating them in
