@@ -260,12 +260,8 @@ def main(argv):
   os.makedirs(_WORKDIR.value, exist_ok=True)
   if _PROCESSES.value < 1:
     raise app.UsageError(f"--processes must be >= 1, got {_PROCESSES.value}")
-  try:  # this process's (the children get the flag too)
-    constants = kernel_constants.set_kernel_constants(_KERNEL_CONSTANTS.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  if constants:
-    print(f"kernel constants: {constants}", flush=True)
+  # this process's (the children get the flag too)
+  kernel_constants.set_from_command_line(_KERNEL_CONSTANTS.value)
   module = FAMILIES[_FAMILY.value]
   variants = _VARIANTS.value or list(module.PAPER_LN_LOSS_10K)
   configs = build_configs(_FAMILY.value, variants, _OVERRIDES.value)

@@ -49,3 +49,16 @@ def set_kernel_constants(settings: List[str]) -> Dict[str, int]:
     setattr(module, m.group(2), new)
     done[f"{m.group(1)}.{m.group(2)}"] = new
   return done
+
+
+def set_from_command_line(settings: List[str]) -> Dict[str, int]:
+  """``set_kernel_constants`` for a launcher's ``--kernel_constant`` flags: a bad setting is a
+  usage error naming it; what was set is printed (it changes the kernels the run traces)."""
+  from absl import app
+  try:
+    done = set_kernel_constants(settings)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if done:
+    print(f"kernel constants: {done}", flush=True)
+  return done

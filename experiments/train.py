@@ -76,12 +76,7 @@ def evaluate_against_adam(config, result) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  try:
-    constants = kernel_constants.set_kernel_constants(_KERNEL_CONSTANTS.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  if constants:
-    print(f"kernel constants: {constants}", flush=True)
+  kernel_constants.set_from_command_line(_KERNEL_CONSTANTS.value)
   config = _CONFIG.value if _CONFIG.value is not None else dm_quadratic.get_config()
   for item in _OVERRIDES.value:
     try:
