@@ -262,10 +262,22 @@ def sass_counts(sass: str) -> collections.Counter:
       if op != "NOP")  # the padding after the last instruction
 
 
+def loop_body(sass: str) -> int:
+  """Instructions of the longest loop in ``cuobjdump -sass`` text (from a backward
+  branch's target to the branch; the self-branch padding after EXIT aside), 0 if none."""
+  ins = [(int(a, 16), op, rest) for a, op, rest in re.findall(
+      r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", sass, re.M)
+      if op != "NOP"]
+  spans = [(int(m.group(1), 16), a) for a, op, rest in ins if op == "BRA"
+           for m in [re.search(r"0x([0-9a-f]+)", rest)] if m and int(m.group(1), 16) < a]
+  return max((sum(lo <= a <= hi for a, _, _ in ins) for lo, hi in spans), default=0)
+
+
 def rows_per_thread(name: str) -> Optional[float]:
   """Rows of the optimizee one thread of fused kernel ``name`` covers in its one pass
   (a program's rows over its threads), or None where the kernel loops over blocks."""
-  if name.startswith("lstm_stack_forward") and lstm_kernel.BLOCKS_PER_PROGRAM == 1:
+  if (name.startswith("lstm_stack_forward") and lstm_kernel.BLOCKS_PER_PROGRAM == 1
+      and not lstm_kernel.FORWARD_PROGRAMS_PER_CORE):
     return lstm_kernel.BLOCK_ROWS / (32 * lstm_kernel.NUM_WARPS)
   if name.startswith("lstm_stack_backward") and lstm_kernel.BACKWARD_BLOCKS_PER_PROGRAM == 1:
     return lstm_kernel.BACKWARD_BLOCK_ROWS / (32 * lstm_kernel.BACKWARD_NUM_WARPS)
@@ -280,8 +292,10 @@ def sass_line(name: str, sass: str, top: int = 8) -> str:
   counts = sass_counts(sass)
   total = sum(counts.values())
   rows = rows_per_thread(name)
+  body = loop_body(sass)
   per_row = (f", {total / rows:,.0f} per row" if rows else
-             " (its loops' bodies counted once)")
+             " (its loops' bodies counted once" + (f"; the longest loop's body {body:,}"
+                                                   if body else "") + ")")
   mix = ", ".join(f"{op} {n}" for op, n in counts.most_common(top))
   return f"SASS {name}: {total:,} instructions per thread{per_row}; {mix}"
 

@@ -15,6 +15,9 @@ runs, in order and within ``--minutes``:
   check_exp2     the GPU tests of EXP2_TANH (tests/test_lstm_kernel.py): its tanh on a
                  grid, and the kernels' curves and meta-gradients to the accurate
                  tolerance (also with KEEP_LOWER_GATES); the stages marked % need it too
+  check_fwd_loop the GPU test of the forward kernel looping over blocks of the optimizees'
+                 folded rows (tests/test_lstm_kernel.py): XLA's curves and meta-gradients;
+                 the stages marked & need it too
   dm_pallas*     W1 of L2O-DM with the fused LSTM kernels, B = 1, 8, 64, and W2, with a
                  profile of each B (the GPU's kernels by time)
   dm_fused_mlp*+ W1 of L2O-DM with both fused kernels (the LSTM stack's and the
@@ -59,6 +62,11 @@ runs, in order and within ``--minutes``:
                  stage x 2 programs per multiprocessor; profiled: against tape_best
   exp2_best_unroll*+%^  the same with the segment's loop unrolled 20 steps, W1 at B = 1,
                  8, and W2 (Adam on the fused MLP, unrolled alike)
+  fwd_loop*&     W1 of L2O-DM, B = 8, 64, and W2 with the forward kernel's programs
+                 reading the weights once for a loop over blocks of the optimizees' rows
+                 folded together (lstm_kernel.FORWARD_PROGRAMS_PER_CORE=3), profiled:
+                 against tape_base and w2_flat
+  w2_exp2_bf16_loop*+%&  w2_exp2_bf16 with that loop too: against w2_exp2_bf16
   tape*^         W1 of L2O-DM, B = 1, 8, 64, with each step's saved inputs on a residual
                  tape (--residual_tape: written and read in place, not stacked by the
                  loop and copied out again), profiled: against tape_base
@@ -238,7 +246,8 @@ _LSTM_KERNELS = ("l2ojax/models/lstm_kernel.py", "l2ojax/models/cells.py", "l2oj
 STAGES = (
     # (tanh.approx's test is check_tanh's: its failure keeps out only what needs it)
     _gpu_tests("check", 2.5, "tests/test_lstm_kernel.py",
-               "gpu and not approx_tanh and not exp2_tanh and not residual_tape",
+               "gpu and not approx_tanh and not exp2_tanh and not residual_tape and "
+               "not forward_loop",
                sources=_LSTM_KERNELS),
     _gpu_tests("check_mlp", 1.0, "tests/test_mlp_kernel.py",
                sources=("l2ojax/optimizees/mlp_kernel.py", "l2ojax/gpu.py")),
@@ -250,6 +259,11 @@ STAGES = (
     # kernel keeping the lower layer's gates); apart from check, so that a failure keeps out
     # only the stages of EXP2_TANH
     _gpu_tests("check_exp2", 1.0, "tests/test_lstm_kernel.py", "gpu and exp2_tanh",
+               sources=_LSTM_KERNELS),
+    # the forward kernel's programs reading the weights once for a loop over the blocks of
+    # the optimizees' folded rows (lstm_kernel.FORWARD_PROGRAMS_PER_CORE): XLA's curves and
+    # meta-gradients; apart from check, a failure keeps out only the stages of the loop
+    _gpu_tests("check_fwd_loop", 0.7, "tests/test_lstm_kernel.py", "gpu and forward_loop",
                sources=_LSTM_KERNELS),
     # the fused LSTM kernels against XLA's ops (and the PyTorch peer), each B; the
     # profile lists the GPU's kernels by time (in the log and the JSON)
@@ -338,6 +352,18 @@ STAGES = (
     # the loss and gradient go)
     _bench("exp2_best_unroll", 1.5, "--models=dm", "--batch_sizes=1,8", "--unroll=20",
            *_PALLAS, *_EXP2_BEST, needs=("check", "check_mlp", "check_exp2", "check_tape")),
+    # the forward kernel's programs reading the weights once (~50 KB, TF32-rounded into the
+    # products' layout) for a loop over blocks of the optimizees' folded rows, 3 programs per
+    # multiprocessor (FORWARD_PROGRAMS_PER_CORE): as compiled for an H100, 4,272 -> 3,721 SASS
+    # instructions per thread and block (EXP2_TANH: 2,438 -> 1,905), 161 registers; W1 at B =
+    # 8, 64 and W2 against tape_base and w2_flat, then W2 as w2_exp2_bf16 (issue 7's W2)
+    _bench("fwd_loop", 1.2, "--models=dm", "--batch_sizes=8,64", *_PALLAS,
+           "--kernel_constant=lstm_kernel.FORWARD_PROGRAMS_PER_CORE=3",
+           "--profile_dir={out}/profile", needs=("check", "check_fwd_loop")),
+    _bench("w2_exp2_bf16_loop", 0.7, "--models=dm", "--workloads=w2", "--optimizee_kernel=pallas",
+           "--dm_state_dtype=bfloat16", *_PALLAS, "--kernel_constant=lstm_kernel.EXP2_TANH=1",
+           "--kernel_constant=lstm_kernel.FORWARD_PROGRAMS_PER_CORE=3",
+           needs=("check", "check_mlp", "check_exp2", "check_fwd_loop")),
     _bench("tape", 2.0, "--models=dm", "--batch_sizes=1,8,64", "--workloads=w1", *_PALLAS,
            "--residual_tape", "--profile_dir={out}/profile", needs=("check", "check_tape")),
     # ... and the weights' gradient's operands (gate cotangents, outputs) in bfloat16, written

@@ -338,3 +338,11 @@ def test_sass_counts_per_thread_and_per_row(monkeypatch):
   assert gpu_kernels.rows_per_thread("lstm_stack_weights_gradient") is None
   assert "(its loops' bodies counted once)" in gpu_kernels.sass_line(
       "lstm_stack_weights_gradient", sass)
+  # the forward kernel looping over blocks (FORWARD_PROGRAMS_PER_CORE): its loop's body,
+  # from the backward branch's target (0x10) to the branch (0x30)
+  monkeypatch.setattr(lstm_kernel, "FORWARD_PROGRAMS_PER_CORE", 3)
+  assert gpu_kernels.rows_per_thread("lstm_stack_forward") is None
+  looped = sass.replace("MUFU.RCP R2, R2 ;", "BRA 0x10 ;")
+  assert gpu_kernels.loop_body(sass) == 0 and gpu_kernels.loop_body(looped) == 3
+  assert "counted once; the longest loop's body 3)" in gpu_kernels.sass_line(
+      "lstm_stack_forward", looped)

@@ -120,6 +120,72 @@ def test_kernel_under_vmap():
                               atol=2e-6, rtol=2e-6)
 
 
+def _forward_grids(f, *args):
+  """The grids of the forward kernel's calls in ``f``'s program."""
+  text = str(jax.make_jaxpr(f)(*args))
+  return [tuple(int(d) for d in g.split(",") if d.strip())
+          for g in re.findall(r"GridMapping\(grid=\(([^)]*)\)", text)]
+
+
+@pytest.mark.parametrize("n_in", [2, 20])  # L2O-DM's packed first layer, RNNProp's
+def test_forward_kernel_loops_over_the_optimizees_folded_rows(monkeypatch, n_in):
+  """lstm_kernel.FORWARD_PROGRAMS_PER_CORE: under vmap (and vmap of vmap) over optimizees
+  sharing the weights, one call of the forward kernel on their rows folded together
+  (3 x 150 = 450 rows, 8 blocks of 64) by 2 programs of 4 blocks, the last one past the
+  rows in part: XLA's outputs, and the meta-gradient of a loop of steps."""
+  monkeypatch.setattr(lstm_kernel, "FORWARD_PROGRAMS_PER_CORE", 1)
+  monkeypatch.setattr(lstm_kernel, "CORES_OFF_GPU", 2)
+  layers, readout, x, states = _stack(jax.random.PRNGKey(2), n_in, (20, 20), lead=(3, 150))
+  stack = cells.lstm_stack_prepare(layers, readout, kernel="pallas_interpret")
+  run = jax.vmap(lambda x, s: cells.lstm_stack_run(stack, x, s))
+  assert _forward_grids(run, x, states) == [(2,)]
+  want = cells.lstm_stack_apply(layers, x, states, readout)
+  chex.assert_trees_all_close(run(x, states), want, atol=2e-6, rtol=2e-6)
+  halves = lambda a: a.reshape((3, 2, 75) + a.shape[2:])
+  x2, states2 = jax.tree_util.tree_map(halves, (x, states))
+  nested = jax.vmap(jax.vmap(lambda x, s: cells.lstm_stack_run(stack, x, s)))
+  assert _forward_grids(nested, x2, states2) == [(2,)]
+  chex.assert_trees_all_close(nested(x2, states2), jax.tree_util.tree_map(halves, want),
+                              atol=2e-6, rtol=2e-6)
+  grad = jax.jit(jax.grad(_loop_loss, argnums=(0, 1)), static_argnums=4)
+  chex.assert_trees_all_close(grad(layers, readout, x, states, "pallas_interpret"),
+                              grad(layers, readout, x, states, "xla"), atol=1e-5, rtol=1e-5)
+  # off: a grid row of 3 programs per optimizee, as Pallas batches a call
+  monkeypatch.setattr(lstm_kernel, "FORWARD_PROGRAMS_PER_CORE", 0)
+  run = jax.vmap(lambda x, s: cells.lstm_stack_run(stack, x, s))  # traced anew
+  assert _forward_grids(run, x, states) == [(3, 3)]
+
+
+def test_forward_kernel_with_weights_per_optimizee_keeps_pallas_batching(monkeypatch):
+  """Weights that differ along the mapped axis are not folded: Pallas's grid row per
+  member, each with its own weights, of 2 programs looping over its 3 blocks (XLA's
+  outputs)."""
+  monkeypatch.setattr(lstm_kernel, "FORWARD_PROGRAMS_PER_CORE", 1)
+  monkeypatch.setattr(lstm_kernel, "CORES_OFF_GPU", 2)
+  members = [_stack(jax.random.PRNGKey(k), 2, (20, 20), lead=(150,)) for k in (3, 4)]
+  layers, readout, x, states = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *members)
+  apply = lambda kernel: jax.vmap(lambda layers, readout, x, s: cells.lstm_stack_apply(
+      layers, x, s, readout, kernel=kernel))
+  assert _forward_grids(apply("pallas_interpret"), layers, readout, x, states) == [(2, 2)]
+  chex.assert_trees_all_close(apply("pallas_interpret")(layers, readout, x, states),
+                              apply("xla")(layers, readout, x, states), atol=2e-6, rtol=2e-6)
+
+
+def test_forward_stride_takes_as_many_rounds_as_one_block_per_program(monkeypatch):
+  """L2O-DM's 15,910 rows per optimizee at 3 programs on each of 132 multiprocessors."""
+  monkeypatch.setattr(lstm_kernel, "FORWARD_PROGRAMS_PER_CORE", 3)
+  assert lstm_kernel.forward_stride(15910, 132) is None  # 249 blocks: one round
+  for batch in (2, 8, 10, 64, 256):
+    blocks = -(-15910 * batch // lstm_kernel.BLOCK_ROWS)
+    programs, per = lstm_kernel.forward_stride(15910 * batch, 132)
+    assert programs <= 3 * 132
+    assert per == -(-blocks // (3 * 132))  # the rounds one program per block would take
+    assert (programs - 1) * per < blocks <= programs * per  # no program without a block
+  assert lstm_kernel.forward_stride(15910 * 10, 132) == (356, 7)
+  monkeypatch.setattr(lstm_kernel, "FORWARD_PROGRAMS_PER_CORE", 0)
+  assert lstm_kernel.forward_stride(15910 * 64, 132) is None
+
+
 @pytest.mark.parametrize("n_in,sizes,n_out,state_dtype", [
     (2, (20, 20), 1, jnp.float32),     # L2O-DM: x in the padding lanes of layer 0's h
     (20, (20, 20), 1, jnp.float32),    # RNNProp's stack: x beside h does not fit in 32
@@ -241,7 +307,11 @@ def test_stack_is_prepared_once_per_transform():
 
 
 @pytest.mark.parametrize("name", ["dm", "rnnprop"])
-def test_models_with_the_kernel_give_the_same_updates(name):
+@pytest.mark.parametrize("forward_loop", [False, True])
+def test_models_with_the_kernel_give_the_same_updates(name, forward_loop, monkeypatch):
+  if forward_loop:  # 287 rows, 5 blocks: 2 programs of 3, from the gradient itself (L2O-DM)
+    monkeypatch.setattr(lstm_kernel, "FORWARD_PROGRAMS_PER_CORE", 1)
+    monkeypatch.setattr(lstm_kernel, "CORES_OFF_GPU", 2)
   theta = models.get(name).init(jax.random.PRNGKey(0))
   params = {"w": jax.random.normal(jax.random.PRNGKey(1), (40, 7)),
             "b": {"bias": jnp.zeros((7,))}}
@@ -367,9 +437,12 @@ def test_backward_kernel_under_vmap_and_scan(state_dtype, rtol):
     # tanh from ex2.approx and rcp.approx (absolute error < 1e-6): the accurate tolerance;
     # also with the backward kernel keeping the lower layer's gates
     ("dm", {}, 2e-2, {"EXP2_TANH": 1}),
-    ("dm", {}, 2e-2, {"EXP2_TANH": 1, "KEEP_LOWER_GATES": True})],
+    ("dm", {}, 2e-2, {"EXP2_TANH": 1, "KEEP_LOWER_GATES": True}),
+    # the forward kernel's programs reading the weights once for a loop over the blocks of
+    # the 4 optimizees' folded rows (995 blocks, 3 programs per multiprocessor)
+    ("dm", {}, 2e-2, {"FORWARD_PROGRAMS_PER_CORE": 3})],
     ids=["dm", "rnnprop", "dm_bf16_state", "dm_approx_tanh", "dm_exp2_tanh",
-         "dm_exp2_tanh_keep_lower_gates"])
+         "dm_exp2_tanh_keep_lower_gates", "dm_forward_loop"])
 def test_fused_kernel_on_gpu(name, options, atol, constants, tiny_image_npz, monkeypatch):
   """Compiled on a GPU: the same loss curves as XLA's ops (both use TF32 products)."""
   for constant, value in constants.items():

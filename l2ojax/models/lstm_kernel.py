@@ -56,6 +56,23 @@ NUM_WARPS = 4
 BLOCKS_PER_PROGRAM = 1
 NUM_STAGES = 1
 
+# Programs per multiprocessor of the forward kernel without a tape, or 0 (default): one
+# program per block. Each program copies the weights (~50 KB for L2O-DM, TF32-rounded
+# into its products' layout: a fifth of a one-block program's SASS instructions, and at
+# B = 64 ~830 MB of L2 traffic per step) for a single block of 64 rows. With k > 0, at
+# most k x (multiprocessors) programs read the weights once each and take every P-th
+# block in a loop, and under ``vmap`` (weights shared) the optimizees' rows are folded
+# into one array of rows (``_rows_folded``), so that the loop spans them all rather than
+# one optimizee's 249 blocks. Where a single round of programs covers the rows, the
+# one-block kernel runs as before. An int (the benchmark's --kernel_constant); not yet
+# timed. ptxas (sm_90a), L2O-DM: 161 registers (3 programs of 4 warps fit a multiprocessor
+# at <= 168), 160 with EXP2_TANH, 168 with EXP2_TANH and a bfloat16 state; RNNProp (its
+# input beside h, not packed): 188, so 2 for it.
+FORWARD_PROGRAMS_PER_CORE = 0
+# Multiprocessors assumed where the default backend is not a GPU (interpreted kernels,
+# programs compiled for a GPU from the CPU): an H100's or H200's.
+CORES_OFF_GPU = 132
+
 
 # Whether the kernels take tanh from the GPU's approximate instruction (tanh.approx.f32:
 # one MUFU operation, relative error about 2^-11) instead of the accurate sequence (two
@@ -187,9 +204,11 @@ def pad_stack(ws: Sequence[chex.Array], bs: Sequence[chex.Array], w_out: chex.Ar
 
 def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: int,
             with_gates: bool, log_and_sign_k: Optional[float], tanh, gate,
-            taped: bool = False, o_first: bool = False):
+            taped: bool = False, o_first: bool = False, stride: Optional[Tuple[int, int]] = None):
   # tanh, gate: ``_tanh``'s and ``_gate``'s (a gate of its pre-scaled pre-activation);
-  # o_first: the order of the gates' products (registers, below)
+  # o_first: the order of the gates' products (registers, below); stride: (programs,
+  # blocks per program): the weights read once, then blocks program, program + programs, ...
+  # (``FORWARD_PROGRAMS_PER_CORE``)
   # refs: x, h_0.., c_0.., wx_0.., wh_0.., b_0.., w_out, b_out [, slot, tape]
   #       | out, h'_0.., c'_0.. [, t_0..] [, tape']
   x_ref, refs = refs[0], refs[1:]
@@ -208,10 +227,28 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
 
   n = x_ref.shape[0]
   program = pl.program_id(0)
+  if stride is None:  # each weight read where a product uses it
+    wx = lambda l, g: wx_refs[l][g]
+    wh = lambda l, g: wh_refs[l][g]
+    bias = lambda l, g: b_refs[l][g]
+    w_out, b_out = lambda: w_out_ref[...], lambda: b_out_ref[...]
+    first, step, blocks = program * BLOCKS_PER_PROGRAM, 1, BLOCKS_PER_PROGRAM
+  else:  # read once, before the loop (the loop's invariants)
+    packed_first = packs_input(n_in, sizes[0])
+    wxs = [[None if (l == 0 and packed_first) else wx_refs[l][g] for g in range(4)]
+           for l in range(num_layers)]
+    whs = [[wh_refs[l][g] for g in range(4)] for l in range(num_layers)]
+    w_out_value = w_out_ref[...]
+    wx, wh, w_out = (lambda l, g: wxs[l][g]), (lambda l, g: whs[l][g]), lambda: w_out_value
+    # the biases read per block: held through the loop, broadcast in the products' layout,
+    # they took ~60 more registers (ptxas, sm_90a, L2O-DM: 161 -> 223, two programs per
+    # multiprocessor instead of three)
+    bias, b_out = lambda l, g: b_refs[l][g], lambda: b_out_ref[...]
+    (first, step), blocks = (program, stride[0]), stride[1]
 
   def block(j, carry):
-    """One block of rows (``BLOCKS_PER_PROGRAM`` per program, in a loop)."""
-    rows = (program * BLOCKS_PER_PROGRAM + j) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS)
+    """One block of rows (``blocks`` per program, in a loop)."""
+    rows = (first + j * step) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS)
     row_ok = (rows < n)[:, None]
 
     def load(ref, width, lanes=None, shift=0):
@@ -271,9 +308,9 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
         h = h + inputs(_padded(hidden), hidden)
       # gates i, j, f, o of pre-scaled weights: j = tanh(z), the others (1 + tanh(z)) / 2
       def pre(g):  # gate g's pre-activation
-        return ((jnp.dot(h, wh_refs[l][g]) if x is None
-                 else jnp.dot(x, wx_refs[l][g]) + jnp.dot(h, wh_refs[l][g]))
-                + b_refs[l][g][None, :])
+        return ((jnp.dot(h, wh(l, g)) if x is None
+                 else jnp.dot(x, wx(l, g)) + jnp.dot(h, wh(l, g)))
+                + bias(l, g)[None, :])
 
       # each gate's products just before its use, fewer [rows, lanes] tiles live at once:
       # f, then i and j, then o; with EXP2_TANH o first. ptxas (sm_90a) then keeps the
@@ -295,11 +332,11 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
       if with_gates:  # the gates' tanh, what the backward pass keeps (cells._stack_core_fwd)
         for g in range(4):
           store(t_refs[l], a[g] if g == 1 else 2.0 * a[g] - 1.0, hidden, offset=g * hidden)
-    store(out_ref, jnp.dot(x, w_out_ref[...]) + b_out_ref[...][None, :], n_out)
+    store(out_ref, jnp.dot(x, w_out()) + b_out()[None, :], n_out)
 
     return carry
 
-  jax.lax.fori_loop(0, BLOCKS_PER_PROGRAM, block, 0)
+  jax.lax.fori_loop(0, blocks, block, 0)
 
 
 def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
@@ -325,7 +362,6 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
   residual of a loop's step written where the backward pass reads it
   (``residuals.taped_scan``), rather than stacked by the loop after the call.
   """
-  pl, plt = _pallas()
   if log_and_sign_k is None:
     if x.ndim != 2:
       raise ValueError(f"lstm_kernel.stack_forward: x must be [rows, features], got {x.shape}")
@@ -339,6 +375,49 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
   taped = tape is not None
   if taped:
     _check_tape("stack_forward", tape, slot, n, sizes, n_in)
+  call = functools.partial(_forward_call, n_out=n_out, interpret=interpret,
+                           with_gates=with_gates, log_and_sign_k=log_and_sign_k)
+  if taped:
+    return call(padded, x, tuple(hs), tuple(cs), tape, slot)
+  if FORWARD_PROGRAMS_PER_CORE:
+    call = _rows_folded(call)
+  return call(padded, x, tuple(hs), tuple(cs))
+
+
+def forward_stride(n: int, cores: int) -> Optional[Tuple[int, int]]:
+  """(programs, blocks per program) of the forward kernel on ``n`` rows with
+  ``FORWARD_PROGRAMS_PER_CORE`` programs on each of ``cores`` multiprocessors, or
+  None where one program per block is as many rounds (a round covers the rows, or
+  the setting is off). As many blocks per program as rounds of programs the GPU
+  would run them in, and as few programs as take them (each has a block of rows;
+  the last round's blocks past the rows are masked). L2O-DM's 15,910 rows at 3 x
+  132: B = 1: None, 8: (332, 6), 10: (356, 7), 64: (389, 41).
+  """
+  slots = FORWARD_PROGRAMS_PER_CORE * cores
+  total = -(-n // BLOCK_ROWS)
+  if not FORWARD_PROGRAMS_PER_CORE or total <= slots:
+    return None
+  per = -(-total // slots)
+  return -(-total // per), per
+
+
+def _cores() -> int:
+  if jax.default_backend() == "gpu":
+    return getattr(jax.devices()[0], "core_count", None) or CORES_OFF_GPU
+  return CORES_OFF_GPU
+
+
+def _forward_call(padded: PaddedStack, x: chex.Array, hs: Tuple[chex.Array, ...],
+                  cs: Tuple[chex.Array, ...], tape: Optional[chex.Array] = None,
+                  slot: Optional[chex.Array] = None, *, n_out: int, interpret: bool,
+                  with_gates: bool, log_and_sign_k: Optional[float]):
+  """``stack_forward``'s kernel on ``x``'s rows (checked there)."""
+  pl, plt = _pallas()
+  n = x.shape[0]
+  n_in = 2 if log_and_sign_k is not None else x.shape[1]
+  sizes = tuple(h.shape[-1] for h in hs)
+  taped = tape is not None
+  stride = None if taped or BLOCKS_PER_PROGRAM != 1 else forward_stride(n, _cores())
   dtype = jnp.float32
   # h and c are read and written in their own dtype (a bfloat16 state stays narrow in
   # memory), computed on in float32
@@ -349,7 +428,7 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
   kernel = functools.partial(_kernel, num_layers=len(sizes), sizes=sizes, n_in=n_in,
                              n_out=n_out, with_gates=with_gates, log_and_sign_k=log_and_sign_k,
                              tanh=_tanh(interpret), gate=_gate(interpret), taped=taped,
-                             o_first=bool(EXP2_TANH))
+                             o_first=bool(EXP2_TANH), stride=stride)
   num = len(sizes)
   operands = [x, *hs, *cs, *padded.wx, *padded.wh, *padded.b, padded.w_out, padded.b_out]
   # Each program reads its rows' h and c before it writes them: updating them in
@@ -359,13 +438,41 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
   if taped:
     aliases[len(operands) + 1] = len(out_shape) - 1
     operands += [slot, tape]
+  grid = stride[0] if stride else pl.cdiv(n, BLOCK_ROWS * BLOCKS_PER_PROGRAM)
   out, *new = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(pl.cdiv(n, BLOCK_ROWS * BLOCKS_PER_PROGRAM),),
+      kernel, out_shape=out_shape, grid=(grid,),
       compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
       input_output_aliases=aliases, interpret=interpret, name="lstm_stack_forward",
   )(*operands)
   gates = (tuple(new[2 * num:3 * num]),) if with_gates else ()
   return (out, tuple(new[:num]), tuple(new[num:2 * num])) + gates + ((new[-1],) if taped else ())
+
+
+def _rows_folded(call):
+  """``call`` (``_forward_call`` without a tape) whose ``vmap`` over arrays of rows
+  with shared weights is one call on their rows folded together ([B, n, ...] ->
+  [B x n, ...], a reshape), rather than Pallas's batching: a grid row of programs
+  per optimizee, so that no loop of ``forward_stride`` could span more than one
+  optimizee's blocks. Weights that differ along the mapped axis keep Pallas's."""
+  folded = jax.custom_batching.custom_vmap(call)
+
+  @folded.def_vmap
+  def rule(axis_size, in_batched, padded, x, hs, cs):
+    if any(jax.tree_util.tree_leaves(in_batched[0])):
+      axes = jax.tree_util.tree_map(lambda b: 0 if b else None, tuple(in_batched))
+      outs = jax.vmap(call, in_axes=axes)(padded, x, hs, cs)
+      return outs, jax.tree_util.tree_map(lambda _: True, outs)
+
+    def fold(a, batched):
+      a = a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      return a.reshape((-1,) + a.shape[2:])
+
+    _, x_b, hs_b, cs_b = in_batched
+    outs = folded(padded, fold(x, x_b), tuple(map(fold, hs, hs_b)), tuple(map(fold, cs, cs_b)))
+    outs = jax.tree_util.tree_map(lambda a: a.reshape((axis_size, -1) + a.shape[1:]), outs)
+    return outs, jax.tree_util.tree_map(lambda _: True, outs)
+
+  return folded
 
 
 def _check_tape(owner: str, tape: chex.Array, slot: chex.Array, n: int,
