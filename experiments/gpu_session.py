@@ -15,9 +15,10 @@ runs, in order and within ``--minutes``:
   check_exp2     the GPU tests of EXP2_TANH (tests/test_lstm_kernel.py): its tanh on a
                  grid, and the kernels' curves and meta-gradients to the accurate
                  tolerance (also with KEEP_LOWER_GATES); the stages marked % need it too
-  check_fwd_loop the GPU test of the forward kernel looping over blocks of the optimizees'
-                 folded rows (tests/test_lstm_kernel.py): XLA's curves and meta-gradients;
-                 the stages marked & need it too
+  check_fwd_loop the GPU tests of the forward kernel looping over blocks of the optimizees'
+                 folded rows (tests/test_lstm_kernel.py): XLA's curves and meta-gradients,
+                 and with the residual tape the stacked residuals' meta-step; the stages
+                 marked & need it too
   dm_pallas*     W1 of L2O-DM with the fused LSTM kernels, B = 1, 8, 64, and W2, with a
                  profile of each B (the GPU's kernels by time)
   dm_fused_mlp*+ W1 of L2O-DM with both fused kernels (the LSTM stack's and the
@@ -66,6 +67,8 @@ runs, in order and within ``--minutes``:
                  reading the weights once for a loop over blocks of the optimizees' rows
                  folded together (lstm_kernel.FORWARD_PROGRAMS_PER_CORE=3), profiled:
                  against tape_base and w2_flat
+  fwd_loop_tape*^& fwd_loop's W1 with the residual tape, 2 programs per multiprocessor
+                 (187 registers), profiled: against tape
   w2_exp2_bf16_loop*+%&  w2_exp2_bf16 with that loop too: against w2_exp2_bf16
   tape*^         W1 of L2O-DM, B = 1, 8, 64, with each step's saved inputs on a residual
                  tape (--residual_tape: written and read in place, not stacked by the
@@ -252,7 +255,8 @@ STAGES = (
     _gpu_tests("check_mlp", 1.0, "tests/test_mlp_kernel.py",
                sources=("l2ojax/optimizees/mlp_kernel.py", "l2ojax/gpu.py")),
     # apart from check: a failure here keeps out only the stages of the tape
-    _gpu_tests("check_tape", 1.5, "tests/test_lstm_kernel.py", "residual_tape_on_gpu",
+    _gpu_tests("check_tape", 1.5, "tests/test_lstm_kernel.py",
+               "residual_tape_on_gpu and not forward_loop",
                sources=_LSTM_KERNELS + ("l2ojax/meta/unroll.py", "l2ojax/meta/step.py")),
     # tanh from ex2.approx and rcp.approx (lstm_kernel.EXP2_TANH): its accuracy on the GPU and
     # the kernels' curves and meta-gradients to the accurate tolerance (also with the backward
@@ -263,7 +267,7 @@ STAGES = (
     # the forward kernel's programs reading the weights once for a loop over the blocks of
     # the optimizees' folded rows (lstm_kernel.FORWARD_PROGRAMS_PER_CORE): XLA's curves and
     # meta-gradients; apart from check, a failure keeps out only the stages of the loop
-    _gpu_tests("check_fwd_loop", 0.7, "tests/test_lstm_kernel.py", "gpu and forward_loop",
+    _gpu_tests("check_fwd_loop", 1.0, "tests/test_lstm_kernel.py", "gpu and forward_loop",
                sources=_LSTM_KERNELS),
     # the fused LSTM kernels against XLA's ops (and the PyTorch peer), each B; the
     # profile lists the GPU's kernels by time (in the log and the JSON)
@@ -360,6 +364,11 @@ STAGES = (
     _bench("fwd_loop", 1.2, "--models=dm", "--batch_sizes=8,64", *_PALLAS,
            "--kernel_constant=lstm_kernel.FORWARD_PROGRAMS_PER_CORE=3",
            "--profile_dir={out}/profile", needs=("check", "check_fwd_loop")),
+    # ... with the residual tape (each optimizee's saved inputs to its own tape), 2 programs
+    # per multiprocessor (ptxas: 187 registers; one block per program: 164): against tape
+    _bench("fwd_loop_tape", 1.2, "--models=dm", "--batch_sizes=8,64", "--workloads=w1",
+           *_PALLAS, "--residual_tape", "--kernel_constant=lstm_kernel.FORWARD_PROGRAMS_PER_CORE=2",
+           "--profile_dir={out}/profile", needs=("check", "check_tape", "check_fwd_loop")),
     _bench("w2_exp2_bf16_loop", 0.7, "--models=dm", "--workloads=w2", "--optimizee_kernel=pallas",
            "--dm_state_dtype=bfloat16", *_PALLAS, "--kernel_constant=lstm_kernel.EXP2_TANH=1",
            "--kernel_constant=lstm_kernel.FORWARD_PROGRAMS_PER_CORE=3",

@@ -490,11 +490,15 @@ def test_narrow_cotangents_round_only_the_weights_gradients_operands(monkeypatch
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the kernels: needs a GPU")
-@pytest.mark.parametrize("name,options,narrow,tol", [
-    ("dm", {}, 0, 1e-4), ("rnnprop", {}, 0, 1e-4), ("dm", {"state_dtype": "bfloat16"}, 0, 1e-4),
+@pytest.mark.parametrize("name,options,narrow,tol,loop", [
+    ("dm", {}, 0, 1e-4, 0), ("rnnprop", {}, 0, 1e-4, 0),
+    ("dm", {"state_dtype": "bfloat16"}, 0, 1e-4, 0),
     # the weights' gradient's operands in bfloat16: their rounding, averaged over the rows
-    ("dm", {}, 1, 3e-3)], ids=["dm", "rnnprop", "dm_bf16_state", "dm_narrow_cotangents"])
-def test_residual_tape_on_gpu(name, options, narrow, tol, tiny_image_npz, monkeypatch):
+    ("dm", {}, 1, 3e-3, 0),
+    # the forward kernel looping over the 3 optimizees' folded rows, each to its own tape
+    ("dm", {}, 0, 1e-4, 2)],
+    ids=["dm", "rnnprop", "dm_bf16_state", "dm_narrow_cotangents", "dm_forward_loop"])
+def test_residual_tape_on_gpu(name, options, narrow, tol, loop, tiny_image_npz, monkeypatch):
   """Compiled on a GPU: a meta-step whose fused kernels write and read each step's
   saved inputs in a tape (residuals.taped_scan) gives the meta-step of the stacked
   residuals: the same optimizee trajectories and meta-loss (the same forward
@@ -502,6 +506,7 @@ def test_residual_tape_on_gpu(name, options, narrow, tol, tiny_image_npz, monkey
   matrix's largest entry; with NARROW_COTANGENTS, to bfloat16's rounding of the
   weights' gradient's operands)."""
   from l2ojax.meta import step as step_lib
+  monkeypatch.setattr(lstm_kernel, "FORWARD_PROGRAMS_PER_CORE", loop)
   mlp = optimizees.get("mnist_mlp", path=tiny_image_npz, batch_size=16)
   lopt = models.get(name, lstm_kernel="pallas", **options)
   theta = lopt.init(jax.random.PRNGKey(0))

@@ -21,10 +21,11 @@ preprocess = importlib.import_module("l2ojax.models.preprocess")
 residuals = importlib.import_module("l2ojax.models.residuals")
 
 
-def _meta_step(name, kernel, residual_tape, state_dtype="", steps=4, batch=2, **step_options):
+def _meta_step(name, kernel, residual_tape, state_dtype="", steps=4, batch=2, dim=6,
+               **step_options):
   options = {"state_dtype": state_dtype} if state_dtype else {}
   lopt = models.get(name, lstm_kernel=kernel, **options)
-  q = optimizees.get("quadratic", dim=6, num_instances=4)
+  q = optimizees.get("quadratic", dim=dim, num_instances=4)
   theta = lopt.init(jax.random.PRNGKey(0))
   states = step_lib.make_init_states(lopt, batch)(theta, jax.random.PRNGKey(1), q)
   meta_step = step_lib.make_meta_step(lopt, optax.sgd(1.0), steps, remat=None,
@@ -57,6 +58,26 @@ def test_meta_step_with_a_residual_tape_is_the_meta_step(name, kernel, state_dty
   got = _meta_step(name, kernel, True, state_dtype)
   assert (True, True) in recorded  # a tape, and the weights' gradient summed in the carry
   want = _meta_step(name, "xla", False, state_dtype)
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,dim,batch", [
+    ("dm", 6, 2),        # 2 optimizees' 6 rows in one block of 64
+    ("dm", 100, 3),      # 300 rows: 2 programs of 3 blocks, optimizees across blocks
+    ("rnnprop", 100, 3)])
+def test_a_residual_tape_with_the_optimizees_rows_folded(name, dim, batch, monkeypatch):
+  """lstm_kernel.FORWARD_PROGRAMS_PER_CORE with a tape: the forward kernel runs on the
+  batch's rows folded together, each optimizee's saved inputs in its own tape's slot
+  (the backward kernels read them there): the stacked residuals' meta-step."""
+  monkeypatch.setattr(lstm_kernel, "FORWARD_PROGRAMS_PER_CORE", 1)
+  monkeypatch.setattr(lstm_kernel, "CORES_OFF_GPU", 2)
+  calls = []
+  stride = lstm_kernel.forward_stride
+  monkeypatch.setattr(lstm_kernel, "forward_stride", lambda n, cores: calls.append(n) or
+                      stride(n, cores))
+  got = _meta_step(name, "pallas_interpret", True, steps=3, batch=batch, dim=dim)
+  assert batch * dim in calls  # the forward kernel on the folded rows
+  want = _meta_step(name, "xla", False, steps=3, batch=batch, dim=dim)
   chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
 
 

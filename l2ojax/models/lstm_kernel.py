@@ -56,18 +56,19 @@ NUM_WARPS = 4
 BLOCKS_PER_PROGRAM = 1
 NUM_STAGES = 1
 
-# Programs per multiprocessor of the forward kernel without a tape, or 0 (default): one
+# Programs per multiprocessor of the forward kernel, or 0 (default): one
 # program per block. Each program copies the weights (~50 KB for L2O-DM, TF32-rounded
 # into its products' layout: a fifth of a one-block program's SASS instructions, and at
 # B = 64 ~830 MB of L2 traffic per step) for a single block of 64 rows. With k > 0, at
 # most k x (multiprocessors) programs read the weights once each and take every P-th
 # block in a loop, and under ``vmap`` (weights shared) the optimizees' rows are folded
-# into one array of rows (``_rows_folded``), so that the loop spans them all rather than
-# one optimizee's 249 blocks. Where a single round of programs covers the rows, the
+# into one array of rows (``_rows_folded``; with a residual tape, each optimizee's saved
+# inputs still go to its own tape), so that the loop spans them all rather than one
+# optimizee's 249 blocks. Where a single round of programs covers the rows, the
 # one-block kernel runs as before. An int (the benchmark's --kernel_constant); not yet
 # timed. ptxas (sm_90a), L2O-DM: 161 registers (3 programs of 4 warps fit a multiprocessor
 # at <= 168), 160 with EXP2_TANH, 168 with EXP2_TANH and a bfloat16 state; RNNProp (its
-# input beside h, not packed): 188, so 2 for it.
+# input beside h, not packed): 188, and with the residual tape 187-210: 2 for those.
 FORWARD_PROGRAMS_PER_CORE = 0
 # Multiprocessors assumed where the default backend is not a GPU (interpreted kernels,
 # programs compiled for a GPU from the CPU): an H100's or H200's.
@@ -204,11 +205,13 @@ def pad_stack(ws: Sequence[chex.Array], bs: Sequence[chex.Array], w_out: chex.Ar
 
 def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: int,
             with_gates: bool, log_and_sign_k: Optional[float], tanh, gate,
-            taped: bool = False, o_first: bool = False, stride: Optional[Tuple[int, int]] = None):
+            taped: bool = False, o_first: bool = False, stride: Optional[Tuple[int, int]] = None,
+            tape_rows: Optional[Tuple[int, int]] = None):
   # tanh, gate: ``_tanh``'s and ``_gate``'s (a gate of its pre-scaled pre-activation);
   # o_first: the order of the gates' products (registers, below); stride: (programs,
   # blocks per program): the weights read once, then blocks program, program + programs, ...
-  # (``FORWARD_PROGRAMS_PER_CORE``)
+  # (``FORWARD_PROGRAMS_PER_CORE``); tape_rows: (rows, tape rows) per optimizee where the
+  # rows are several optimizees' folded together (``_rows_folded``), each with its tape
   # refs: x, h_0.., c_0.., wx_0.., wh_0.., b_0.., w_out, b_out [, slot, tape]
   #       | out, h'_0.., c'_0.. [, t_0..] [, tape']
   x_ref, refs = refs[0], refs[1:]
@@ -281,7 +284,11 @@ def _kernel(*refs, num_layers: int, sizes: Tuple[int, ...], n_in: int, n_out: in
       return jnp.where(lane == shift, log, jnp.where(lane == shift + 1, sign, 0.0))
 
     if taped:  # this step's inputs [x, h's, c's] (cells._saved_inputs) in the tape's slot
-      saved_rows = slot_ref[0] * n + rows
+      if tape_rows is None:
+        saved_rows = slot_ref[0] * n + rows
+      else:  # row r of optimizee k: row r of the slot in k's tape
+        m, per = tape_rows
+        saved_rows = (rows // m) * per + slot_ref[0] * m + rows % m
       split_x = _saved_layout(tape_ref, sizes)[1]
       x_width = tape_ref.shape[-1] - 2 * sum(sizes)
 
@@ -377,11 +384,10 @@ def stack_forward(padded: PaddedStack, x: chex.Array, hs: Sequence[chex.Array],
     _check_tape("stack_forward", tape, slot, n, sizes, n_in)
   call = functools.partial(_forward_call, n_out=n_out, interpret=interpret,
                            with_gates=with_gates, log_and_sign_k=log_and_sign_k)
-  if taped:
-    return call(padded, x, tuple(hs), tuple(cs), tape, slot)
   if FORWARD_PROGRAMS_PER_CORE:
-    call = _rows_folded(call)
-  return call(padded, x, tuple(hs), tuple(cs))
+    # with a tape, the optimizee's rows (folded with others', each keeps its own tape)
+    call = _rows_folded(functools.partial(call, opt_rows=n) if taped else call)
+  return call(padded, x, tuple(hs), tuple(cs), *((tape, slot) if taped else ()))
 
 
 def forward_stride(n: int, cores: int) -> Optional[Tuple[int, int]]:
@@ -410,14 +416,20 @@ def _cores() -> int:
 def _forward_call(padded: PaddedStack, x: chex.Array, hs: Tuple[chex.Array, ...],
                   cs: Tuple[chex.Array, ...], tape: Optional[chex.Array] = None,
                   slot: Optional[chex.Array] = None, *, n_out: int, interpret: bool,
-                  with_gates: bool, log_and_sign_k: Optional[float]):
-  """``stack_forward``'s kernel on ``x``'s rows (checked there)."""
+                  with_gates: bool, log_and_sign_k: Optional[float],
+                  opt_rows: Optional[int] = None):
+  """``stack_forward``'s kernel on ``x``'s rows (checked there); with a tape,
+  ``opt_rows``: the rows of each optimizee whose rows (``opt_rows`` each, in order)
+  and tapes (as many rows each) ``x`` and ``tape`` are, folded together."""
   pl, plt = _pallas()
   n = x.shape[0]
   n_in = 2 if log_and_sign_k is not None else x.shape[1]
   sizes = tuple(h.shape[-1] for h in hs)
   taped = tape is not None
-  stride = None if taped or BLOCKS_PER_PROGRAM != 1 else forward_stride(n, _cores())
+  stride = None if BLOCKS_PER_PROGRAM != 1 else forward_stride(n, _cores())
+  tape_rows = None
+  if taped and opt_rows not in (None, n):
+    tape_rows = (opt_rows, tape.shape[0] // (n // opt_rows))
   dtype = jnp.float32
   # h and c are read and written in their own dtype (a bfloat16 state stays narrow in
   # memory), computed on in float32
@@ -428,7 +440,7 @@ def _forward_call(padded: PaddedStack, x: chex.Array, hs: Tuple[chex.Array, ...]
   kernel = functools.partial(_kernel, num_layers=len(sizes), sizes=sizes, n_in=n_in,
                              n_out=n_out, with_gates=with_gates, log_and_sign_k=log_and_sign_k,
                              tanh=_tanh(interpret), gate=_gate(interpret), taped=taped,
-                             o_first=bool(EXP2_TANH), stride=stride)
+                             o_first=bool(EXP2_TANH), stride=stride, tape_rows=tape_rows)
   num = len(sizes)
   operands = [x, *hs, *cs, *padded.wx, *padded.wh, *padded.b, padded.w_out, padded.b_out]
   # Each program reads its rows' h and c before it writes them: updating them in
@@ -449,26 +461,30 @@ def _forward_call(padded: PaddedStack, x: chex.Array, hs: Tuple[chex.Array, ...]
 
 
 def _rows_folded(call):
-  """``call`` (``_forward_call`` without a tape) whose ``vmap`` over arrays of rows
-  with shared weights is one call on their rows folded together ([B, n, ...] ->
-  [B x n, ...], a reshape), rather than Pallas's batching: a grid row of programs
-  per optimizee, so that no loop of ``forward_stride`` could span more than one
-  optimizee's blocks. Weights that differ along the mapped axis keep Pallas's."""
+  """``call`` (``_forward_call``) whose ``vmap`` over arrays of rows with shared
+  weights is one call on their rows folded together ([B, n, ...] -> [B x n, ...],
+  a reshape; a tape's alike, each optimizee's rows keeping to its own), rather than
+  Pallas's batching: a grid row of programs per optimizee, so that no loop of
+  ``forward_stride`` could span more than one optimizee's blocks. Weights (or a
+  tape's slot) that differ along the mapped axis keep Pallas's."""
   folded = jax.custom_batching.custom_vmap(call)
 
   @folded.def_vmap
-  def rule(axis_size, in_batched, padded, x, hs, cs):
-    if any(jax.tree_util.tree_leaves(in_batched[0])):
+  def rule(axis_size, in_batched, padded, x, hs, cs, *tape_slot):
+    shared = (in_batched[0],) + ((in_batched[-1],) if tape_slot else ())
+    if any(jax.tree_util.tree_leaves(shared)):
       axes = jax.tree_util.tree_map(lambda b: 0 if b else None, tuple(in_batched))
-      outs = jax.vmap(call, in_axes=axes)(padded, x, hs, cs)
+      outs = jax.vmap(call, in_axes=axes)(padded, x, hs, cs, *tape_slot)
       return outs, jax.tree_util.tree_map(lambda _: True, outs)
 
     def fold(a, batched):
       a = a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
       return a.reshape((-1,) + a.shape[2:])
 
-    _, x_b, hs_b, cs_b = in_batched
-    outs = folded(padded, fold(x, x_b), tuple(map(fold, hs, hs_b)), tuple(map(fold, cs, cs_b)))
+    _, x_b, hs_b, cs_b = in_batched[:4]
+    extra = (fold(tape_slot[0], in_batched[4]), tape_slot[1]) if tape_slot else ()
+    outs = folded(padded, fold(x, x_b), tuple(map(fold, hs, hs_b)), tuple(map(fold, cs, cs_b)),
+                  *extra)
     outs = jax.tree_util.tree_map(lambda a: a.reshape((axis_size, -1) + a.shape[1:]), outs)
     return outs, jax.tree_util.tree_map(lambda _: True, outs)
 
