@@ -118,7 +118,8 @@ runs, in order and within ``--minutes``:
                  fused LSTM kernels, every family the fused MLP kernel, only where
                  its check has passed on that GPU and W1 at B = 8 was measured
                  faster with it than without it there, and with the fused LSTM kernels
-                 each exact lever (EXP2_TANH, the residual tape) only where its check
+                 each exact lever (EXP2_TANH, the residual tape, the forward kernel's
+                 loop over the folded rows) only where its check
                  passed and W1 at B = 8 was measured faster with it than tape_base (see
                  training_levers); under CUDA MPS
                  where it starts and a JAX client works under it (``--nomps``: not).
@@ -798,13 +799,21 @@ def training_levers(root: str, gpu: str, batch: int = 8) -> List[str]:
   rounding, once its check passed on this GPU and W1 at the trainings' B was measured at
   least ``FASTER_BY`` times as fast with it as the same session's baseline (tape_base):
   tanh from ex2.approx and rcp.approx (EXP2_TANH, stage exp2_tanh), the residual tape
-  (stage tape). Those that change the numerics (tanh.approx, a bfloat16 state, narrow
-  cotangents) are left to a choice made with the loss curves in hand."""
+  (stage tape), the forward kernel's weights once per program for a loop over the folded
+  rows (FORWARD_PROGRAMS_PER_CORE: 3 against tape_base, stage fwd_loop; with the tape 2
+  against tape, stage fwd_loop_tape). Those that change the numerics (tanh.approx, a
+  bfloat16 state, narrow cotangents) are left to a choice made with the loss curves in
+  hand."""
   levers = []
   if _faster(root, gpu, ("check", "check_exp2"), ("exp2_tanh",), "tape_base", batch):
     levers.append("--kernel_constant=lstm_kernel.EXP2_TANH=1")
-  if _faster(root, gpu, ("check", "check_tape"), ("tape",), "tape_base", batch):
+  taped = _faster(root, gpu, ("check", "check_tape"), ("tape",), "tape_base", batch)
+  if taped:
     levers.append("--override=meta.residual_tape=true")
+  loop = ((("check", "check_tape", "check_fwd_loop"), ("fwd_loop_tape",), "tape", 2) if taped
+          else (("check", "check_fwd_loop"), ("fwd_loop",), "tape_base", 3))
+  if _faster(root, gpu, *loop[:3], batch):
+    levers.append(f"--kernel_constant=lstm_kernel.FORWARD_PROGRAMS_PER_CORE={loop[3]}")
   return levers
 
 

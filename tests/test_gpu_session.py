@@ -337,6 +337,20 @@ def test_the_trainings_take_an_exact_lever_only_once_checked_and_timed_faster(tm
   bench("exp2_tanh", 900.0)
   assert levers() == []
   assert gpu_session.training_levers(str(tmp_path), "h200") == []  # another GPU's records
+  # the forward kernel's loop: 3 programs per multiprocessor against tape_base, or with
+  # the tape (its registers) 2 against tape, each once check_fwd_loop passed
+  loop3, loop2 = (f"--kernel_constant=lstm_kernel.FORWARD_PROGRAMS_PER_CORE={k}" for k in (3, 2))
+  bench("fwd_loop", 1100.0)
+  bench("fwd_loop_tape", 1300.0)
+  assert levers() == []
+  _passed(tmp_path, "h100", "check_fwd_loop")
+  assert levers() == [loop3]
+  bench("tape", 1200.0)
+  assert levers() == [tape, loop2]
+  bench("fwd_loop_tape", 1210.0)  # a tie with tape
+  assert levers() == [tape]
+  bench("tape", 900.0)
+  assert levers() == [loop3]
 
   # L2O-DM's command takes them with the fused kernels only
   fused = gpu_session.train_commands(1.0, "", [], lstm_kernel="pallas", levers=[exp2, tape])
