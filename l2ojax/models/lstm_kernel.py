@@ -56,10 +56,10 @@ NUM_WARPS = 4
 BLOCKS_PER_PROGRAM = 1
 NUM_STAGES = 1
 
-# Programs per multiprocessor of the forward kernel, or 0 (default): one
-# program per block. Each program copies the weights (~50 KB for L2O-DM, TF32-rounded
-# into its products' layout: a fifth of a one-block program's SASS instructions, and at
-# B = 64 ~830 MB of L2 traffic per step) for a single block of 64 rows. With k > 0, at
+# Programs per multiprocessor of the forward kernel, or 0 (default): one program per
+# block. Each program copies the weights (~50 KB for L2O-DM, TF32-rounded into its
+# products' layout: a fifth of a one-block program's SASS instructions, and at B = 64
+# ~830 MB of L2 traffic per step) for a single block of 64 rows. With k > 0, at
 # most k x (multiprocessors) programs read the weights once each and take every P-th
 # block in a loop, and under ``vmap`` (weights shared) the optimizees' rows are folded
 # into one array of rows (``_rows_folded``; with a residual tape, each optimizee's saved
