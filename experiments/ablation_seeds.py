@@ -100,7 +100,8 @@ def summarize(reports: Sequence[Mapping]) -> dict:
         "last": {seed: res["ln_loss"][str(last)] for seed, res in per_seed.items()},
         "below_baseline": int(sum(res["ln_loss"][str(last)] < baseline["ln_loss"][str(last)]
                                   for res in per_seed.values())),
-        "train_minutes": {seed: res["train_seconds"] / 60 for seed, res in per_seed.items()}}
+        "train_minutes": {seed: res["train_seconds"] / 60 for seed, res in per_seed.items()
+                          if "train_seconds" in res}}  # an untrained row has none
   return {"seeds": seeds, "steps": steps,
           "setting": _setting(reports[0], _variants(reports[0])), "optimizers": optimizers,
           "baseline": {"name": baseline_name,

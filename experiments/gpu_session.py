@@ -508,7 +508,7 @@ def train_commands(minutes: float, data_path: str, overrides: Sequence[str],
     own["dm"] += list(levers)
   return {family: ["-m", "experiments.ablation", f"--family={family}",
                    f"--workdir={os.path.join(TRAIN_DIR, family)}", f"--processes={n}",
-                   f"--max_minutes={minutes:.2f}", *own[family], *extra]
+                   f"--max_minutes={minutes:.2f}", "--untrained", *own[family], *extra]
           for family, (n, _) in TRAIN_FAMILIES.items() if family in families}
 
 

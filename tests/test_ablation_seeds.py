@@ -82,3 +82,17 @@ def test_command_line_writes_table_json_and_plot(tmp_path):
   missing = subprocess.run([sys.executable, "-m", "experiments.ablation_seeds", f"--out={out}",
                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
   assert missing.returncode != 0 and "ablation.json does not exist" in missing.stderr
+
+
+def test_an_untrained_reference_row_is_summarized_like_a_variant():
+  reports = [_report(None, (-1.0, -1.0)), _report(1, (-2.0, -3.0))]
+  for seed, r in enumerate(reports):  # ablation --untrained: no variant, no training time
+    r["results"]["DM, untrained"] = {"untrained": True,
+                                     "ln_loss": {"100": 0.8, "2000": 0.7 - 0.1 * seed}}
+  summary = ablation_seeds.summarize(reports)
+  untrained = summary["optimizers"]["DM, untrained"]
+  assert untrained["seeds"] == [0, 1] and untrained["train_minutes"] == {}
+  np.testing.assert_allclose(untrained["mean"][2000], 0.65)
+  assert untrained["below_baseline"] == 0
+  assert summary["optimizers"]["DM"]["train_minutes"] == {0: 10.0, 1: 10.0}
+  assert "| DM, untrained | 2 |" in ablation_seeds.table(summary)

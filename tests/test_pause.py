@@ -75,7 +75,7 @@ def test_ablation_of_another_family_pauses_resumes_and_writes_its_table(tmp_path
   status = _run([*args, "--status"])
   assert "| RNNProp | 1 | 0 | 20 |" in status.stdout, status.stdout
   assert "| RNNProp-CL-IL | 0 |" in status.stdout, status.stdout
-  out = _run(args)
+  out = _run([*args, "--untrained"])
   assert out.returncode == 0, out.stderr[-2000:]
   table = (tmp_path / "ablation.md").read_text()
   # the paper's figures for RNNProp (-6) and RNNProp-CL-IL (-10.5) beside ours
@@ -84,6 +84,12 @@ def test_ablation_of_another_family_pauses_resumes_and_writes_its_table(tmp_path
   result = json.load(open(tmp_path / "ablation.json"))["results"]
   assert result["RNNProp"]["train_calls"] == 2 and result["RNNProp-CL-IL"]["train_calls"] == 1
   assert all(np.isfinite(result[n]["ln_loss"]["30"]) for n in ("RNNProp", "RNNProp-CL-IL"))
+  # the reference row: the model before meta-training, on the same optimizees
+  assert "| RNNProp, untrained | " in table and result["RNNProp, untrained"]["untrained"]
+  untrained, trained = (np.load(tmp_path / f"curves_{v}.npy") for v in ("untrained", "rnnprop"))
+  assert untrained.shape == trained.shape == (2, 31)
+  np.testing.assert_array_equal(untrained[:, 0], trained[:, 0])
+  assert not np.array_equal(untrained[:, -1], trained[:, -1])
 
 
 def test_ablation_trains_variants_in_parallel_processes_that_pause_and_resume(tmp_path,

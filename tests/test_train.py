@@ -3,11 +3,14 @@ import os
 import subprocess
 import sys
 
+import chex
 import numpy as np
+import pytest
 
 from experiments.configs import dm_mnist, dm_quadratic
 from l2ojax import checkpoints
 from l2ojax.meta import trainer
+from tests.helpers.configs import tiny_quadratic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,3 +123,24 @@ def test_training_with_a_residual_tape_gives_the_same_theta(tmp_path):
   for other in thetas[1:]:
     for a, b in zip(leaves(thetas[0]), leaves(other)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_initial_theta_is_the_theta_a_training_starts_from(tmp_path, monkeypatch):
+  config = tiny_quadratic(episodes=1, checkpoint_every=1, validation_period=1)
+  started = []
+  build = trainer.build_model
+
+  def recording(config):
+    lopt = build(config)
+    init = lopt.init
+    object.__setattr__(lopt, "init", lambda key: started.append(init(key)) or started[-1])
+    return lopt
+
+  monkeypatch.setattr(trainer, "build_model", recording)
+  trainer.train(config, str(tmp_path), progress=False)
+  monkeypatch.undo()
+  assert started  # the first draw is theta's start (later ones may trace shapes)
+  chex.assert_trees_all_equal(trainer.initial_theta(config), started[0])
+  config.seed += 1  # another seed, another draw
+  with pytest.raises(AssertionError):
+    chex.assert_trees_all_equal(trainer.initial_theta(config), started[0])

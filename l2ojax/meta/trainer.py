@@ -9,8 +9,9 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
+import chex
 import jax
 import ml_collections
 import numpy as np
@@ -153,6 +154,19 @@ def sigterm_requests_stop() -> Iterator[Callable[[], bool]]:
     signal.signal(signal.SIGTERM, previous)
 
 
+def _run_keys(config: ml_collections.ConfigDict
+              ) -> Tuple[chex.PRNGKey, chex.PRNGKey, chex.PRNGKey]:
+  """(the training's key, theta's initialisation key, validation's key) of a run."""
+  key, k_theta, k_val = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  return key, k_theta, k_val
+
+
+def initial_theta(config: ml_collections.ConfigDict) -> chex.ArrayTree:
+  """The theta a training of ``config`` starts from (its model at ``config.seed``'s draw):
+  the reference that shows how far meta-training moved it."""
+  return build_model(config).init(_run_keys(config)[1])
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
           max_seconds: Optional[float] = None,
           should_stop: Optional[Callable[[], bool]] = None) -> TrainResult:
@@ -187,8 +201,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   lopt = build_model(config)
   outer_tx = build_outer_optimizer(meta)
 
-  key = jax.random.PRNGKey(config.seed)
-  key, k_theta, k_val = jax.random.split(key, 3)
+  key, k_theta, k_val = _run_keys(config)
   theta = lopt.init(k_theta)
   state = {"theta": theta, "outer_state": outer_tx.init(theta),
            "il_outer_state": outer_tx.init(theta), "key": key, "best_theta": theta}
