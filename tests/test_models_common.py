@@ -84,6 +84,24 @@ def test_update_depends_on_the_gradient(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_tiny_and_huge_finite_gradients_give_finite_updates_and_state(name, scale):
+  """Float32's extremes, as a diverging optimizee gives them: the squares of 1e30
+  overflow, those of 1e-30 underflow. (Adam's updates stay finite there, but its
+  second moment turns inf for good.)"""
+  _, tx = _tx(name)
+  params = _params()
+  state = tx.init(params)
+  for step in range(3):
+    grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, scale * (-1.0) ** step), params)
+    updates, state = tx.update(grads, state, params, value=jnp.float32(scale))
+    for what, tree in (("updates", updates), ("state", state)):
+      for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        assert bool(jnp.all(jnp.isfinite(x))), f"step {step}: {what}{jax.tree_util.keystr(path)}"
+    params = optax.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_works_inside_optax_chain_and_an_ordinary_loop(name):
   _, inner = _tx(name)
   tx = optax.chain(optax.clip_by_global_norm(10.0), inner)  # chain forwards value= to inner

@@ -105,6 +105,9 @@ class RNNProp:
     count = state.count + 1
     mu = self.beta1 * state.mu + (1.0 - self.beta1) * g
     nu = self.beta2 * state.nu + (1.0 - self.beta2) * jnp.square(g)
+    # a gradient beyond ~1.8e19 squares to inf in float32; capped, the moment decays
+    # back once the gradients do (at inf, as Adam's would, it would stay there)
+    nu = jnp.minimum(nu, jnp.finfo(nu.dtype).max)
     t = count.astype(g.dtype)
     mu_hat = mu / (1.0 - self.beta1 ** t)
     nu_hat = nu / (1.0 - self.beta2 ** t)

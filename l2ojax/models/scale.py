@@ -218,6 +218,10 @@ class Scale:
     accum = g[:, None] * (1.0 - decay) + state.grad_accum * decay
     sd = state.scl_decay[:, None]
     ms = (1.0 - sd) * (jnp.square(accum) + 1e-12) + sd * state.ms
+    # a momentum beyond ~1.8e19 squares to inf in float32, and the features' log
+    # mean-squares relative to their mean would be inf - inf: cap it (as Adam's
+    # update stays finite there)
+    ms = jnp.minimum(ms, jnp.finfo(ms.dtype).max)
     scaled = jnp.arcsinh(accum / jnp.sqrt(ms + 1e-16))
     return accum, ms, scaled
 
