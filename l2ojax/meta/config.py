@@ -230,10 +230,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if get("imitation", "k") >= 1:
       need(seg % get("imitation", "k") == 0, f"meta.segment_length={seg} must be a multiple "
            f"of imitation.k={get('imitation', 'k')}")
-    ratios = (list(get("imitation", "ratios")) if get("curriculum", "enabled")
+    # per stage with the curriculum; without it the single imitation.ratio
+    field = "ratios" if get("curriculum", "enabled") else "ratio"
+    ratios = (list(get("imitation", "ratios")) if field == "ratios"
               else [get("imitation", "ratio")])
     need(len(ratios) > 0, "imitation.ratios is empty")
-    need(all(0.0 <= r <= 1.0 for r in ratios), f"imitation ratios {ratios} must lie in [0, 1]")
+    need(all(0.0 <= r <= 1.0 for r in ratios),
+         f"imitation.{field}={get('imitation', field)} must lie in [0, 1]"
+         + ("" if field == "ratios" else " (imitation.ratios applies with the curriculum)"))
   every = config.get("checkpoint_every", defaults.checkpoint_every)
   need(every >= 1, f"checkpoint_every={every} must be >= 1")
   need(get("eval", "num_optimizees") >= 1 and get("eval", "steps") >= 1,
