@@ -64,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
       "enabled": False, "teacher": "adam", "learning_rate": 0.01, "ratios": PAPER_IL_RATIOS,
       "ratio": 0.3, "k": 1, "separate_outer_state": True})
   c.checkpoint_every = 25
+  c.tensorboard = False  # also WORKDIR/tensorboard/ event files (needs tensorboardX)
   c.eval = ml_collections.ConfigDict({
       "num_optimizees": 64, "steps": 100, "seed": 12345,
       "adam_learning_rates": ADAM_LEARNING_RATES})

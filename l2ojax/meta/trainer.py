@@ -24,6 +24,7 @@ from l2ojax.meta import curriculum as curriculum_lib
 from l2ojax.meta import imitation as imitation_lib
 from l2ojax.meta import sharding
 from l2ojax.meta import step as step_lib
+from l2ojax.meta import tensorboard
 
 
 # The launchers' exit status when ``train`` paused: sysexits' EX_TEMPFAIL, "run again".
@@ -216,6 +217,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       int(info["stage"]), float(info["best_score"]), int(info["patience"]),
       bool(info["improved"]), bool(info["done"]))
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), info["episode"])
+  scalars = (tensorboard.EpisodeScalars(os.path.join(workdir, "tensorboard"), info["episode"])
+             if config.get("tensorboard", False) else None)
   first_episode = info["episode"]
 
   # the batch of optimizees split over every device, each unrolling its own rows
@@ -306,6 +309,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
     info.update(cstate._asdict())
     row["seconds"] = time.perf_counter() - t0
     writer.write(row)
+    if scalars is not None:
+      scalars.write(row)
     bar.update(1)
     bar.set_postfix(stage=stage, train_loss=f"{row['train_loss']:.4g}",
                     **({"val": f"{row['val_loss']:.4g}"} if "val_loss" in row else {}))
@@ -321,6 +326,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
       break
   bar.close()
   ckpt.close()
+  if scalars is not None:
+    scalars.close()
   finished = cstate.done or info["episode"] >= meta.num_episodes
   if info["episode"] > first_episode:
     _log_call(workdir, first_episode, info["episode"], time.perf_counter() - started, finished)
