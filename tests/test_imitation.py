@@ -101,6 +101,18 @@ def test_batched_step_keeps_the_teacher_trajectory_and_learns_the_teacher():
   assert step._cache_size() == 1
 
 
+def test_imitation_step_reports_the_norm_of_the_meta_gradient_it_applied():
+  opt, lopt = _quadratic(), ScaledGradient()
+  teacher, outer = optax.sgd(0.01), optax.sgd(1.0)  # theta moves by exactly the gradient
+  theta = lopt.init(None)
+  states = il.make_init_imitation_states(lopt, teacher, 3)(theta, jax.random.PRNGKey(0), opt)
+  step = il.make_imitation_step(lopt, teacher, outer, segment_length=5)
+  new_theta, _, _, m = step(theta, outer.init(theta), states, jax.random.PRNGKey(1), opt)
+  moved = optax.global_norm(jax.tree_util.tree_map(jnp.subtract, theta, new_theta))
+  assert float(m["grad_norm"]) > 0
+  np.testing.assert_allclose(float(m["grad_norm"]), float(moved), rtol=1e-5)
+
+
 def test_non_finite_imitation_loss_leaves_theta_untouched():
   opt, lopt = _quadratic(), ScaledGradient()
   teacher = optax.chain(optax.sgd(0.1), optax.scale(jnp.nan))

@@ -183,3 +183,16 @@ def test_flat_carry_gives_the_same_meta_loss_and_gradient(tiny_image_npz):
 
   grad = jax.value_and_grad(loss)
   chex.assert_trees_all_close(grad(theta, True), grad(theta, False), rtol=1e-5, atol=1e-7)
+
+
+def test_meta_step_reports_the_norm_of_the_meta_gradient_it_applied():
+  q = optimizees.get("quadratic", dim=5, num_instances=16)
+  lopt = models.dm(preprocessing="identity", scale=1.0)
+  theta = lopt.init(jax.random.PRNGKey(0))
+  outer = optax.sgd(1.0)  # theta moves by exactly the meta-gradient
+  states = step_lib.make_init_states(lopt, 4)(theta, jax.random.PRNGKey(1), q)
+  meta_step = step_lib.make_meta_step(lopt, outer, segment_length=5)
+  new_theta, _, _, m = meta_step(theta, outer.init(theta), states, jax.random.PRNGKey(2), q)
+  moved = optax.global_norm(jax.tree_util.tree_map(jnp.subtract, theta, new_theta))
+  assert float(m["grad_norm"]) > 0
+  np.testing.assert_allclose(float(m["grad_norm"]), float(moved), rtol=1e-5)

@@ -51,8 +51,9 @@ def _rows(workdir):
 
 def _assert_shows_the_metrics(logdir, rows):
   shown = _scalars(logdir)
+  assert all(r["meta_grad_norm"] > 0 for r in rows)  # every episode applied its updates
   for field, tag in (("train_loss", "train/mean_optimizee_loss"), ("stage", "curriculum/stage"),
-                     ("val_loss", "validation/score")):
+                     ("val_loss", "validation/score"), ("meta_grad_norm", "train/meta_grad_norm")):
     expected = {r["episode"]: r[field] for r in rows if field in r}
     assert sorted(shown[tag]) == sorted(expected), tag
     for step, values in shown[tag].items():

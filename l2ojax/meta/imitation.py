@@ -165,7 +165,7 @@ def make_imitation_step(lopt: Any, teacher: optax.GradientTransformation,
     ok = tree_all_finite(grads) & jnp.isfinite(il)
     theta, outer_state = guarded_update(outer_tx, grads, outer_state, theta, ok)
     metrics = {"imitation_loss": il, "mean_loss": jnp.mean(fs), "last_loss": jnp.mean(fs[:, -1]),
-               "skipped": (~ok).astype(jnp.int32)}
+               "skipped": (~ok).astype(jnp.int32), "grad_norm": optax.global_norm(grads)}
     return theta, outer_state, jax.lax.stop_gradient(states), metrics
 
   return jax.jit(imitation_step, donate_argnums=(2,))

@@ -166,7 +166,8 @@ def make_meta_step(lopt: Any, outer_tx: optax.GradientTransformation, segment_le
     metrics = {"meta_loss": jnp.sum(jnp.where(alive, ml, 0.0)) / denom,
                "mean_loss": jnp.sum(live_fs) / (denom * fs.shape[1]),
                "last_loss": jnp.sum(live_fs[:, -1]) / denom,
-               "diverged": batch - n_alive, "skipped": (~ok).astype(jnp.int32)}
+               "diverged": batch - n_alive, "skipped": (~ok).astype(jnp.int32),
+               "grad_norm": optax.global_norm(mean_grads)}  # before the outer clipping
     return theta, outer_state, states, metrics
 
   return jax.jit(meta_step, donate_argnums=(2,))

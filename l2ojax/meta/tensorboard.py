@@ -16,6 +16,7 @@ TAGS = {
     "imitation_loss": "train/imitation_loss",
     "train_loss": "train/mean_optimizee_loss",
     "final_loss": "train/last_optimizee_loss",
+    "meta_grad_norm": "train/meta_grad_norm",
     "val_loss": "validation/score",
     "stage": "curriculum/stage",
     "episode_steps": "curriculum/episode_steps",

@@ -291,6 +291,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
            "final_loss": _float(seg_metrics[-1]["last_loss"]),
            "skipped_updates": skipped,
            "diverged": int(sum(m.get("diverged", 0) for m in seg_metrics))}
+    applied = [float(m["grad_norm"]) for m in seg_metrics if not m["skipped"]]
+    if applied:  # the meta-gradients' global norm, mean over the updates applied
+      row["meta_grad_norm"] = float(np.mean(applied))
     info["episode"] = episode + 1
     if val.period and info["episode"] % val.period == 0:
       score = run_validation(theta, stage)
