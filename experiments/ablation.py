@@ -44,6 +44,7 @@ from experiments import hugepages, kernel_constants
 from experiments.configs import dm_mnist, rnnprop_mnist, scale_mnist
 from l2ojax import evaluation, plots
 from l2ojax.meta import config as config_lib
+from l2ojax.meta import metrics
 from l2ojax.meta import trainer
 
 FAMILIES = {"dm": dm_mnist, "rnnprop": rnnprop_mnist, "scale": scale_mnist}
@@ -136,20 +137,13 @@ def build_configs(family, variants, overrides) -> dict:
   return configs
 
 
-def _jsonl(path: str) -> list:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
-
-
 def status_table(workdir: str, module, variants) -> str:
   """Each variant's progress so far, from its metrics.jsonl and calls.jsonl."""
   lines = ["| variant | episodes | stage | episode steps | last validation | training time "
            "| calls | devices | done |", "|---" * 9 + "|"]
   for v in variants:
-    rows = _jsonl(os.path.join(workdir, v, "metrics.jsonl"))
-    calls = _jsonl(os.path.join(workdir, v, "calls.jsonl"))
+    rows = metrics.read_rows(os.path.join(workdir, v, "metrics.jsonl"))
+    calls = metrics.read_rows(os.path.join(workdir, v, "calls.jsonl"))
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     last = rows[-1] if rows else {}
     lines.append(
@@ -182,8 +176,9 @@ def train_variants(module, configs: dict, optimizee, keys, steps: int, started: 
       print(f"{module.NAMES[v]}: paused at episode {res.episodes}; run the same command "
             f"again to go on", flush=True)
       sys.exit(trainer.EXIT_PAUSED)
-    rows = _jsonl(os.path.join(res.workdir, "metrics.jsonl"))
-    calls = _jsonl(os.path.join(res.workdir, "calls.jsonl"))  # absent in runs made before it
+    rows = metrics.read_rows(os.path.join(res.workdir, "metrics.jsonl"))
+    # calls.jsonl is absent in runs made before it
+    calls = metrics.read_rows(os.path.join(res.workdir, "calls.jsonl"))
     learned = cached_curves(os.path.join(_WORKDIR.value, f"curves_{v}"),
                             {"episodes": res.episodes, "best_val": res.best_score},
                             res.lopt.transform(res.theta), optimizee, keys, steps)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2  # the test extra installs it
 
-from l2ojax.meta import tensorboard, trainer
+from l2ojax.meta import metrics, tensorboard, trainer
 from tests.helpers.configs import tiny_quadratic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,3 +112,10 @@ def test_without_tensorboardx_the_error_says_what_to_install(tmp_path, monkeypat
   config.tensorboard = True
   with pytest.raises(ImportError, match=r"pip install 'l2ojax\[tensorboard\]'"):
     trainer.train(config, str(tmp_path), progress=False)
+
+
+def test_the_record_reader_skips_a_line_cut_by_a_kill(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"episode": 0, "train_loss": 1.5}\n{"episode": 1, "train_lo')
+  assert metrics.read_rows(str(path)) == [{"episode": 0, "train_loss": 1.5}]
+  assert metrics.read_rows(str(tmp_path / "calls.jsonl")) == []  # none yet

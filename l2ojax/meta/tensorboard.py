@@ -6,9 +6,10 @@ from the record (``from_metrics``, ``python -m experiments.tensorboard``).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, Optional
+
+from l2ojax.meta import metrics
 
 # metrics.jsonl field -> TensorBoard tag
 TAGS = {
@@ -66,13 +67,8 @@ def from_metrics(workdir: str, logdir: str = "") -> str:
   logdir = logdir or os.path.join(workdir, "tensorboard")
   scalars = EpisodeScalars(logdir)
   try:
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-          continue
-        scalars.write(row)
+    for row in metrics.read_rows(path):
+      scalars.write(row)
   finally:
     scalars.close()
   return logdir

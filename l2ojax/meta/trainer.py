@@ -22,6 +22,7 @@ from l2ojax import checkpoints, models, optimizees
 from l2ojax.meta import config as config_lib
 from l2ojax.meta import curriculum as curriculum_lib
 from l2ojax.meta import imitation as imitation_lib
+from l2ojax.meta import metrics as metrics_lib
 from l2ojax.meta import sharding
 from l2ojax.meta import step as step_lib
 from l2ojax.meta import tensorboard
@@ -66,30 +67,6 @@ def build_outer_optimizer(meta: ml_collections.ConfigDict) -> optax.GradientTran
     parts.append(optax.clip_by_global_norm(meta.clip_global_norm))
   parts.append(opts[name](meta.learning_rate))
   return optax.chain(*parts)
-
-
-class MetricsWriter:
-  """metrics.jsonl: one JSON object per episode; truncated on resume so that a
-  restarted run does not repeat the episodes after its last checkpoint."""
-
-  def __init__(self, path: str, resume_episode: int):
-    self.path = path
-    kept = []
-    if os.path.exists(path):
-      with open(path) as f:
-        for line in f:
-          try:
-            row = json.loads(line)
-          except json.JSONDecodeError:  # a line cut by a kill
-            continue
-          if row.get("episode", -1) < resume_episode:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path, "w") as f:
-      f.writelines(kept)
-
-  def write(self, row: Dict[str, Any]) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
 
 
 def _float(x) -> float:
@@ -216,7 +193,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   cstate = curriculum_lib.CurriculumState(
       int(info["stage"]), float(info["best_score"]), int(info["patience"]),
       bool(info["improved"]), bool(info["done"]))
-  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), info["episode"])
+  writer = metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"),
+                                     info["episode"])
   scalars = (tensorboard.EpisodeScalars(os.path.join(workdir, "tensorboard"), info["episode"])
              if config.get("tensorboard", False) else None)
   first_episode = info["episode"]
