@@ -28,21 +28,38 @@ class CheckpointManager:
     return self._mngr.latest_step()
 
   def save(self, step: int, state: chex.ArrayTree, metadata: Dict[str, Any]) -> None:
+    """Saves ``state``, whose arrays hold the same values in every process (a
+    meta-training's theta, optimizer states and key), as host arrays: under
+    ``jax.distributed`` a process-local array cannot be saved as a jax.Array."""
+    state = host_arrays(state)
     self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                   metadata=ocp.args.JsonSave(metadata)))
     self._mngr.wait_until_finished()
 
   def restore(self, target: chex.ArrayTree, step: Optional[int] = None
               ) -> Tuple[chex.ArrayTree, Dict[str, Any]]:
-    """Restores into the structure of ``target`` (arrays or ShapeDtypeStructs)."""
+    """Restores into the structure, shapes and dtypes of ``target``, as host arrays."""
     step = self._mngr.latest_step() if step is None else step
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), x.dtype), target)
     out = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore()))
     return out.state, out.metadata
 
   def close(self) -> None:
     self._mngr.close()
+
+
+def host_arrays(tree: chex.ArrayTree) -> chex.ArrayTree:
+  """This process's copies (numpy) of arrays that every process holds whole, e.g. a
+  meta-training's state replicated over the devices of several hosts."""
+  def copy(x):
+    if isinstance(x, jax.Array):
+      if not x.is_fully_replicated:
+        raise ValueError(f"checkpoints: an array of shape {x.shape} is split over devices "
+                         f"({x.sharding}); only replicated arrays can be copied whole")
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+  return jax.tree_util.tree_map(copy, tree)
 
 
 def save_theta(path: str, lopt: Any, theta: chex.ArrayTree, info: Optional[dict] = None) -> None:

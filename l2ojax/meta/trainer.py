@@ -132,6 +132,12 @@ def sigterm_requests_stop() -> Iterator[Callable[[], bool]]:
     signal.signal(signal.SIGTERM, previous)
 
 
+def _local(tree: chex.ArrayTree) -> chex.ArrayTree:
+  """This process's copy of a replicated pytree, on its default device (whatever mesh
+  the training ran on, the result is then usable alone)."""
+  return jax.tree_util.tree_map(jax.numpy.asarray, checkpoints.host_arrays(tree))
+
+
 def _run_keys(config: ml_collections.ConfigDict
               ) -> Tuple[chex.PRNGKey, chex.PRNGKey, chex.PRNGKey]:
   """(the training's key, theta's initialisation key, validation's key) of a run."""
@@ -168,9 +174,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   if max_seconds is not None and max_seconds < 0:
     raise ValueError(f"train: max_seconds={max_seconds} must be >= 0")
   config_lib.validate(config)  # every field checked before anything is built or compiled
+  # Under jax.distributed every process runs this same loop on the same values; the
+  # first alone writes the run's record (orbax coordinates the checkpoints itself).
+  primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:  # what the run was, for its record
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:  # what the run was
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   meta, val = config.meta, config.validation
   curriculum = build_curriculum(config)
   imitation = build_imitation(config)
@@ -193,10 +203,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   cstate = curriculum_lib.CurriculumState(
       int(info["stage"]), float(info["best_score"]), int(info["patience"]),
       bool(info["improved"]), bool(info["done"]))
-  writer = metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"),
-                                     info["episode"])
+  writer = (metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"), info["episode"])
+            if primary else None)
   scalars = (tensorboard.EpisodeScalars(os.path.join(workdir, "tensorboard"), info["episode"])
-             if config.get("tensorboard", False) else None)
+             if primary and config.get("tensorboard", False) else None)
   first_episode = info["episode"]
 
   # the batch of optimizees split over every device, each unrolling its own rows
@@ -289,7 +299,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
         theta = best_theta
     info.update(cstate._asdict())
     row["seconds"] = time.perf_counter() - t0
-    writer.write(row)
+    if writer is not None:
+      writer.write(row)
     if scalars is not None:
       scalars.write(row)
     bar.update(1)
@@ -310,15 +321,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   if scalars is not None:
     scalars.close()
   finished = cstate.done or info["episode"] >= meta.num_episodes
-  if info["episode"] > first_episode:
+  if primary and info["episode"] > first_episode:
     _log_call(workdir, first_episode, info["episode"], time.perf_counter() - started, finished)
+  best_theta = _local(best_theta)
   if not finished:
     print(f"paused after episode {info['episode']} of {meta.num_episodes}; the same call "
           f"resumes from {workdir}")
     return TrainResult(lopt, best_theta, cstate.best_score, info["episode"], workdir, False)
   if cstate.stage == 0 and not np.isfinite(cstate.best_score):
-    best_theta = theta  # never validated (a later stage always has a best): theta is the model
-  checkpoints.save_theta(os.path.join(workdir, "theta.msgpack"), lopt, best_theta,
-                         {"optimizee": config.optimizee.name, "episodes": info["episode"],
-                          "stage": cstate.stage, "best_val_loss": cstate.best_score})
+    # never validated (a later stage always has a best): theta is the model
+    best_theta = _local(theta)
+  if primary:
+    checkpoints.save_theta(os.path.join(workdir, "theta.msgpack"), lopt, best_theta,
+                           {"optimizee": config.optimizee.name, "episodes": info["episode"],
+                            "stage": cstate.stage, "best_val_loss": cstate.best_score})
   return TrainResult(lopt, best_theta, cstate.best_score, info["episode"], workdir)
