@@ -91,6 +91,8 @@ def main(argv):
     result = trainer.train(config, workdir, max_seconds=max_seconds, should_stop=should_stop)
   if not result.finished:
     sys.exit(trainer.EXIT_PAUSED)
+  if jax.process_index() != 0:  # under jax.distributed the first process evaluates
+    return
   s = evaluate_against_adam(config, result)
   print(f"mean loss after {s['steps']} steps on {s['num_optimizees']} fresh optimizees: "
         f"learned {s['learned_final_loss']:.6g}, "
