@@ -16,7 +16,8 @@ import numpy as np  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 if nproc > 1:
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU all-reduces
+  if "jax_cpu_collectives_implementation" in jax.config.values:  # CPU all-reduces over gloo
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc,
                              process_id=pid)
 assert len(jax.devices()) == 4 and len(jax.local_devices()) == 4 // nproc
