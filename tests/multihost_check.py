@@ -27,6 +27,11 @@ from tests.helpers.configs import tiny_quadratic  # noqa: E402
 
 config = tiny_quadratic(episodes=4, checkpoint_every=2, validation_period=2)
 config.meta.shard = True
+# the curriculum's validations and imitation episodes (2 of the 4 with seed 0) too
+config.curriculum.enabled = config.imitation.enabled = True
+config.curriculum.schedule = (20, 40)
+config.curriculum.min_num_eval = 1
+config.imitation.ratios = (0.5, 0.5)
 res = trainer.train(config, workdir, progress=False,
                     max_seconds=None if max_seconds < 0 else max_seconds)
 np.savez(os.path.join(out, f"theta_{pid}.npz"), theta=np.asarray(ravel_pytree(res.theta)[0]),

@@ -1,5 +1,6 @@
-"""Meta-training over several processes (jax.distributed on the CPU, 2 x 2 devices):
-the same theta as one process on 4 devices, one record, and a resume across them."""
+"""Meta-training over several processes (jax.distributed on the CPU, 2 x 2 devices), with
+curriculum and imitation: the same theta as one process on 4 devices, one record, and a
+resume across them."""
 import json
 import os
 import socket
@@ -47,6 +48,8 @@ def test_two_processes_train_like_one_write_one_record_and_resume(tmp_path):
   np.testing.assert_allclose(done[0]["theta"], ref["theta"], rtol=1e-5, atol=1e-7)
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   assert [r["episode"] for r in rows] == [0, 1, 2, 3]  # written once, by the first process
+  assert {r["mode"] for r in rows} == {"meta", "imitation"}
+  assert sum("val_loss" in r for r in rows) == 2
   calls = [json.loads(l) for l in open(workdir / "calls.jsonl")]
   assert [c["episodes"] for c in calls] == [[0, 1], [1, 4]]
   _, theta, _ = checkpoints.load_theta(str(workdir / "theta.msgpack"))
