@@ -710,6 +710,9 @@ def markdown(result: Dict[str, Any]) -> str:
 
 def main(argv):
   del argv
+  # compile times are figures here: never a program from a persistent cache
+  # (JAX_COMPILATION_CACHE_DIR in the environment would otherwise serve them)
+  jax.config.update("jax_enable_compilation_cache", False)
   constants = kernel_constants.set_kernel_constants(_KERNEL_CONSTANTS.value)
   notes = []
   names = []

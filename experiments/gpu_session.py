@@ -144,13 +144,18 @@ trainings' progress) and ``OUT/logs.tar.gz``. Back in the repository,
 
   python -m experiments.gpu_session --unpack=OUT/session.tar.gz
 
-replaces each training folder by the archive's and adds the benchmark JSON.
+replaces each training folder by the archive's and adds the benchmark JSON. The
+trainings' compiled programs come back as ``OUT/compile_cache.tar`` (JAX's persistent
+compilation cache, the most recently used up to ``COMPILE_CACHE_BYTES``); ``--unpack``
+adds them to ``runs/compile_cache/<gpu>``, an ignored folder the next device call
+carries, so that its trainings resume without compiling again.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -175,6 +180,14 @@ TRAIN_DIR = os.path.join("experiments", "results", "gpu_training")
 # to compile.
 TRAIN_FAMILIES = {"dm": (5, ("meta.scan_unroll=20",)), "scale": (2, ())}
 TRAIN_MEM_FRACTION = "0.12"  # seven processes on one GPU
+# The trainings' compiled programs (XLA's persistent cache, GPU autotuning included), kept
+# between sessions in an ignored folder the device call carries (``runs/compile_cache/<gpu>``)
+# and brought back as OUT/compile_cache.tar: each session's trainings otherwise start by
+# compiling again. Never the benchmark stages': they report compile times.
+COMPILE_CACHE = os.path.join("runs", "compile_cache")
+COMPILE_CACHE_ARCHIVE = "compile_cache.tar"
+COMPILE_CACHE_BYTES = 15 * 2**20  # a file a device call brings back is at most 16 MiB
+_CACHE_SUFFIX, _ATIME_SUFFIX = "-cache", "-atime"  # jax's cache entries and their use times
 
 FLAGS = flags.FLAGS
 
@@ -202,7 +215,11 @@ def define_flags() -> None:
                     "MLP's loss and gradient in the trainings; auto: pallas once check_mlp "
                     "passed on this GPU.")
   flags.DEFINE_bool("mps", True, "Run the trainings under CUDA MPS where it starts and works.")
-  flags.DEFINE_string("unpack", "", "Unpack this session.tar.gz into the repository and exit.")
+  flags.DEFINE_bool("compile_cache", True, "The trainings keep their compiled programs in "
+                    f"{COMPILE_CACHE}/<gpu> (carry it to the device) and the session brings "
+                    f"them back as OUT/{COMPILE_CACHE_ARCHIVE}.")
+  flags.DEFINE_string("unpack", "", "Unpack this session.tar.gz into the repository (and "
+                      f"{COMPILE_CACHE_ARCHIVE} beside it into {COMPILE_CACHE}/) and exit.")
   flags.DEFINE_bool("plan", False, "Print what a session on --gpu would run, and exit.")
 
 
@@ -817,6 +834,76 @@ def training_levers(root: str, gpu: str, batch: int = 8) -> List[str]:
   return levers
 
 
+def compile_cache_env(root: str, gpu: str) -> Dict[str, str]:
+  """The environment that has a training's jax keep its compiled programs in
+  ``root/COMPILE_CACHE/gpu`` (every compile that took a second or more). Where the
+  ``filelock`` package is installed (jax needs it for a bounded cache), jax also records
+  when each program was last used, and the session keeps the most recently used."""
+  path = os.path.join(root, COMPILE_CACHE, gpu)
+  os.makedirs(path, exist_ok=True)
+  env = {"JAX_COMPILATION_CACHE_DIR": path}
+  if importlib.util.find_spec("filelock") is not None:
+    env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)  # bounded by the disk, not by this
+  return env
+
+
+def _cache_entries(folder: str) -> List[tuple]:
+  """(last use, key, bytes) of each of jax's cache entries in ``folder``, latest use first;
+  the last use is jax's record of it where there is one, else when the entry was written."""
+  entries = []
+  for name in os.listdir(folder) if os.path.isdir(folder) else []:
+    if not name.endswith(_CACHE_SUFFIX):
+      continue
+    key = name[:-len(_CACHE_SUFFIX)]
+    path, atime = os.path.join(folder, name), os.path.join(folder, key + _ATIME_SUFFIX)
+    size = os.path.getsize(path)
+    if os.path.isfile(atime):
+      with open(atime, "rb") as f:
+        used = int.from_bytes(f.read(), "little")
+      size += os.path.getsize(atime)
+    else:
+      used = os.stat(path).st_mtime_ns
+    entries.append((used, key, size))
+  return sorted(entries, reverse=True)
+
+
+def pack_compile_cache(archive: str, gpu: str, root: str = REPO,
+                       limit: int = COMPILE_CACHE_BYTES) -> List[str]:
+  """Writes ``gpu``'s compile cache to a .tar (the entries are compressed already) of at
+  most ``limit`` bytes of entries, the most recently used first; returns the keys kept."""
+  folder = os.path.join(root, COMPILE_CACHE, gpu)
+  kept, total = [], 0
+  with tarfile.open(archive, "w") as tar:
+    for _, key, size in _cache_entries(folder):
+      if total + size > limit:
+        continue
+      for suffix in (_CACHE_SUFFIX, _ATIME_SUFFIX):
+        if os.path.isfile(os.path.join(folder, key + suffix)):
+          tar.add(os.path.join(folder, key + suffix), f"{gpu}/{key}{suffix}")
+      kept.append(key)
+      total += size
+  return kept
+
+
+def unpack_compile_cache(archive: str, repo: str = REPO) -> List[str]:
+  """Adds a compile_cache.tar's entries to ``repo/COMPILE_CACHE``; returns the members."""
+  with tarfile.open(archive, "r") as tar:
+    members = tar.getmembers()
+    for m in members:
+      parts = m.name.split("/")
+      if (not m.isfile() or len(parts) != 2 or ".." in parts or m.name.startswith("/")
+          or not parts[1].endswith((_CACHE_SUFFIX, _ATIME_SUFFIX))):
+        raise ValueError(f"{archive}: member {m.name!r} is not a cache entry <gpu>/<key>"
+                         f"{_CACHE_SUFFIX} or {_ATIME_SUFFIX}")
+    target = os.path.join(repo, COMPILE_CACHE)
+    os.makedirs(target, exist_ok=True)
+    if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+      tar.extractall(target, filter="data")
+    else:
+      tar.extractall(target)
+  return [m.name for m in members]
+
+
 def latest_checkpoints(workdir: str) -> Dict[str, int]:
   """Each run folder under ``workdir`` -> its latest complete checkpoint step."""
   latest = {}
@@ -905,6 +992,11 @@ def main(argv):
   if FLAGS.unpack:
     runs = unpack(FLAGS.unpack)
     print(f"unpacked {FLAGS.unpack}; replaced {len(runs)} run folders: {runs}")
+    cache = os.path.join(os.path.dirname(FLAGS.unpack), COMPILE_CACHE_ARCHIVE)
+    if os.path.isfile(cache):
+      entries = unpack_compile_cache(cache)
+      programs = sum(e.endswith(_CACHE_SUFFIX) for e in entries)
+      print(f"unpacked {cache}: {programs} compiled programs into {COMPILE_CACHE}/")
     return
   deadline = time.monotonic() + 60.0 * FLAGS.minutes
   selected = FLAGS.stages or list(STAGE_NAMES)
@@ -942,18 +1034,22 @@ def main(argv):
         optimizee_kernel = training_optimizee_kernel(REPO, gpu)
       levers = training_levers(REPO, gpu) if FLAGS.train_lstm_kernel == "auto" else []
       mps = start_mps(work) if FLAGS.mps else None
+      env = {**(mps or {}), **(compile_cache_env(REPO, gpu) if FLAGS.compile_cache else {})}
       try:
         rows += run_trainings(train_commands(minutes, FLAGS.data_path, FLAGS.train_override,
                                              kernel, optimizee_kernel, FLAGS.train_families,
                                              levers),
-                              deadline - 40.0, work, mps)
+                              deadline - 40.0, work, env)
       finally:
         if mps is not None:
           stop_mps(mps)
+        kept = (pack_compile_cache(os.path.join(out, COMPILE_CACHE_ARCHIVE), gpu)
+                if FLAGS.compile_cache else None)
       next(r for r in rows if r["stage"].startswith("train_"))["why"] = (
           " ".join([f"lstm_kernel={kernel}", *(levers if kernel == "pallas" else [])])
           + f", optimizee kernel={optimizee_kernel}; "
-          f"{'under' if mps else 'without'} CUDA MPS")
+          f"{'under' if mps else 'without'} CUDA MPS; "
+          + (f"{len(kept)} compiled programs kept" if kept is not None else "no compile cache"))
     else:
       rows.append({"stage": "train", "status": "skipped", "why": f"{minutes:.1f} min left"})
     print(report(out, work, rows, gpu, trained=True))

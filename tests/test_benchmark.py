@@ -20,13 +20,18 @@ def result(tiny_image_npz, tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
   fake = tmp_path_factory.mktemp("no_torch")
   (fake / "torch.py").write_text("raise ImportError('torch hidden for this test')\n")
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), ROOT]))
+  # a persistent compilation cache in the environment must not serve the timed compiles
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), ROOT]),
+             JAX_COMPILATION_CACHE_DIR=str(out / "compile_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   cmd = [sys.executable, "-m", "experiments.benchmark", "--models=dm,no_such_model",
          "--batch_sizes=2", "--segment=2", "--iters=2", "--warmup=1", "--rounds=2", "--w2_steps=3",
          "--w2_optimizees=2", "--w2_repeats=1", f"--data_path={tiny_image_npz}", f"--out={out}",
          f"--profile_dir={out / 'profile'}"]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  cache = out / "compile_cache"
+  assert not cache.exists() or not os.listdir(cache), "timed compiles went through the cache"
   with open(out / "benchmark.json") as f:
     return json.load(f), proc.stdout, proc.stderr
 

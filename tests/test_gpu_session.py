@@ -488,3 +488,67 @@ def test_the_checks_select_the_gpu_tests_of_their_kernels(tmp_path):
   assert "test_fused_kernel_on_gpu[dm]" in check and "test_kernel_lowers_for_gpu" in check
   assert not set(check) & set(tanh) and not set(check) & set(exp2)
   assert mlp and all("gpu" in t for t in mlp)
+
+
+def _entry(folder, key, size, used=None, written=None):
+  (folder / f"{key}-cache").write_bytes(b"x" * size)
+  if used is not None:
+    (folder / f"{key}-atime").write_bytes(int(used).to_bytes(8, "little"))
+  if written is not None:
+    os.utime(folder / f"{key}-cache", ns=(written, written))
+
+
+def test_the_compile_cache_comes_back_most_recently_used_first_within_its_limit(tmp_path):
+  device, repo = tmp_path / "device", tmp_path / "repo"
+  folder = device / gpu_session.COMPILE_CACHE / "h200"
+  folder.mkdir(parents=True)
+  now = time.time_ns()
+  _entry(folder, "used_now", 1000, used=now)
+  _entry(folder, "written_long_ago_used_now", 1000, used=now - 1, written=now - 10**12)
+  _entry(folder, "stale", 1000, used=now - 10**12)
+  _entry(folder, "no_use_recorded", 1000, written=now - 10**6)  # jax without filelock
+  (folder / "stale-atime").write_bytes((now - 10**12).to_bytes(8, "little"))
+  archive = str(tmp_path / gpu_session.COMPILE_CACHE_ARCHIVE)
+  # room for three entries: the stale one stays behind
+  kept = gpu_session.pack_compile_cache(archive, "h200", root=str(device), limit=3 * 1008)
+  assert kept == ["used_now", "written_long_ago_used_now", "no_use_recorded"]
+  assert gpu_session.pack_compile_cache(archive, "h100", root=str(device)) == []
+
+  gpu_session.pack_compile_cache(archive, "h200", root=str(device), limit=3 * 1008)
+  members = gpu_session.unpack_compile_cache(archive, repo=str(repo))
+  assert len(members) == 5  # three entries, two with their use times
+  there = repo / gpu_session.COMPILE_CACHE / "h200"
+  assert sorted(os.listdir(there)) == sorted(m.split("/")[1] for m in members)
+  assert (there / "used_now-cache").read_bytes() == b"x" * 1000
+
+
+@pytest.mark.parametrize("name", ["../h200/a-cache", "h200/sub/a-cache", "h200/a.py", "a-cache"])
+def test_unpacking_a_compile_cache_refuses_what_is_not_an_entry(tmp_path, name):
+  payload = tmp_path / "x"
+  payload.write_bytes(b"x")
+  archive = tmp_path / "cache.tar"
+  with tarfile.open(archive, "w") as tar:
+    tar.add(payload, name)
+  with pytest.raises(ValueError, match="not a cache entry"):
+    gpu_session.unpack_compile_cache(str(archive), repo=str(tmp_path / "repo"))
+  assert not (tmp_path / "repo").exists()
+
+
+def test_a_training_started_with_the_compile_cache_reads_what_an_earlier_one_compiled(tmp_path):
+  env = {**os.environ, **gpu_session.compile_cache_env(str(tmp_path), "cpu"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_LOG_COMPILES": "1"}
+  assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / gpu_session.COMPILE_CACHE / "cpu")
+
+  def train(workdir):
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / workdir}",
+         "--config=experiments/configs/dm_quadratic.py", "--config.meta.num_episodes=1", "--config.meta.episode_steps=20",
+         "--config.meta.batch_size=2", "--config.eval.num_optimizees=2",
+         "--config.eval.steps=5"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return re.findall(r"Persistent compilation cache hit for '(\w+)'", out.stderr)
+
+  assert "jit_meta_step" not in train("first")
+  assert os.listdir(env["JAX_COMPILATION_CACHE_DIR"])
+  assert "jit_meta_step" in train("second")
