@@ -1090,6 +1090,9 @@ def plan(selected: Sequence[str], gpu: str, redo: bool, root: str = REPO) -> str
           f"{r} (episode {latest.get(os.path.join(folder, r), 0)}"
           f"{', done' if os.path.exists(os.path.join(folder, r, 'theta.msgpack')) else ''})"
           for r in runs) or "not started"))
+    cached = len(_cache_entries(os.path.join(root, COMPILE_CACHE, gpu)))
+    lines.append(f"    compile cache: {cached} programs in {os.path.join(COMPILE_CACHE, gpu)}"
+                 + (" (carry it along)" if cached else ""))
   return "\n".join(lines) + "\n"
 
 

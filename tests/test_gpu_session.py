@@ -451,7 +451,12 @@ def test_the_plan_names_what_is_done_and_how_far_each_training_got(tmp_path):
       f"check_mlp passes and it is timed faster; runs in "
       f"{gpu_session.TRAIN_DIR}:",
       "    dm: dm (episode 100), dm_cl (episode 0, done)",
-      "    scale: not started"]
+      "    scale: not started",
+      f"    compile cache: 0 programs in {gpu_session.COMPILE_CACHE}/h100"]
+  (tmp_path / gpu_session.COMPILE_CACHE / "h100").mkdir(parents=True)
+  _entry(tmp_path / gpu_session.COMPILE_CACHE / "h100", "jit_meta_step-1", 10, used=1)
+  assert (f"    compile cache: 1 programs in {gpu_session.COMPILE_CACHE}/h100 (carry it along)"
+          in gpu_session.plan(["train"], "h100", False, str(tmp_path)).splitlines())
   text = gpu_session.plan(["check", "check_mlp", "train"], "h200", redo=False,
                           root=str(tmp_path))
   assert ("lstm_kernel=xla, pallas if the check passes and it is timed faster, the MLP's "
